@@ -1,0 +1,1 @@
+"""sm80 (Ampere) CuTe-DSL fallback kernels (FA2 algorithm)."""

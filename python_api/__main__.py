@@ -1,0 +1,3 @@
+from fa3.cli import main
+
+raise SystemExit(main())

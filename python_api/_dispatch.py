@@ -1,0 +1,99 @@
+"""Choose the kernel family for a call (compute capability 9.x -> sm90, 8.x -> sm80) and refuse,
+by name, any feature a family does not implement yet. Nothing silently falls back to a slower
+path: an unsupported request raises NotImplementedError before launch."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+BACKENDS = ("auto", "sm90", "sm80")
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdRequest:
+    """What a forward call asks for, in the terms the feature tables below use."""
+    dtype: torch.dtype
+    d: int
+    dv: int
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    varlen: bool
+    has_sink: bool
+    has_seqused: bool
+    fp8: bool
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    backend = backend or os.environ.get("FA3_BACKEND") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"fa3: backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type == "meta":  # shape-only tracing: any family has the same output shapes
+        return "sm90" if backend == "auto" else backend
+    major, minor = torch.cuda.get_device_capability(device)
+    if backend == "auto":
+        if major == 9:
+            return "sm90"
+        if major == 8:
+            return "sm80"
+        raise NotImplementedError(
+            f"fa3: no kernels for compute capability {major}.{minor}; fa3 runs on Hopper (9.x) and "
+            "Ampere/Ada (8.x)")
+    if backend == "sm90" and major != 9:
+        raise ValueError(f"fa3: backend 'sm90' needs a Hopper GPU, this is {major}.{minor}")
+    if backend == "sm80" and major < 8:
+        raise ValueError(f"fa3: backend 'sm80' needs compute capability >= 8.0, this is {major}.{minor}")
+    return backend
+
+
+def _sm90_fwd_missing(r: FwdRequest) -> str | None:
+    try:
+        from fa3.hopper import flash_fwd  # noqa: F401
+    except ImportError:
+        return "the sm90 forward kernel"
+    if r.fp8:
+        return "fp8 attention on sm90"
+    if r.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {r.dtype}"
+    if r.d != r.dv:
+        return f"head dim q/k {r.d} != v {r.dv}"
+    if r.d not in (64, 128, 256):
+        return f"head dim {r.d} (sm90 supports 64, 128, 256 today)"
+    if r.varlen or r.has_seqused:
+        return "varlen / seqused"
+    if r.window != (-1, -1) and not (r.causal and r.window[0] == -1):
+        return "sliding-window (local) attention"
+    if r.softcap:
+        return "softcap"
+    if r.has_sink:
+        return "learnable sink"
+    return None
+
+
+def fwd_missing(backend: str, r: FwdRequest) -> str | None:
+    """Name of the first requested feature that ``backend`` lacks, or None."""
+    if backend == "sm90":
+        return _sm90_fwd_missing(r)
+    return "the sm80 (Ampere) forward kernel"
+
+
+def require_fwd(backend: str, r: FwdRequest):
+    missing = fwd_missing(backend, r)
+    if missing is not None:
+        raise NotImplementedError(f"fa3: {missing} is not implemented yet on backend {backend}")
+
+
+def run_fwd(backend: str, q, k, v, out, lse, softmax_scale: float, causal: bool):
+    """Launch the forward of ``backend`` writing out and lse in place (inputs already validated)."""
+    if backend == "sm90":
+        from fa3.hopper.flash_fwd import flash_fwd
+
+        flash_fwd(q, k, v, out, lse, softmax_scale, causal)
+        return
+    raise NotImplementedError(f"fa3: forward is not implemented yet on backend {backend}")
+
+
+def run_bwd(backend: str, *args, **kwargs):
+    raise NotImplementedError(f"fa3: the backward pass is not implemented yet on backend {backend}")

@@ -1,0 +1,112 @@
+"""fa3's attention as torch custom ops (``torch.ops.fa3.fwd`` / ``torch.ops.fa3.bwd``) with fake
+(meta) implementations and autograd, so ``torch.compile(fullgraph=True)`` traces them without graph
+breaks and shape inference needs no GPU.
+
+Dense layout: q (b, sq, h, d) -> out (b, sq, h, dv), lse (b, h, sq).
+Varlen layout (cu_seqlens given): q (total_q, h, d) -> out (total_q, h, dv), lse (h, total_q).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fa3 import _dispatch
+
+
+def _out_dtype(q: Tensor) -> torch.dtype:
+    return torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
+
+
+def _alloc(q: Tensor, v: Tensor, varlen: bool):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=_out_dtype(q))
+    if varlen:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+def fwd_request(q, v, causal, window_left, window_right, softcap, varlen, sink, seqused):
+    return _dispatch.FwdRequest(
+        dtype=q.dtype, d=q.shape[-1], dv=v.shape[-1], causal=causal,
+        window=(window_left, window_right), softcap=softcap, varlen=varlen,
+        has_sink=sink is not None, has_seqused=seqused, fp8=q.dtype == torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("fa3::fwd", mutates_args=(), device_types="cuda")
+def fwd(q: Tensor, k: Tensor, v: Tensor,
+        cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+        seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
+        max_seqlen_q: int, max_seqlen_k: int,
+        softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+        sink: Optional[Tensor], q_descale: Optional[Tensor], k_descale: Optional[Tensor],
+        v_descale: Optional[Tensor], deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+    # deterministic only affects the backward; it rides on the forward so autograd can see it.
+    varlen = cu_seqlens_q is not None
+    be = _dispatch.resolve_backend(q.device, backend)
+    req = fwd_request(q, v, causal, window_left, window_right, softcap, varlen, sink,
+                      seqused_q is not None or seqused_k is not None)
+    _dispatch.require_fwd(be, req)
+    out, lse = _alloc(q, v, varlen)
+    _dispatch.run_fwd(be, q, k, v, out, lse, softmax_scale, causal)
+    return out, lse
+
+
+@fwd.register_fake
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+              max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, sink,
+              q_descale, k_descale, v_descale, deterministic, backend):
+    return _alloc(q, v, cu_seqlens_q is not None)
+
+
+@torch.library.custom_op("fa3::bwd", mutates_args=(), device_types="cuda")
+def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+        seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
+        max_seqlen_q: int, max_seqlen_k: int,
+        softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+        sink: Optional[Tensor], deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    be = _dispatch.resolve_backend(q.device, backend)
+    return _dispatch.run_bwd(be, dout, q, k, v, out, lse, softmax_scale, causal, deterministic)
+
+
+@bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+              max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+              softcap, sink, deterministic, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k",
+             "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",
+             "window_right", "softcap", "sink", "q_descale", "k_descale", "v_descale", "deterministic", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    a = dict(zip(_FWD_ARGS, inputs))
+    out, lse = output
+    if a["q"].dtype == torch.float8_e4m3fn:
+        ctx.fp8 = True
+        return
+    ctx.fp8 = False
+    ctx.save_for_backward(a["q"], a["k"], a["v"], out, lse, a["cu_seqlens_q"], a["cu_seqlens_k"],
+                          a["seqused_q"], a["seqused_k"], a["sink"])
+    ctx.args = {n: a[n] for n in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal",
+                                  "window_left", "window_right", "softcap", "deterministic",
+                                  "backend")}
+
+
+def _backward(ctx, dout, dlse):
+    if ctx.fp8:
+        raise NotImplementedError("fa3: fp8 attention has no backward yet; call it under torch.no_grad()")
+    q, k, v, out, lse, cu_q, cu_k, su_q, su_k, sink = ctx.saved_tensors
+    a = ctx.args
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_q, cu_k, su_q, su_k, a["max_seqlen_q"],
+                     a["max_seqlen_k"], a["softmax_scale"], a["causal"], a["window_left"],
+                     a["window_right"], a["softcap"], sink, a["deterministic"], a["backend"])
+    return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
+
+
+torch.library.register_autograd("fa3::fwd", _backward, setup_context=_setup_context)
