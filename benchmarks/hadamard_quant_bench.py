@@ -1,0 +1,68 @@
+"""GB/s of fa3.hopper.hadamard_quant vs a same-run torch device copy (16k tokens, hidden 2048).
+
+    python benchmarks/hadamard_quant_bench.py [--seqlen 16384] [--hidden 2048] [--block-rows 128]
+
+Bytes moved: the kernel reads x (2 B/elem) and writes fp8 (1 B/elem) + the scales; the copy reads and
+writes x (4 B/elem). Times are the median of CUDA-event-timed runs with the L2 flushed before each.
+"""
+import argparse
+import statistics
+
+import torch
+
+from fa3 import fp8_emulation as emu
+
+
+def do_bench(fn, reps=50, warmup=10):
+    """Median milliseconds of fn() (each run preceded by an L2 flush that is not timed)."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def bench_gbps(d, seqlen=16384, hidden=2048, batch=1, block_rows=128, rotate=True, dtype=torch.bfloat16):
+    """Returns dict(d, ms, gbps, copy_gbps, frac) for one head dim."""
+    from fa3.hopper.hadamard_quant import hadamard_quant
+
+    h = hidden // d
+    x = torch.randn(batch, seqlen, h, d, device="cuda", dtype=dtype)
+    signs = emu.random_signs(d, seed=0, device="cuda")
+    q, sc = hadamard_quant(x, signs, block_rows, rotate)  # compile / load outside the timing
+    ms = do_bench(lambda: hadamard_quant(x, signs, block_rows, rotate, out=q, out_scales=sc))
+    nbytes = x.numel() * x.element_size() + q.numel() + sc.numel() * 4
+    y = torch.empty_like(x)
+    copy_ms = do_bench(lambda: y.copy_(x))
+    copy_bytes = 2 * x.numel() * x.element_size()
+    gbps, copy_gbps = nbytes / ms / 1e6, copy_bytes / copy_ms / 1e6
+    return dict(d=d, ms=ms, gbps=gbps, copy_gbps=copy_gbps, frac=gbps / copy_gbps)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqlen", type=int, default=16384)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--block-rows", type=int, default=128)
+    p.add_argument("--no-rotate", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    a = p.parse_args()
+    print(f"{torch.cuda.get_device_name()}  tokens={a.batch * a.seqlen} hidden={a.hidden} "
+          f"block_rows={a.block_rows} rotate={not a.no_rotate} {a.dtype}")
+    print(f"{'hd':>4} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8}")
+    for d in (64, 128, 256):
+        r = bench_gbps(d, a.seqlen, a.hidden, a.batch, a.block_rows, not a.no_rotate, getattr(torch, a.dtype))
+        print(f"{d:>4} {r['ms']:>8.4f} {r['gbps']:>8.0f} {r['copy_gbps']:>10.0f} {r['frac']:>8.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Compile every hadamard_quant variant for sm_90a on the CPU and check the PTX holds what it should."""
+import os
+import re
+
+import pytest
+
+from fa3.hopper import hadamard_quant as hq
+
+pytestmark = pytest.mark.compile
+VARIANTS = list(hq.variants())
+
+
+@pytest.fixture(scope="module")
+def dump_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hq_ptx"))  # must exist before compiling, or no PTX is kept
+
+
+def _ptx(cfg, dump_dir):
+    pytest.importorskip("cutlass")
+    compiled = hq.build(cfg, extra_options=f"--keep-ptx --dump-dir {dump_dir}")
+    ptx = compiled.__ptx__
+    assert ".entry" in ptx, f"no PTX kept (got {ptx[:200]!r})"
+    return ptx
+
+
+def _count(ptx, opcode):
+    return len(re.findall(r"^\s*(?:@!?%p\d+\s+)?" + re.escape(opcode), ptx, flags=re.M))
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=str)
+def test_ptx(cfg, dump_dir):
+    ptx = _ptx(cfg, dump_dir)
+    K, NP = cfg.chunks, cfg.passes
+    values = NP * K * 8  # fp32 values of the block per thread
+    # one 16-byte load per (row, chunk) plus, when rotating, the float32 signs (2 per chunk)
+    assert _count(ptx, "ld.global.v4.b32") == NP * K + (2 * K if cfg.rotate else 0)
+    assert _count(ptx, "st.global.v4.b32") == NP * K // 2  # paired 16-byte fp8 stores
+    assert _count(ptx, "cvt.rn.satfinite.e4m3x2.f32") == values // 2
+    assert _count(ptx, "max.xorsign.abs.f32") == values  # one FMNMX per element for the amax
+    # butterflies: 3 cross-lane stages per value, 5 for the warp amax, 2 words per paired store
+    bfly = 5 + 2 * (NP // 2) * K + (3 * values if cfg.rotate else 0)
+    assert _count(ptx, "shfl.sync.bfly.b32") == bfly
+    if cfg.rotate:
+        assert _count(ptx, "fma.rn.f32") == 3 * values  # the cross-lane butterfly adds
+        assert _count(ptx, "xor.b32") >= values // 2  # sign flips on packed 16-bit pairs
+    # IEEE divisions for scale and 1/scale (the emulation's), never approximate ones
+    assert _count(ptx, "div.rn.f32") == 2
+    assert "div.approx" not in ptx and "div.full" not in ptx
+    assert "rcp.approx" not in ptx
+    assert ".ftz" not in ptx  # denormals behave as in torch's CPU emulation
+    assert "ld.local" not in ptx and "st.local" not in ptx  # the block fits in registers
+    assert _count(ptx, "bar.sync") == 1
+    cvt_in = "cvt.f32.bf16" if cfg.dtype == "bfloat16" else "cvt.f32.f16"
+    assert _count(ptx, cvt_in) == values
+
+
+def test_compile_cache_roundtrip(tmp_path, monkeypatch):
+    """get_kernel compiles, exports to the disk cache, and a fresh process-level lookup reloads it."""
+    pytest.importorskip("cutlass")
+    from fa3 import _compile
+
+    monkeypatch.setenv("FA3_CACHE_DIR", str(tmp_path))
+    cfg = hq.HadamardQuantConfig("bfloat16", 64, 64, True)
+    _compile._MEM.pop((cfg, _compile.DEFAULT_ARCH), None)
+    fn = _compile.get_kernel(cfg, hq.build)
+    assert fn is not None
+    entries = list((tmp_path / f"dsl-{_compile.dsl_version()}").glob("*.o"))
+    assert len(entries) == 1, os.listdir(tmp_path)
+    _compile._MEM.pop((cfg, _compile.DEFAULT_ARCH), None)
+    assert _compile.get_kernel(cfg, lambda c: pytest.fail("rebuilt instead of loading")) is not None
+    _compile._MEM.pop((cfg, _compile.DEFAULT_ARCH), None)
