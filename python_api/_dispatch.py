@@ -49,10 +49,6 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 def _sm90_fwd_missing(r: FwdRequest) -> str | None:
-    try:
-        from fa3.hopper import flash_fwd  # noqa: F401
-    except ImportError:
-        return "the sm90 forward kernel"
     if r.fp8:
         return "fp8 attention on sm90"
     if r.dtype not in (torch.float16, torch.bfloat16):
@@ -69,6 +65,10 @@ def _sm90_fwd_missing(r: FwdRequest) -> str | None:
         return "softcap"
     if r.has_sink:
         return "learnable sink"
+    try:
+        from fa3.hopper import flash_fwd  # noqa: F401
+    except ImportError:
+        return "the sm90 forward kernel"
     return None
 
 
