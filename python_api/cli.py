@@ -48,6 +48,8 @@ def info(args) -> int:
             missing = _dispatch.fwd_missing(fam, req)
             print(f"  {fam}: fwd {label:28s} {'ready' if missing is None else 'not built'}{mark}")
             mark = ""
+    print("  sm90: hadamard_quant (fused rotate + e4m3 block quantize)   ready")
+    print("  sm80+: bwd_preprocess (rowsum(dO*O), log2 LSE)             ready")
     c = _compile.cache_info()
     print(f"compile cache   {c['dir']} ({c['entries']} kernels, {c['bytes'] / 2**20:.1f} MiB"
           f"{'' if c['enabled'] else ', disabled by FA3_DISK_CACHE=0'})")
