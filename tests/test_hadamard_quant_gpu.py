@@ -51,11 +51,18 @@ def run_and_check(x, block_rows, rotate, seed=0):
     assert not q.float().isnan().any(), f"{int(q.float().isnan().sum())} fp8 outputs unwritten (NaN)"
     assert torch.equal(sc, ref_sc), f"scales differ: max rel {((sc - ref_sc).abs() / ref_sc).max():.3g}"
     qf, rf = q.float(), ref_q.float()
-    if not torch.equal(qf, rf):  # report how far off before failing (1 e4m3 ulp = 12.5% relative)
-        bad = qf != rf
-        rel = ((qf - rf).abs() / rf.abs().clamp_min(2.0**-9))[bad]
+    # Stated tolerance: the GPU's fp32 rotation can land one rounding away from the CPU's on a
+    # value that sits on an e4m3 rounding boundary (seen: 1 in 1.5M). Allow at most 1e-5 of the
+    # values to differ, each by at most one e4m3 step and never in sign.
+    bad = qf != rf
+    if bad.any():
+        # one e4m3 step is at most 1/8 of the larger value, or 2^-9 among subnormals
+        step = torch.maximum(qf.abs(), rf.abs()).mul(0.125).clamp_min(2.0**-9)
+        steps = ((qf - rf).abs() / step)[bad]
         where = bad.nonzero()[:5].tolist()
-        pytest.fail(f"{int(bad.sum())}/{bad.numel()} fp8 values differ; max rel {rel.max():.3g}; first (b,s,h,d) {where}")
+        msg = f"{int(bad.sum())}/{bad.numel()} fp8 values differ; max {steps.max():.3g} e4m3 steps; first (b,s,h,d) {where}"
+        assert bad.sum() <= max(1, 1e-5 * bad.numel()) and steps.max() <= 1.0, msg
+        assert (torch.sign(qf) == torch.sign(rf))[bad].all(), msg
     return q, sc
 
 
