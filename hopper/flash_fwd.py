@@ -1,0 +1,128 @@
+"""Torch-facing Hopper attention forward: config, compile on fake tensors, launch.
+
+Importing this module does not import the CuTe DSL; the kernel (fwd_kernel.py) is traced and compiled
+on first use of a config, through fa3._compile's cache. One compile serves every batch, seqlen and head
+count: sizes and strides are symbolic (only the head dims, dtype and switches are baked in).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+from fa3 import _compile
+from fa3.hopper.tile_scheduler import grid_size, num_tiles
+from fa3.hopper.tile_size import SMEM_LIMIT, smem_bytes, tile_size
+
+DTYPES = ("bfloat16", "float16")
+HEAD_DIMS = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdConfig:
+    d: int
+    dv: int
+    dtype: str  # "bfloat16" | "float16"
+    causal: bool
+    tile_m: int
+    tile_n: int
+    stages: int
+    overlap: bool = True  # intra-warpgroup overlap of S_{j+1} with softmax_j (FA3 Alg. 2)
+    pingpong: bool = True  # the two consumer warpgroups alternate their GEMMs (named barriers)
+    persistent: bool = True  # grid = #SMs, static tile scheduler
+    rescale_early: bool = False  # (overlap) rescale O while S = Q K^T of the next block runs
+
+
+def default_config(d: int, dv: int, dtype, causal: bool, **overrides) -> FwdConfig:
+    dtype = _dtype_name(dtype)
+    tile_m, tile_n, stages = tile_size(d, dv, causal)
+    # Pingpong needs the second S tile's registers to fit beside O: FA3 turns it off above hd128.
+    pingpong = max(d, dv) <= 128
+    # Without pingpong nothing hides a large O's rescale: move it under the next S GEMM.
+    rescale_early = dv > 128
+    cfg = FwdConfig(d, dv, dtype, bool(causal), tile_m, tile_n, stages, True, pingpong, True,
+                    rescale_early)
+    cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
+    assert cfg.tile_m in (128, 192) and cfg.tile_n % 16 == 0, cfg
+    assert cfg.overlap or not cfg.rescale_early, cfg
+    assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages) <= SMEM_LIMIT, f"smem: {cfg}"
+    return cfg
+
+
+def variants() -> Iterator[FwdConfig]:
+    """Every config worth compile-testing: the shipped defaults plus the ablation switches."""
+    for d in HEAD_DIMS:
+        for dtype in DTYPES:
+            for causal in (False, True):
+                yield default_config(d, d, dtype, causal)
+    for causal in (False, True):  # ablations at hd128 bf16
+        base = default_config(128, 128, "bfloat16", causal)
+        yield dataclasses.replace(base, overlap=False)
+        yield dataclasses.replace(base, pingpong=False)
+        yield dataclasses.replace(base, overlap=False, pingpong=False)
+        yield dataclasses.replace(base, persistent=False)
+        yield dataclasses.replace(base, rescale_early=True)
+        yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), rescale_early=False)
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    assert name in DTYPES, f"fa3 hopper fwd: unsupported dtype {dtype}"
+    return name
+
+
+def build(cfg: FwdConfig, extra_options: str = ""):
+    """Compile cfg for sm_90a on fake tensors (no GPU needed)."""
+    cute = _compile.dsl()
+    import cutlass
+    from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+
+    from fa3.hopper.fwd_kernel import FlashFwdSm90
+
+    dt = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[cfg.dtype]
+    b, h, hk, sq, sk = (cute.sym_int32() for _ in range(5))
+
+    def t4(dtype, shape, align):
+        stride = tuple(cute.sym_int64(divisibility=align) for _ in range(3)) + (1,)
+        return make_fake_tensor(dtype, shape, stride=stride, assumed_align=16)
+
+    q = t4(dt, (b, sq, h, cfg.d), 8)
+    k = t4(dt, (b, sk, hk, cfg.d), 8)
+    v = t4(dt, (b, sk, hk, cfg.dv), 8)
+    o = t4(dt, (b, sq, h, cfg.dv), 8)
+    lse = make_fake_tensor(cutlass.Float32, (b, h, sq),
+                           stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+    kernel = FlashFwdSm90(cfg)
+    return cute.compile(kernel, q, k, v, o, lse, cutlass.Float32(1.0), cutlass.Int32(1),
+                        make_fake_stream(use_tvm_ffi_env_stream=True),
+                        options=_compile.compile_options(extra=extra_options))
+
+
+def _num_sms(device) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, **cfg_overrides) -> None:
+    """out (b, sq, h, dv) and lse (b, h, sq) fp32 are written in place.
+    q (b, sq, h, d), k (b, sk, h_kv, d), v (b, sk, h_kv, dv); last dims contiguous."""
+    b, sq, h, d = q.shape
+    _, sk, hk, dv = v.shape
+    assert k.shape == (b, sk, hk, d) and out.shape == (b, sq, h, dv) and lse.shape == (b, h, sq)
+    assert h % hk == 0 and q.dtype == k.dtype == v.dtype == out.dtype
+    for t in (q, k, v, out):  # TMA: 16-byte aligned base and strides
+        assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+        assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+    assert lse.stride(-1) == 1 and str(lse.dtype) == "torch.float32"
+    cfg = default_config(d, dv, q.dtype, causal, **cfg_overrides)
+    fn = _compile.get_kernel(cfg, build)
+    if b == 0 or sq == 0 or h == 0:
+        return
+    if sk == 0:  # no keys: every row is empty
+        out.zero_()
+        lse.fill_(-math.inf)
+        return
+    tiles = num_tiles(sq, cfg.tile_m, h, b)
+    grid = grid_size(tiles, _num_sms(q.device), cfg.persistent)
+    fn(q, k, v, out, lse, float(softmax_scale), grid)

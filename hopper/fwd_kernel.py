@@ -1,0 +1,447 @@
+"""The Hopper attention forward kernel (FA3): warp-specialized TMA + wgmma, traced with the CuTe DSL.
+
+Threads: warpgroup 0 is the producer (one warp issues TMA: Q once per tile, K_j and V_j into a
+`stages`-deep smem ring, each guarded by full/empty mbarriers); warpgroups 1..tile_m/64 (2 or 3) are
+consumers that own 64 query rows each. The producer gives registers back with setmaxnreg, the
+consumers take them.
+
+Consumer main loop over KV blocks j (walked from the last block down, see mask.py):
+  S = Q K_j^T (wgmma SS) -> mask (boundary blocks only) -> online softmax -> P in registers as the
+  A operand of O += P V_j (wgmma RS).
+Switches (FwdConfig): `overlap` issues S_{j+1} = Q K_{j+1}^T and O += P_j V_j back to back and does
+softmax(S_{j+1}) while PV_j runs (FA3 Alg. 2); `pingpong` makes the consumer warpgroups take turns
+(round robin) issuing their GEMMs (named barriers), so one warpgroup's softmax hides under another's
+GEMMs; `rescale_early` moves O's rescale under the next S GEMM;
+`persistent` launches one CTA per SM walking tiles (tile_scheduler.py).
+Epilogue: O /= l; O -> its own smem buffer -> TMA store (clips rows past seqlen_q) where that fits,
+else (hd256) O straight from registers to global memory; LSE from registers.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
+
+from fa3.hopper import mask as mask_mod
+from fa3.hopper import softmax as sm
+from fa3.hopper.tile_scheduler import decode_tile, tile_index
+from fa3.hopper.tile_size import separate_o_fits
+from fa3.hopper.wgmma_utils import acc_to_frag_a, acc_to_mn, gemm, pack_f16x2, smem_layout, transpose_view
+
+# Named barriers (0 is __syncthreads).
+BAR_EPILOGUE = 1
+BAR_PINGPONG = 2  # 2 + consumer warpgroup index (0, 1[, 2])
+
+# setmaxnreg per role, by number of consumer warpgroups (FA3's split; 64K registers per SM in all)
+REGS = {2: (24, 240), 3: (32, 160)}  # consumers: (producer, consumer)
+
+
+class FlashFwdSm90:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
+        self.d, self.dv = cfg.d, cfg.dv
+        self.causal = cfg.causal
+        self.num_consumers = cfg.tile_m // 64  # each consumer warpgroup owns 64 query rows
+        self.num_threads = 128 * (1 + self.num_consumers)
+        assert self.tile_m == 64 * self.num_consumers
+        assert self.tile_n % 16 == 0 and self.d % 16 == 0 and self.dv % 16 == 0
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor,
+                 mLSE: cute.Tensor, softmax_scale: Float32, grid_ctas: Int32, stream):
+        dtype = mQ.element_type
+        self.dtype = dtype
+        # (b, s, h, d) -> (s, d, h, b): TMA/tile modes first; LSE (b, h, s) -> (s, h, b)
+        mQ, mK, mV, mO = [cute.make_tensor(t.iterator, cute.select(t.layout, mode=[1, 3, 2, 0]))
+                          for t in (mQ, mK, mV, mO)]
+        mLSE = cute.make_tensor(mLSE.iterator, cute.select(mLSE.layout, mode=[2, 1, 0]))
+
+        tiled_mma_qk = make_trivial_tiled_mma(
+            dtype, dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K, Float32,
+            (self.num_consumers, 1, 1), (64, self.tile_n))
+        tiled_mma_pv = make_trivial_tiled_mma(
+            dtype, dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN, Float32,
+            (self.num_consumers, 1, 1), (64, self.dv), warpgroup.OperandSource.RMEM)
+
+        sQ_layout = smem_layout(dtype, self.tile_m, self.d)
+        sK_layout = smem_layout(dtype, self.tile_n, self.d, self.stages)
+        sV_layout = smem_layout(dtype, self.tile_n, self.dv, self.stages)
+        sO_layout = smem_layout(dtype, self.tile_m, self.dv)
+        # O is staged in its own smem buffer for a TMA store when it fits; else (hd256) each thread
+        # stores its registers straight to global memory. Either way Q is released right after the
+        # last S = Q K^T, so the next tile's Q loads while this tile finishes (persistent mode).
+        self.separate_o = separate_o_fits(self.tile_m, self.tile_n, self.d, self.dv, self.stages)
+        sQO_elems = cute.cosize(sQ_layout)
+        sO_elems = cute.cosize(sO_layout) if const_expr(self.separate_o) else 0
+
+        g2s = cpasync.CopyBulkTensorTileG2SOp()
+        tma_Q, tQ = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (self.tile_m, self.d))
+        tma_K, tK = cpasync.make_tiled_tma_atom(
+            g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.d))
+        tma_V, tV = cpasync.make_tiled_tma_atom(
+            g2s, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.dv))
+        tma_O, tO = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileS2GOp(), mO, sO_layout, (self.tile_m, self.dv))
+        self.bytes_q = cute.size_in_bytes(dtype, sQ_layout)
+        self.bytes_k = cute.size_in_bytes(dtype, cute.select(sK_layout, mode=[0, 1]))
+        self.bytes_v = cute.size_in_bytes(dtype, cute.select(sV_layout, mode=[0, 1]))
+
+        stages = self.stages
+
+        @cute.struct
+        class SharedStorage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
+            mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * stages]
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, sQO_elems], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sV_layout)], 1024]
+
+        @cute.struct
+        class SharedStorageWithO:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
+            mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * stages]
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, sQO_elems], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sV_layout)], 1024]
+            sO: cute.struct.Align[cute.struct.MemRange[dtype, sO_elems], 1024]
+
+        self.shared_storage = SharedStorageWithO if const_expr(self.separate_o) else SharedStorage
+
+        num_m_blocks = (mQ.shape[0] + (self.tile_m - 1)) // self.tile_m
+        self.kernel(tQ, tK, tV, tO, mO, mLSE, tma_Q, tma_K, tma_V, tma_O, tiled_mma_qk, tiled_mma_pv,
+                    sQ_layout, sK_layout, sV_layout, sO_layout, softmax_scale, num_m_blocks).launch(
+            grid=[grid_ctas, 1, 1], block=[self.num_threads, 1, 1], stream=stream,
+            min_blocks_per_mp=1)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor,
+               mO_raw: cute.Tensor, mLSE: cute.Tensor, tma_Q: cute.CopyAtom, tma_K: cute.CopyAtom, tma_V: cute.CopyAtom,
+               tma_O: cute.CopyAtom, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
+               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
+               sV_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
+               softmax_scale: Float32, num_m_blocks: Int32):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        if warp_idx == 0:
+            for atom in (tma_Q, tma_K, tma_V, tma_O):
+                cpasync.prefetch_descriptor(atom)
+
+        storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
+        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
+        consumers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * self.num_consumers)  # warps
+        pipe_q = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_q.data_ptr(), num_stages=1, producer_group=producer,
+            consumer_group=consumers, tx_count=self.bytes_q, defer_sync=True)
+        pipe_k = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_k.data_ptr(), num_stages=self.stages,
+            producer_group=producer, consumer_group=consumers, tx_count=self.bytes_k,
+            defer_sync=True)
+        pipe_v = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.stages,
+            producer_group=producer, consumer_group=consumers, tx_count=self.bytes_v,
+            defer_sync=True)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        if const_expr(self.separate_o):
+            sO = storage.sO.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
+        else:
+            sO = sQ  # unused: O goes from registers straight to global memory
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+
+        seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
+        num_heads, num_hb = mQ.shape[2], mQ.shape[2] * mQ.shape[3]
+        qhead_per_kvhead = mQ.shape[2] // mK.shape[2]
+        total_tiles = num_m_blocks * num_hb
+
+        if warp_idx < 4:
+            cute.arch.setmaxregister_decrease(REGS[self.num_consumers][0])
+            if warp_idx == 0:
+                self.producer(mQ, mK, mV, sQ, sK, sV, tma_Q, tma_K, tma_V, pipe_q, pipe_k, pipe_v,
+                              seqlen_q, seqlen_k, num_m_blocks, num_heads, num_hb, qhead_per_kvhead,
+                              total_tiles)
+        else:
+            cute.arch.setmaxregister_increase(REGS[self.num_consumers][1])
+            self.consumer(mO, mO_raw, mLSE, sQ, sK, sV, sO, tma_O, tiled_mma_qk, tiled_mma_pv, pipe_q,
+                          pipe_k, pipe_v, softmax_scale, tidx - 128, seqlen_q, seqlen_k,
+                          num_m_blocks, num_heads, num_hb, total_tiles)
+
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def producer(self, mQ, mK, mV, sQ, sK, sV, tma_Q, tma_K, tma_V, pipe_q, pipe_k, pipe_v,
+                 seqlen_q, seqlen_k, num_m_blocks, num_heads, num_hb, qhead_per_kvhead, total_tiles):
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        cta = cute.arch.block_idx()[0]
+        grid = cute.arch.grid_dim()[0]
+        rnd = Int32(0)
+        tile = cta
+        while tile < total_tiles:
+            m_block, head, batch = decode_tile(tile, num_m_blocks, num_heads, num_hb, self.causal)
+            head_kv = head // qhead_per_kvhead
+            gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (m_block, 0))
+            gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (None, 0))
+            gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.dv), (None, 0))
+            one = cute.make_layout(1)
+            tQs, tQg = cpasync.tma_partition(tma_Q, 0, one, cute.group_modes(sQ, 0, 2),
+                                             cute.group_modes(gQ, 0, 2))
+            tKs, tKg = cpasync.tma_partition(tma_K, 0, one, cute.group_modes(sK, 0, 2),
+                                             cute.group_modes(gK, 0, 2))
+            tVs, tVg = cpasync.tma_partition(tma_V, 0, one, cute.group_modes(sV, 0, 2),
+                                             cute.group_modes(gV, 0, 2))
+            n_max = mask_mod.n_block_max(seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n,
+                                         self.causal)
+            # Q is loaded even for a tile that sees no key: the consumers always wait for it and
+            # reuse its buffer for O, which keeps the Q ring's phases simple.
+            pipe_q.producer_acquire(q_state)
+            cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+            q_state.advance()
+            if n_max > 0:
+                if const_expr(not self.cfg.overlap):
+                    for i in cutlass.range(n_max, unroll=1):
+                        n = n_max - 1 - i
+                        pipe_k.producer_acquire(kv_state)
+                        cute.copy(tma_K, tKg[None, n], tKs[None, kv_state.index],
+                                  tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
+                        pipe_v.producer_acquire(kv_state)
+                        cute.copy(tma_V, tVg[None, n], tVs[None, kv_state.index],
+                                  tma_bar_ptr=pipe_v.producer_get_barrier(kv_state))
+                        kv_state.advance()
+                else:
+                    # consumers need K_{j+1} before V_j: load in that order
+                    pipe_k.producer_acquire(kv_state)
+                    cute.copy(tma_K, tKg[None, n_max - 1], tKs[None, kv_state.index],
+                              tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
+                    for i in cutlass.range(n_max - 1, unroll=1):
+                        n = n_max - 2 - i
+                        v_state = kv_state.clone()
+                        kv_state.advance()
+                        pipe_k.producer_acquire(kv_state)
+                        cute.copy(tma_K, tKg[None, n], tKs[None, kv_state.index],
+                                  tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
+                        pipe_v.producer_acquire(v_state)
+                        cute.copy(tma_V, tVg[None, n + 1], tVs[None, v_state.index],
+                                  tma_bar_ptr=pipe_v.producer_get_barrier(v_state))
+                    pipe_v.producer_acquire(kv_state)
+                    cute.copy(tma_V, tVg[None, 0], tVs[None, kv_state.index],
+                              tma_bar_ptr=pipe_v.producer_get_barrier(kv_state))
+                    kv_state.advance()
+            rnd += 1
+            tile = tile_index(rnd, cta, grid, self.causal)
+
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def pingpong_sync(self, wg: Int32):
+        if const_expr(self.cfg.pingpong):
+            cute.arch.barrier(barrier_id=BAR_PINGPONG + wg, number_of_threads=256)
+
+    @cute.jit
+    def pingpong_arrive(self, wg: Int32):
+        if const_expr(self.cfg.pingpong):
+            cute.arch.barrier_arrive(barrier_id=BAR_PINGPONG + (wg + 1) % self.num_consumers,
+                                    number_of_threads=256)
+
+    @cute.jit
+    def consumer(self, mO, mO_raw, mLSE, sQ, sK, sV, sO, tma_O, tiled_mma_qk, tiled_mma_pv, pipe_q, pipe_k,
+                 pipe_v, softmax_scale, tidx, seqlen_q, seqlen_k, num_m_blocks, num_heads, num_hb,
+                 total_tiles):
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        wg_mma_qk = tiled_mma_qk.get_slice(wg * 128)
+        wg_mma_pv = tiled_mma_pv.get_slice(wg * 128)
+        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
+        thr_mma_pv = tiled_mma_pv.get_slice(tidx)
+        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
+        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
+        tOrV = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
+        tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)))
+        shape_S = wg_mma_qk.partition_shape_C((self.tile_m, self.tile_n))
+        acc_O = cute.make_rmem_tensor(wg_mma_pv.partition_shape_C((self.tile_m, self.dv)), Float32)
+        acc_O_mn = acc_to_mn(acc_O)
+        # (row, col) tile coordinates of this thread's S and O accumulators
+        tScS_mn = acc_to_mn(thr_mma_qk.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n))))
+        tOcO_mn = acc_to_mn(thr_mma_pv.partition_C(cute.make_identity_tensor((self.tile_m, self.dv))))
+        n_rows = cute.size(acc_O_mn, mode=[0])
+        row_max = cute.make_rmem_tensor((n_rows,), Float32)
+        row_sum = cute.make_rmem_tensor((n_rows,), Float32)
+        row_scale = cute.make_rmem_tensor((n_rows,), Float32)
+        lse = cute.make_rmem_tensor((n_rows,), Float32)
+        scale_log2 = softmax_scale * Float32(1.4426950408889634)
+
+        if const_expr(self.cfg.pingpong):
+            if wg == 0:  # warpgroup 0 issues its GEMMs first
+                cute.arch.barrier_arrive(barrier_id=BAR_PINGPONG, number_of_threads=256)
+
+        ctx = SimpleNamespace(
+            tiled_mma_qk=tiled_mma_qk, tiled_mma_pv=tiled_mma_pv, tSrQ=tSrQ, tSrK=tSrK, tOrP=tOrP,
+            tOrV=tOrV, shape_S=shape_S, acc_O=acc_O, acc_O_mn=acc_O_mn, tScS_mn=tScS_mn,
+            row_max=row_max, row_sum=row_sum, row_scale=row_scale, scale_log2=scale_log2,
+            pipe_k=pipe_k, pipe_v=pipe_v, seqlen_q=seqlen_q, seqlen_k=seqlen_k, wg=wg)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        cta = cute.arch.block_idx()[0]
+        grid = cute.arch.grid_dim()[0]
+        rnd = Int32(0)
+        tile = cta
+        while tile < total_tiles:
+            m_block, head, batch = decode_tile(tile, num_m_blocks, num_heads, num_hb, self.causal)
+            n_max = mask_mod.n_block_max(seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n,
+                                         self.causal)
+            acc_O.fill(0.0)
+            row_max.fill(-Float32.inf)
+            row_sum.fill(0.0)
+            pipe_q.consumer_wait(q_state)
+
+            if n_max > 0:
+                n_mask_min = n_max - 1
+                if const_expr(self.causal):
+                    n_mask_min = cutlass.min(
+                        n_mask_min, mask_mod.n_block_min_causal_mask(
+                            seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n))
+                if const_expr(not self.cfg.overlap):
+                    # blocks n_max-1 .. n_mask_min masked, then the rest unmasked
+                    for i in cutlass.range(n_max - n_mask_min, unroll=1):
+                        kv_state = self.block_plain(ctx, kv_state, m_block, n_max - 1 - i, True)
+                    for i in cutlass.range(n_mask_min, unroll=1):
+                        kv_state = self.block_plain(ctx, kv_state, m_block, n_mask_min - 1 - i, False)
+                else:
+                    # first half: S of the highest block, softmax, P ready; no PV yet
+                    pipe_k.consumer_wait(kv_state)
+                    acc_S = cute.make_rmem_tensor(shape_S, Float32)
+                    gemm(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, kv_state.index], True, 0)
+                    pipe_k.consumer_release(kv_state)
+                    self.softmax_block(ctx, acc_S, m_block, n_max - 1, True)
+                    self.to_p(ctx, acc_S)
+                    for i in cutlass.range(n_max - 1 - n_mask_min, unroll=1):
+                        kv_state = self.block_overlap(ctx, kv_state, m_block, n_max - 2 - i, True)
+                    for i in cutlass.range(n_mask_min, unroll=1):
+                        kv_state = self.block_overlap(ctx, kv_state, m_block, n_mask_min - 1 - i, False)
+                    # last half: PV of the lowest block
+                    if const_expr(self.cfg.rescale_early):
+                        sm.rescale_o(acc_O_mn, row_scale)
+                    pipe_v.consumer_wait(kv_state)
+                    gemm(tiled_mma_pv, acc_O, tOrP, tOrV[None, None, None, kv_state.index], False, 0)
+                    pipe_v.consumer_release(kv_state)
+                    kv_state.advance()
+
+            pipe_q.consumer_release(q_state)  # every S = Q K^T of this tile is done
+            sm.finalize(row_max, row_sum, row_scale, lse, softmax_scale)
+            sm.rescale_o(acc_O_mn, row_scale)
+            self.epilogue(acc_O, lse, mO, mO_raw, mLSE, sO, tOcO_mn, tma_O, tiled_mma_pv, tidx, m_block,
+                          head, batch, seqlen_q)
+            q_state.advance()
+            rnd += 1
+            tile = tile_index(rnd, cta, grid, self.causal)
+        if const_expr(self.separate_o):
+            if tidx < 32:
+                cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the last store
+
+    @cute.jit
+    def softmax_block(self, ctx, acc_S, m_block, n, masked: cutlass.Constexpr[bool]):
+        acc_S_mn = acc_to_mn(acc_S)
+        if const_expr(masked):
+            mask_mod.apply_mask(acc_S_mn, ctx.tScS_mn, ctx.seqlen_q, ctx.seqlen_k, m_block, n,
+                                self.tile_m, self.tile_n, self.causal)
+        sm.online_softmax(acc_S_mn, ctx.row_max, ctx.row_sum, ctx.row_scale, ctx.scale_log2)
+
+    @cute.jit
+    def to_p(self, ctx, acc_S):
+        """fp32 P -> 16-bit A operand of the PV wgmma, in registers (no smem round trip). Packs two
+        values per 32-bit register here, before the wgmma fence: packing them later (as a generic
+        convert does) makes ptxas serialize every RS wgmma (warning C7519)."""
+        src = acc_to_frag_a(acc_S)
+        dst = cute.recast_tensor(ctx.tOrP, Int32)
+        for i in cutlass.range_constexpr(cute.size(dst)):
+            dst[i] = pack_f16x2(src[2 * i], src[2 * i + 1], self.dtype is cutlass.BFloat16)
+
+    @cute.jit
+    def block_plain(self, ctx, kv_state, m_block, n, masked: cutlass.Constexpr[bool]):
+        """One KV block without intra-warpgroup overlap: S, softmax, rescale O, O += P V, in order."""
+        ctx.pipe_k.consumer_wait(kv_state)
+        self.pingpong_sync(ctx.wg)
+        acc_S = cute.make_rmem_tensor(ctx.shape_S, Float32)
+        gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, kv_state.index], True, -1)
+        self.pingpong_arrive(ctx.wg)
+        warpgroup.wait_group(0)
+        ctx.pipe_k.consumer_release(kv_state)
+        self.softmax_block(ctx, acc_S, m_block, n, masked)
+        self.to_p(ctx, acc_S)
+        sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+        ctx.pipe_v.consumer_wait(kv_state)
+        gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, kv_state.index], False, 0)
+        ctx.pipe_v.consumer_release(kv_state)
+        kv_state.advance()
+        return kv_state
+
+    @cute.jit
+    def block_overlap(self, ctx, kv_state, m_block, n, masked: cutlass.Constexpr[bool]):
+        """FA3 Alg. 2 step: issue S_n = Q K_n^T and O += P_{n+1} V_{n+1} back to back; softmax(S_n)
+        runs while the PV wgmma is still in flight; then rescale O and convert P_n."""
+        v_state = kv_state.clone()
+        kv_state.advance()
+        ctx.pipe_k.consumer_wait(kv_state)
+        self.pingpong_sync(ctx.wg)
+        acc_S = cute.make_rmem_tensor(ctx.shape_S, Float32)
+        gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, kv_state.index], True, -1)
+        if const_expr(self.cfg.rescale_early):
+            # O *= scale of the previous softmax while S = Q K^T runs on the tensor cores (pays off
+            # when O is large, dv > 128, and no other warpgroup's GEMM hides the FMULs)
+            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+        ctx.pipe_v.consumer_wait(v_state)
+        gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, v_state.index], False, -1)
+        self.pingpong_arrive(ctx.wg)
+        warpgroup.wait_group(1)  # S_n done, PV may still run
+        ctx.pipe_k.consumer_release(kv_state)
+        self.softmax_block(ctx, acc_S, m_block, n, masked)
+        warpgroup.wait_group(0)  # PV done: P's registers and V's stage are free
+        ctx.pipe_v.consumer_release(v_state)
+        self.to_p(ctx, acc_S)
+        if const_expr(not self.cfg.rescale_early):
+            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+        return kv_state
+
+    @cute.jit
+    def epilogue(self, acc_O, lse, mO, mO_raw, mLSE, sO, tOcO_mn, tma_O, tiled_mma_pv, tidx, m_block,
+                 head, batch, seqlen_q):
+        rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
+        rO.store(acc_O.load().to(self.dtype))
+        if const_expr(self.separate_o):
+            if tidx < 32:  # the previous tile's O store must have read sO before it is rewritten
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+            cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=self.num_consumers * 128)
+            copy_atom = cute.make_copy_atom(
+                cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
+            thr_copy = cute.make_tiled_copy_C(copy_atom, tiled_mma_pv).get_slice(tidx)
+            cute.copy(copy_atom, thr_copy.retile(rO), thr_copy.partition_D(sO))
+            cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> TMA (async proxy)
+            cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=self.num_consumers * 128)
+            if tidx < 32:
+                gO = cute.local_tile(mO[None, None, head, batch], (self.tile_m, self.dv), (m_block, 0))
+                tOs, tOg = cpasync.tma_partition(tma_O, 0, cute.make_layout(1),
+                                                 cute.group_modes(sO, 0, 2), cute.group_modes(gO, 0, 2))
+                cute.copy(tma_O, tOs, tOg)  # rows past seqlen_q are clipped by the TMA unit
+                cute.arch.cp_async_bulk_commit_group()
+        else:
+            # straight from registers (pairs of 16-bit values), rows past seqlen_q skipped
+            gO = cute.local_tile(mO_raw[None, None, head, batch], (self.tile_m, self.dv), (m_block, 0))
+            tOgO_mn = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(gO))
+            rO_mn = acc_to_mn(rO)
+            for r in cutlass.range_constexpr(cute.size(rO_mn, mode=[0])):
+                if m_block * self.tile_m + tOcO_mn[r, 0][0] < seqlen_q:
+                    for c in cutlass.range_constexpr(cute.size(rO_mn, mode=[1])):
+                        tOgO_mn[r, c] = rO_mn[r, c]
+        # LSE: the thread holding column 0 of a row writes it (rows past seqlen_q are dropped)
+        if tOcO_mn[0, 0][1] == 0:
+            for r in cutlass.range_constexpr(cute.size(lse)):
+                row = m_block * self.tile_m + tOcO_mn[r, 0][0]
+                if row < seqlen_q:
+                    mLSE[row, head, batch] = lse[r]

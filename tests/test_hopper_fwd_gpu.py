@@ -1,0 +1,99 @@
+"""Hopper forward kernel vs the fp32 oracle, by FA's rule, on the lent GPU (skipped elsewhere).
+
+max|out - ref| <= 2 * max|out_pt - ref| + atol (out_pt: same-precision PyTorch attention); outputs are
+poisoned (NaN) before each launch so an unwritten element fails; LSE checked; reruns bitwise equal.
+"""
+import math
+
+import pytest
+import torch
+
+from fa3.reference import attention_ref
+from fa3.testing import assert_fa_close, max_err, poison_, rounding_atol
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+                       reason="needs a Hopper (sm_90) GPU"),
+]
+
+SEQLENS = [(1, 1), (113, 203), (799, 3), (1024, 1024), (4224, 4224), (3, 1100)]
+BHS = [(2, 4, 4), (1, 6, 2)]  # (batch, heads, kv heads): MHA and GQA
+
+
+def run_fwd(q, k, v, causal, **cfg):
+    from fa3.hopper.flash_fwd import flash_fwd
+
+    b, sq, h, _ = q.shape
+    out = poison_(torch.empty(b, sq, h, v.shape[-1], dtype=q.dtype, device=q.device))
+    lse = poison_(torch.empty(b, h, sq, dtype=torch.float32, device=q.device))
+    flash_fwd(q, k, v, out, lse, 1.0 / math.sqrt(q.shape[-1]), causal, **cfg)
+    return out, lse
+
+
+def check(b, h, hk, sq, sk, d, dtype, causal, **cfg):
+    torch.manual_seed(sq * 7 + sk + d + h)
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+    k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+    v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+    out, lse = run_fwd(q, k, v, causal, **cfg)
+    out_ref, lse_ref = attention_ref(q, k, v, causal=causal)
+    out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)
+    assert_fa_close(out, out_ref, out_pt, atol=rounding_atol(dtype))
+    lse_err = max_err(lse, lse_ref)
+    assert lse_err <= 1e-3 * (1 + lse_ref[torch.isfinite(lse_ref)].abs().max().item()
+                              if torch.isfinite(lse_ref).any() else 1), f"lse error {lse_err}"
+    out2, lse2 = run_fwd(q, k, v, causal, **cfg)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), "reruns differ"
+
+
+@pytest.mark.parametrize("bhs", BHS, ids=lambda x: "b%dh%dhk%d" % x)
+@pytest.mark.parametrize("sq,sk", SEQLENS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fwd(d, dtype, causal, sq, sk, bhs):
+    check(*bhs, sq, sk, d, dtype, causal)
+
+
+ABLATIONS = [dict(overlap=False), dict(pingpong=False), dict(overlap=False, pingpong=False),
+             dict(persistent=False)]
+
+
+@pytest.mark.parametrize("cfg", ABLATIONS, ids=lambda c: "-".join(f"{k}{int(v)}" for k, v in c.items()))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1024, 1024), (799, 3)])
+def test_fwd_ablation(cfg, causal, sq, sk):
+    check(2, 4, 2, sq, sk, 128, torch.bfloat16, causal, **cfg)
+
+
+TILES = [dict(d=256, tile_n=64), dict(d=128, tile_n=176), dict(d=64, tile_m=128),
+         dict(d=64, stages=3), dict(d=128, tile_n=96), dict(d=128, rescale_early=True),
+         dict(d=256, rescale_early=False)]
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=lambda c: "-".join(f"{k}{int(v)}" for k, v in c.items()))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1024, 1024), (799, 3), (3, 1100)])
+def test_fwd_tile_variants(tiles, causal, sq, sk):
+    tiles = dict(tiles)
+    d = tiles.pop("d")
+    check(2, 4, 2, sq, sk, d, torch.bfloat16, causal, **tiles)
+
+
+def test_fwd_strided_views():
+    """Non-contiguous q/k/v (sliced from packed qkv) and an lse with a padded seqlen stride."""
+    torch.manual_seed(1)
+    b, s, h, d = 2, 300, 4, 128
+    qkv = torch.randn(b, s, 3, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    from fa3.hopper.flash_fwd import flash_fwd
+
+    out = poison_(torch.empty(b, s, h, d, device="cuda", dtype=torch.bfloat16))
+    lse_buf = poison_(torch.empty(b, h, s + 5, device="cuda", dtype=torch.float32))
+    lse = lse_buf[:, :, :s]
+    flash_fwd(q, k, v, out, lse, d ** -0.5, True)
+    out_ref, lse_ref = attention_ref(q, k, v, causal=True)
+    out_pt, _ = attention_ref(q, k, v, causal=True, upcast=False)
+    assert_fa_close(out, out_ref, out_pt, atol=rounding_atol(torch.bfloat16))
+    assert max_err(lse, lse_ref) < 1e-2
