@@ -63,26 +63,31 @@ def impls(q, k, v, causal, scale):
     return res
 
 
+BOOL_FIELDS = ("overlap", "pingpong", "persistent", "rescale_early", "o_in_q")
+
+
 def parse_variants(text):
-    """'pp0:pingpong=0;tn128:tile_n=128' -> {'fa3 pp0': {'pingpong': False}, ...}"""
+    """'pp0:pingpong=0;tn128@128:tile_n=128' -> {'fa3 pp0': (None, {'pingpong': False}),
+    'fa3 tn128': (128, {'tile_n': 128})}: a name ending in @D is timed at head dim D only."""
     out = {}
     for item in filter(None, text.split(";")):
         name, _, kvs = item.partition(":")
+        name, _, hd = name.partition("@")
         cfg = {}
-        for kv in kvs.split(","):
+        for kv in filter(None, kvs.split(",")):
             k, v = kv.split("=")
-            cfg[k] = bool(int(v)) if k in ("overlap", "pingpong", "persistent") else int(v)
-        out["fa3 " + name] = cfg
+            cfg[k] = bool(int(v)) if k in BOOL_FIELDS else int(v)
+        out["fa3 " + name] = (int(hd) if hd else None, cfg)
     return out
 
 
-def run_shape(d, s, causal, rows, ablate=False, variants=None):
+def run_shape(d, s, causal, rows, ablate=False, variants=None, skip=()):
     b, h = max(1, 16384 // s), 2048 // d
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = d ** -0.5
     flops = 4 * b * h * s * s * d / (2 if causal else 1)
-    fns = impls(q, k, v, causal, scale)
+    fns = {n: f for n, f in impls(q, k, v, causal, scale).items() if n not in skip}
     if ablate:
         from fa3.hopper.flash_fwd import flash_fwd
 
@@ -98,7 +103,9 @@ def run_shape(d, s, causal, rows, ablate=False, variants=None):
 
         out_v = torch.empty_like(q)
         lse_v = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
-        for name, cfg in variants.items():
+        for name, (hd, cfg) in variants.items():
+            if hd is not None and hd != d:
+                continue
             fns[name] = (lambda cfg=cfg: flash_fwd(q, k, v, out_v, lse_v, scale, causal, **cfg))
     row = dict(d=d, s=s, b=b, h=h, causal=causal)
     for name, fn in fns.items():
@@ -124,6 +131,7 @@ def main():
     ap.add_argument("--ablate", default="8192")
     ap.add_argument("--variants", default="", help="extra fa3 configs timed on every shape, "
                     "e.g. 'pp0:pingpong=0;tn128:tile_n=128'")
+    ap.add_argument("--skip", default="", help="implementations not to time, e.g. 'SDPA-FA2'")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), "TFLOP/s (bf16 fwd, median)")
@@ -131,7 +139,8 @@ def main():
     for d in map(int, a.hd.split(",")):
         for causal in (c == "1" for c in a.causal.split(",")):
             for s in map(int, a.seqlens.split(",")):
-                run_shape(d, s, causal, rows, variants=parse_variants(a.variants))
+                run_shape(d, s, causal, rows, variants=parse_variants(a.variants),
+                          skip=a.skip.split(","))
     for s in (int(x) for x in a.ablate.split(",") if x):
         for causal in (False, True):
             run_shape(128, s, causal, rows, ablate=True)

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from fa3 import _compile
 from fa3.hopper.tile_scheduler import grid_size, num_tiles
-from fa3.hopper.tile_size import SMEM_LIMIT, smem_bytes, tile_size
+from fa3.hopper.tile_size import SMEM_LIMIT, separate_o_fits, smem_bytes, tile_size
 
 DTYPES = ("bfloat16", "float16")
 HEAD_DIMS = (64, 128, 256)
@@ -31,20 +31,38 @@ class FwdConfig:
     pingpong: bool = True  # the two consumer warpgroups alternate their GEMMs (named barriers)
     persistent: bool = True  # grid = #SMs, static tile scheduler
     rescale_early: bool = False  # (overlap) rescale O while S = Q K^T of the next block runs
+    # Where O gets no smem buffer of its own (hd256): stage it in Q's buffer and TMA-store it
+    # (persistent: Q is then released after the store has read smem), instead of storing it
+    # from registers straight to global memory.
+    o_in_q: bool = False
 
 
-def default_config(d: int, dv: int, dtype, causal: bool, **overrides) -> FwdConfig:
+def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = None,
+                   seqlen_k: int | None = None, **overrides) -> FwdConfig:
     dtype = _dtype_name(dtype)
-    tile_m, tile_n, stages = tile_size(d, dv, causal)
+    tile_m, tile_n, stages = tile_size(d, dv, causal, seqlen_q)
     # Pingpong needs the second S tile's registers to fit beside O: FA3 turns it off above hd128.
     pingpong = max(d, dv) <= 128
     # Without pingpong nothing hides a large O's rescale: move it under the next S GEMM.
     rescale_early = dv > 128
-    cfg = FwdConfig(d, dv, dtype, bool(causal), tile_m, tile_n, stages, True, pingpong, True,
-                    rescale_early)
+    # hd256 (no smem for O beside Q): one tile per CTA, O staged in Q's buffer + TMA store.
+    # With one tile per CTA nothing waits for Q's buffer, and the hardware hands out CTAs
+    # dynamically (heaviest causal tiles first). H200, TFLOP/s vs the persistent register-store
+    # epilogue: s1k/4k/16k 557/629/689 -> 637/670/714; causal 323/552/684 -> 336/584/687.
+    big = not separate_o_fits(tile_m, tile_n, d, dv, stages)
+    o_in_q = big
+    persistent = not big
+    # hd128 with long KV (>= 64 blocks a tile): CTAs launched in order keep walking the same
+    # heads' K/V together; a static persistent split drifts apart over ~16 long rounds
+    # (H200 s16k: 571 -> 639, causal 561 -> 591; shorter sequences keep persistent: 1k/4k lose).
+    if 64 < max(d, dv) <= 128 and seqlen_k is not None and seqlen_k >= 8192:
+        persistent = False
+    cfg = FwdConfig(d, dv, dtype, bool(causal), tile_m, tile_n, stages, True, pingpong, persistent,
+                    rescale_early, o_in_q)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert cfg.tile_m in (128, 192) and cfg.tile_n % 16 == 0, cfg
     assert cfg.overlap or not cfg.rescale_early, cfg
+    assert not cfg.o_in_q or d >= dv, cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages) <= SMEM_LIMIT, f"smem: {cfg}"
     return cfg
 
@@ -63,6 +81,10 @@ def variants() -> Iterator[FwdConfig]:
         yield dataclasses.replace(base, persistent=False)
         yield dataclasses.replace(base, rescale_early=True)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), rescale_early=False)
+        yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), persistent=True)
+        yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), persistent=True,
+                                  o_in_q=False)
+        yield default_config(64, 64, "bfloat16", causal, seqlen_q=1024)
 
 
 def _dtype_name(dtype) -> str:
@@ -115,7 +137,7 @@ def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, **cfg_overr
         assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
         assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
     assert lse.stride(-1) == 1 and str(lse.dtype) == "torch.float32"
-    cfg = default_config(d, dv, q.dtype, causal, **cfg_overrides)
+    cfg = default_config(d, dv, q.dtype, causal, seqlen_q=sq, seqlen_k=sk, **cfg_overrides)
     fn = _compile.get_kernel(cfg, build)
     if b == 0 or sq == 0 or h == 0:
         return

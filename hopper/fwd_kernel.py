@@ -14,7 +14,8 @@ softmax(S_{j+1}) while PV_j runs (FA3 Alg. 2); `pingpong` makes the consumer war
 GEMMs; `rescale_early` moves O's rescale under the next S GEMM;
 `persistent` launches one CTA per SM walking tiles (tile_scheduler.py).
 Epilogue: O /= l; O -> its own smem buffer -> TMA store (clips rows past seqlen_q) where that fits,
-else (hd256) O straight from registers to global memory; LSE from registers.
+else (hd256) with `o_in_q` O -> Q's smem buffer -> TMA store (Q released after the store when
+persistent), or O straight from registers to global memory; LSE from registers.
 """
 from __future__ import annotations
 
@@ -77,7 +78,12 @@ class FlashFwdSm90:
         # stores its registers straight to global memory. Either way Q is released right after the
         # last S = Q K^T, so the next tile's Q loads while this tile finishes (persistent mode).
         self.separate_o = separate_o_fits(self.tile_m, self.tile_n, self.d, self.dv, self.stages)
+        # else, with o_in_q, O is staged in Q's buffer (Q is then released only after the store)
+        self.o_in_q = self.cfg.o_in_q and not self.separate_o
+        self.tma_o = self.separate_o or self.o_in_q
         sQO_elems = cute.cosize(sQ_layout)
+        if const_expr(self.o_in_q):
+            sQO_elems = max(sQO_elems, cute.cosize(sO_layout))
         sO_elems = cute.cosize(sO_layout) if const_expr(self.separate_o) else 0
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
@@ -154,6 +160,8 @@ class FlashFwdSm90:
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         if const_expr(self.separate_o):
             sO = storage.sO.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
+        elif const_expr(self.o_in_q):
+            sO = storage.sQ.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
         else:
             sO = sQ  # unused: O goes from registers straight to global memory
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
@@ -201,11 +209,19 @@ class FlashFwdSm90:
                                              cute.group_modes(gV, 0, 2))
             n_max = mask_mod.n_block_max(seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n,
                                          self.causal)
-            # Q is loaded even for a tile that sees no key: the consumers always wait for it and
-            # reuse its buffer for O, which keeps the Q ring's phases simple.
-            pipe_q.producer_acquire(q_state)
-            cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
-            q_state.advance()
+            # Q is loaded even for a tile that sees no key: the consumers always wait for it,
+            # which keeps the Q ring's phases simple. When Q's buffer is freed only after the
+            # previous tile's O store (o_in_q, persistent), the first K goes ahead of Q.
+            k_first = const_expr(self.o_in_q and self.cfg.persistent and self.cfg.overlap)
+            if const_expr(not k_first):
+                pipe_q.producer_acquire(q_state)
+                cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+                q_state.advance()
+            else:
+                if n_max <= 0:
+                    pipe_q.producer_acquire(q_state)
+                    cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+                    q_state.advance()
             if n_max > 0:
                 if const_expr(not self.cfg.overlap):
                     for i in cutlass.range(n_max, unroll=1):
@@ -222,6 +238,10 @@ class FlashFwdSm90:
                     pipe_k.producer_acquire(kv_state)
                     cute.copy(tma_K, tKg[None, n_max - 1], tKs[None, kv_state.index],
                               tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
+                    if const_expr(k_first):
+                        pipe_q.producer_acquire(q_state)
+                        cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+                        q_state.advance()
                     for i in cutlass.range(n_max - 1, unroll=1):
                         n = n_max - 2 - i
                         v_state = kv_state.clone()
@@ -333,15 +353,24 @@ class FlashFwdSm90:
                     pipe_v.consumer_release(kv_state)
                     kv_state.advance()
 
-            pipe_q.consumer_release(q_state)  # every S = Q K^T of this tile is done
+            # Q is free once every S = Q K^T of this tile is done, unless O is staged in its
+            # buffer and another tile's Q may follow (persistent): then after the O store.
+            q_late = const_expr(self.o_in_q and self.cfg.persistent)
+            if const_expr(not q_late):
+                pipe_q.consumer_release(q_state)
             sm.finalize(row_max, row_sum, row_scale, lse, softmax_scale)
             sm.rescale_o(acc_O_mn, row_scale)
             self.epilogue(acc_O, lse, mO, mO_raw, mLSE, sO, tOcO_mn, tma_O, tiled_mma_pv, tidx, m_block,
                           head, batch, seqlen_q)
+            if const_expr(q_late):
+                if tidx < 32:  # the TMA store has read O out of Q's buffer
+                    cute.arch.cp_async_bulk_wait_group(0, read=True)
+                cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=self.num_consumers * 128)
+                pipe_q.consumer_release(q_state)
             q_state.advance()
             rnd += 1
             tile = tile_index(rnd, cta, grid, self.causal)
-        if const_expr(self.separate_o):
+        if const_expr(self.tma_o):
             if tidx < 32:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the last store
 
@@ -414,8 +443,10 @@ class FlashFwdSm90:
                  head, batch, seqlen_q):
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
         rO.store(acc_O.load().to(self.dtype))
-        if const_expr(self.separate_o):
-            if tidx < 32:  # the previous tile's O store must have read sO before it is rewritten
+        if const_expr(self.tma_o):
+            # the previous tile's O store must have read sO before it is rewritten; with O in Q's
+            # buffer this barrier also orders every warpgroup's last wgmma read of Q before it
+            if tidx < 32:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)
             cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=self.num_consumers * 128)
             copy_atom = cute.make_copy_atom(

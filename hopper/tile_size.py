@@ -13,12 +13,23 @@ def smem_bytes(tile_m: int, tile_n: int, d: int, dv: int, stages: int, elem_byte
     return elem_bytes * (tile_m * max(d, dv) + stages * tile_n * (d + dv)) + 1024
 
 
-def tile_size(d: int, dv: int, causal: bool) -> tuple[int, int, int]:
-    """(tile_m, tile_n, kv_stages) for bf16/fp16 inputs."""
+def padding(seqlen: int, tile: int) -> float:
+    """Fraction of the rows of the last tile(s) that are past seqlen, over seqlen."""
+    return (-(-seqlen // tile) * tile - seqlen) / seqlen
+
+
+def tile_size(d: int, dv: int, causal: bool, seqlen_q: int | None = None) -> tuple[int, int, int]:
+    """(tile_m, tile_n, kv_stages) for bf16/fp16 inputs. seqlen_q (when known) steers causal hd64
+    away from 192-row tiles where they would compute many padding rows (e.g. 1024 = 5.3 x 192: the
+    last, and heaviest, tile is two-thirds padding)."""
     tile_m = 128
     hd = max(d, dv)
     if hd <= 64:
         tile_m, tile_n = 192, 128  # three consumer warpgroups: S is small, hide more softmax
+        # causal only: there the padded last tile is also the heaviest one (H200, s1024: 192 rows
+        # 255 -> 128 rows 276 TFLOP/s causal; non-causal 392 -> 373, so 192 stays there)
+        if causal and seqlen_q is not None and padding(seqlen_q, 192) > padding(seqlen_q, 128) + 0.05:
+            tile_m = 128
     elif hd <= 128:
         # FA3's C++ ships 128 x 176 non-causal; here 128 x 128 measured faster (H200, 2026-11-21):
         # it leaves room for O's own smem buffer, so Q of the next tile loads during the epilogue.

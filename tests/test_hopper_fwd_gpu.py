@@ -69,7 +69,10 @@ def test_fwd_ablation(cfg, causal, sq, sk):
 
 TILES = [dict(d=256, tile_n=64), dict(d=128, tile_n=176), dict(d=64, tile_m=128),
          dict(d=64, stages=3), dict(d=128, tile_n=96), dict(d=128, rescale_early=True),
-         dict(d=256, rescale_early=False)]
+         dict(d=256, rescale_early=False), dict(d=256, persistent=True),
+         dict(d=256, persistent=True, o_in_q=False), dict(d=256, persistent=False, o_in_q=False),
+         dict(d=64, tile_m=192), dict(d=64, persistent=False), dict(d=128, persistent=False),
+         dict(d=64, tile_m=128, tile_n=192)]
 
 
 @pytest.mark.parametrize("tiles", TILES, ids=lambda c: "-".join(f"{k}{int(v)}" for k, v in c.items()))
