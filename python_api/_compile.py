@@ -46,8 +46,13 @@ def dsl_version() -> str:
         from importlib.metadata import version
 
         return version("nvidia-cutlass-dsl")
-    except Exception:  # not installed as a distribution (e.g. PYTHONPATH on the GPU box)
-        return "unknown"
+    except Exception:  # not installed as a distribution (e.g. on PYTHONPATH): ask the module
+        try:
+            import cutlass
+
+            return str(cutlass.__version__)
+        except Exception:
+            return "unknown"
 
 
 def compile_options(arch: str = DEFAULT_ARCH, extra: str = "") -> str:
