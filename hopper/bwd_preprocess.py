@@ -45,7 +45,7 @@ def variants():
     return [PreprocessConfig(dt, dv) for dt in ("bf16", "fp16") for dv in (64, 96, 128, 192, 256)]
 
 
-def _build(cfg: PreprocessConfig, extra_options: str = ""):
+def build(cfg: PreprocessConfig, extra_options: str = ""):
     cute = _compile.dsl()
     import cutlass
     from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
@@ -103,7 +103,7 @@ def _build(cfg: PreprocessConfig, extra_options: str = ""):
 
 
 def compile_preprocess(cfg: PreprocessConfig):
-    return _compile.get_kernel(cfg, _build)
+    return _compile.get_kernel(cfg, build)
 
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -92,11 +92,43 @@ def fp8_eval(args) -> int:
     return 0
 
 
+# Every kernel family that ships compiled variants: (module, arch of its variants or None when the
+# config carries its own arch). `fa3 cache warm` compiles them all ahead of time, e.g. for an image.
+KERNEL_MODULES = (("fa3.hopper.flash_fwd", "sm_90a"), ("fa3.hopper.hadamard_quant", "sm_90a"),
+                  ("fa3.hopper.bwd_preprocess", "sm_90a"), ("fa3.ampere.flash_fwd_sm80", None))
+
+
+def _warm_one(job):
+    import importlib
+
+    from fa3 import _compile
+
+    modname, cfg, arch = job
+    mod = importlib.import_module(modname)
+    _compile.get_kernel(cfg, mod.build, arch or cfg.arch)
+    return modname
+
+
 def cache(args) -> int:
     from fa3 import _compile
 
     if args.action == "clear":
         print(f"removed {_compile.clear_cache()} files from {_compile.cache_dir()}")
+    elif args.action == "warm":
+        import concurrent.futures
+        import importlib
+
+        jobs = []
+        for modname, arch in KERNEL_MODULES:
+            try:
+                mod = importlib.import_module(modname)
+            except ImportError:
+                continue
+            jobs += [(modname, cfg, arch) for cfg in mod.variants()]
+        with concurrent.futures.ProcessPoolExecutor(args.jobs or os.cpu_count()) as ex:
+            for i, name in enumerate(ex.map(_warm_one, jobs), 1):
+                print(f"\r{i}/{len(jobs)} compiled ({name})", end="", file=sys.stderr, flush=True)
+        print(f"\n{_compile.cache_info()}")
     else:
         print(_compile.cache_info())
     return 0
@@ -118,8 +150,10 @@ def main(argv=None) -> int:
     e.add_argument("--json", default=None, help="write all rows to this JSON file")
     e.add_argument("--plot", default=None, help="write a PNG bar chart (needs matplotlib)")
     e.set_defaults(fn=fp8_eval)
-    c = sub.add_parser("cache", help="show or clear the on-disk kernel cache")
-    c.add_argument("action", choices=("show", "clear"), nargs="?", default="show")
+    c = sub.add_parser("cache", help="show, clear, or warm (compile every shipped variant) the "
+                       "on-disk kernel cache")
+    c.add_argument("action", choices=("show", "clear", "warm"), nargs="?", default="show")
+    c.add_argument("--jobs", type=int, default=None, help="parallel compiles for warm")
     c.set_defaults(fn=cache)
     args = p.parse_args(argv)
     return args.fn(args)

@@ -10,7 +10,7 @@ from fa3.testing import poison_
 @pytest.mark.compile
 @pytest.mark.parametrize("cfg", bp.variants(), ids=str)
 def test_compiles_for_sm90a_with_vector_loads(cfg, tmp_path):
-    ptx = bp._build(cfg, f"--keep-ptx --dump-dir {tmp_path}").__ptx__
+    ptx = bp.build(cfg, f"--keep-ptx --dump-dir {tmp_path}").__ptx__
     assert ".target sm_90a" in ptx
     assert "ld.global.v4" in ptx  # 16-byte loads of O and dO rows
     assert "shfl.sync.bfly" in ptx  # lane-group reduction

@@ -87,3 +87,13 @@ def test_clear_cache(tmp_path, monkeypatch):
     d.mkdir(parents=True)
     (d / "a.o").write_bytes(b"x")
     assert _compile.clear_cache() == 1 and not list(d.iterdir())
+
+
+def test_cli_cache_warm_compiles_every_variant(tmp_path, monkeypatch, capsys):
+    from fa3 import cli
+    from fa3.hopper import bwd_preprocess
+
+    monkeypatch.setenv("FA3_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cli, "KERNEL_MODULES", (("fa3.hopper.bwd_preprocess", "sm_90a"),))
+    assert cli.main(["cache", "warm", "--jobs", "2"]) == 0
+    assert len(list(_compile.cache_dir().glob("*.o"))) == len(bwd_preprocess.variants())
