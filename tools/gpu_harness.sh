@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: every GPU test, then a benchmark matrix, then one compact table.
 # Logs go to $OUT (or ./gpu-out), at most 8 files. Run from the repo root after the DSL setup.
-#   usage: bash tools/gpu_harness.sh [quick|full|tests|bench] [extra pytest args...]
+#   usage: [BENCH_ARGS=...] bash tools/gpu_harness.sh [quick|full|tests|bench] [extra pytest args...]
 set -uo pipefail
 mode=${1:-quick}; shift || true
 out=${OUT:-gpu-out}; mkdir -p "$out"
@@ -19,6 +19,7 @@ fi
 if [ "$mode" != tests ]; then
   bench_args=(--quick)
   [ "$mode" = full ] && bench_args=()
+  [ -n "${BENCH_ARGS:-}" ] && read -r -a bench_args <<< "$BENCH_ARGS"  # e.g. "--mode fwd"
   python3 benchmarks/bench_attn.py "${bench_args[@]}" --out "$out/bench.json" --plot "$out/bench.png" 2> "$out/bench.log"
   for extra in benchmarks/call_overhead.py benchmarks/hadamard_quant_bench.py; do
     python3 "$extra" 2>&1
