@@ -1,0 +1,150 @@
+"""Torch-facing sm80 (Ampere / Ada, and Hopper as a fallback) attention forward: config, compile on
+fake tensors, launch. The kernel itself is fwd_sm80_kernel.py.
+
+Importing this module does not import the CuTe DSL. One compile serves every batch, seqlen and head
+count (sizes and strides are symbolic); head dim, dtype, causal, tiling and the target arch are baked
+in. The arch is part of the config because cubins are arch-specific (an sm_80 cubin does not load on
+sm_90); it is read from the device at call time, never while compiling.
+
+Tiles (4 warps, each warp owns tile_m / 4 query rows; tile_n = 64 keys per step):
+* d <= 128: 128 x 64. Per thread O is d fp32 registers, S 64, P 32: fits in 255 with no spills, and
+  a 128-row Q tile halves K/V smem traffic per query compared with 64 rows.
+* d > 128: 64 x 64, the only 4-warp tile whose O accumulator (d/2 registers) leaves room for S and P.
+  (ptxas, 4.8.1: d 64/192/256 need no spills; d 96/128 sit at 255 registers with a few values
+  spilled, 2-10 local loads/stores per ~1000-instruction KV iteration, more in causal variants.)
+Stages of the K/V smem rings: 2 (cp.async of block j+1 overlaps block j's MMAs), unless the second
+stage would cost the second resident CTA per SM: mma.sync needs more than one warp per SM
+sub-partition to hide ldmatrix/MMA/MUFU latency, which 2 CTAs of 4 warps give and 1 does not
+(FA2 makes the same trade-off). Then 1 stage, where the FA2 order still overlaps the V load with
+S = Q K^T and the next K load with softmax + P V.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from fa3 import _compile
+
+DTYPES = ("bfloat16", "float16")
+HEAD_DIMS = (64, 96, 128, 192, 256)
+ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
+# (max dynamic smem per block, smem per SM) in bytes; the driver reserves 1 KB per resident CTA
+_SMEM = {"sm_80": (163 << 10, 164 << 10), "sm_87": (163 << 10, 164 << 10),
+         "sm_86": (99 << 10, 100 << 10), "sm_89": (99 << 10, 100 << 10),
+         "sm_90": (227 << 10, 228 << 10)}
+_RESERVED_PER_CTA = 1 << 10
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdSm80Config:
+    d: int  # head dim of q, k and v (d == dv)
+    dtype: str  # "bfloat16" | "float16"
+    causal: bool
+    tile_m: int
+    tile_n: int
+    stages: int
+    arch: str  # "sm_80", "sm_86", "sm_87", "sm_89" or "sm_90": the cubin's target
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype}")
+        if self.d not in HEAD_DIMS:
+            raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {self.d}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch}")
+        if self.tile_m % 64 or self.tile_n % 16 or self.stages < 1:
+            raise ValueError(f"bad tiling {self.tile_m}x{self.tile_n}, {self.stages} stages")
+        if smem_bytes(self.tile_m, self.tile_n, self.d, self.stages) > _SMEM[self.arch][0]:
+            raise ValueError(f"{self} needs more shared memory than {self.arch} has")
+
+
+def smem_bytes(tile_m: int, tile_n: int, d: int, stages: int) -> int:
+    return 2 * (tile_m * d + 2 * stages * tile_n * d)  # Q (reused for O) + K and V rings
+
+
+def ctas_per_sm(nbytes: int, arch: str) -> int:
+    return _SMEM[arch][1] // (nbytes + _RESERVED_PER_CTA)
+
+
+def default_config(d: int, dtype, causal: bool, arch: str, **overrides) -> FwdSm80Config:
+    tile_m, tile_n = (128, 64) if d <= 128 else (64, 64)
+    limit = _SMEM[arch][0] if arch in _SMEM else 0
+    fits = [s for s in (2, 1) if smem_bytes(tile_m, tile_n, d, s) <= limit] or [1]
+    want = min(2, ctas_per_sm(smem_bytes(tile_m, tile_n, d, 1), arch)) if arch in _SMEM else 1
+    stages = next((s for s in fits if ctas_per_sm(smem_bytes(tile_m, tile_n, d, s), arch) >= want),
+                  fits[-1])
+    cfg = FwdSm80Config(d, _dtype_name(dtype), bool(causal), tile_m, tile_n, stages, arch)
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def variants(arch: str = "sm_80"):
+    """The shipped configs for one arch: every head dim x dtype x causal."""
+    for d in HEAD_DIMS:
+        for dtype in DTYPES:
+            for causal in (False, True):
+                yield default_config(d, dtype, causal, arch)
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    assert name in DTYPES, f"fa3 sm80 fwd: unsupported dtype {dtype}"
+    return name
+
+
+def build(cfg: FwdSm80Config, extra_options: str = ""):
+    """Compile cfg for cfg.arch on fake tensors (no GPU needed)."""
+    cute = _compile.dsl()
+    import cutlass
+    from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+
+    from fa3.ampere.fwd_sm80_kernel import FlashFwdSm80
+
+    dt = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[cfg.dtype]
+    b, h, hk, sq, sk = (cute.sym_int32() for _ in range(5))
+
+    def bshd(s, heads):  # last dim contiguous; other strides multiples of 8 elements (16 bytes)
+        stride = tuple(cute.sym_int64(divisibility=8) for _ in range(3)) + (1,)
+        return make_fake_tensor(dt, (b, s, heads, cfg.d), stride=stride, assumed_align=16)
+
+    lse = make_fake_tensor(cutlass.Float32, (b, h, sq),
+                           stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+    return cute.compile(FlashFwdSm80(cfg), bshd(sq, h), bshd(sk, hk), bshd(sk, hk), bshd(sq, h), lse,
+                        cutlass.Float32(1.0), make_fake_stream(use_tvm_ffi_env_stream=True),
+                        options=_compile.compile_options(arch=cfg.arch, extra=extra_options))
+
+
+def compile_fwd(cfg: FwdSm80Config):
+    return _compile.get_kernel(cfg, build, arch=cfg.arch)
+
+
+def device_arch(device) -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"sm_{major}{minor}"
+    assert arch in ARCHS, f"fa3 sm80 fwd: no config for {arch} (supported: {ARCHS})"
+    return arch
+
+
+def flash_fwd_sm80(q, k, v, out, lse, softmax_scale: float, causal: bool, **cfg_overrides) -> None:
+    """out (b, sq, h, d) and lse (b, h, sq) fp32 are written in place.
+    q (b, sq, h, d), k and v (b, sk, h_kv, d); last dims contiguous, other strides multiples of 8."""
+    b, sq, h, d = q.shape
+    _, sk, hk, _ = k.shape
+    assert k.shape == v.shape == (b, sk, hk, d) and out.shape == (b, sq, h, d), "shapes"
+    assert lse.shape == (b, h, sq) and str(lse.dtype) == "torch.float32" and lse.stride(-1) == 1
+    assert hk > 0 and h % hk == 0, "h must be a multiple of h_kv"
+    assert q.dtype == k.dtype == v.dtype == out.dtype, "q, k, v, out must share a dtype"
+    for t in (q, k, v, out, lse):
+        assert t.is_cuda and t.device == q.device, "all tensors on one CUDA device"
+    for t in (q, k, v, out):  # 16-byte cp.async / vector stores
+        assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+        assert all(s % 8 == 0 for s in t.stride()[:-1]), "strides must be multiples of 8 elements"
+    cfg = default_config(d, q.dtype, causal, device_arch(q.device), **cfg_overrides)
+    if b == 0 or sq == 0 or h == 0:
+        return
+    if sk == 0:  # no keys: every row is empty
+        out.zero_()
+        lse.fill_(-math.inf)
+        return
+    compile_fwd(cfg)(q, k, v, out, lse, float(softmax_scale))
