@@ -72,11 +72,33 @@ def _sm90_fwd_missing(r: FwdRequest) -> str | None:
     return None
 
 
+def _sm80_fwd_missing(r: FwdRequest) -> str | None:
+    if r.fp8:
+        return "fp8 attention on sm80"
+    if r.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {r.dtype}"
+    if r.d != r.dv:
+        return f"head dim q/k {r.d} != v {r.dv}"
+    if r.d not in (64, 96, 128, 192, 256):
+        return f"head dim {r.d} (sm80 supports 64, 96, 128, 192, 256 today)"
+    if r.varlen or r.has_seqused:
+        return "varlen / seqused"
+    if r.window != (-1, -1) and not (r.causal and r.window[0] == -1):
+        return "sliding-window (local) attention"
+    if r.softcap:
+        return "softcap"
+    if r.has_sink:
+        return "learnable sink"
+    try:
+        from fa3.ampere import flash_fwd_sm80  # noqa: F401
+    except ImportError:
+        return "the sm80 (Ampere) forward kernel"
+    return None
+
+
 def fwd_missing(backend: str, r: FwdRequest) -> str | None:
     """Name of the first requested feature that ``backend`` lacks, or None."""
-    if backend == "sm90":
-        return _sm90_fwd_missing(r)
-    return "the sm80 (Ampere) forward kernel"
+    return _sm90_fwd_missing(r) if backend == "sm90" else _sm80_fwd_missing(r)
 
 
 def require_fwd(backend: str, r: FwdRequest):
@@ -91,6 +113,11 @@ def run_fwd(backend: str, q, k, v, out, lse, softmax_scale: float, causal: bool)
         from fa3.hopper.flash_fwd import flash_fwd
 
         flash_fwd(q, k, v, out, lse, softmax_scale, causal)
+        return
+    if backend == "sm80":
+        from fa3.ampere.flash_fwd_sm80 import flash_fwd_sm80
+
+        flash_fwd_sm80(q, k, v, out, lse, softmax_scale, causal)
         return
     raise NotImplementedError(f"fa3: forward is not implemented yet on backend {backend}")
 

@@ -72,3 +72,13 @@ def test_combine_matches_reference():
     torch.testing.assert_close(out[0, 1, 1].float(), (w[:, None] * out_p[:, 0, 1, 1]).sum(0),
                                atol=1e-2, rtol=1e-2)
     assert not torch.isnan(out).any() and torch.isneginf(lse[0, 0, 0])
+
+
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm80_backend_selectable_on_hopper(d, causal, monkeypatch):
+    q, k, v = rand(2, 211, 4, d), rand(2, 300, 2, d), rand(2, 300, 2, d)
+    out, lse = fa3.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True, backend="sm80")
+    check(out, q, k, v, causal, lse)
+    monkeypatch.setenv("FA3_BACKEND", "sm80")
+    torch.testing.assert_close(fa3.flash_attn_func(q, k, v, causal=causal), out, atol=0, rtol=0)
