@@ -124,7 +124,8 @@ def cache(args) -> int:
                 mod = importlib.import_module(modname)
             except ImportError:
                 continue
-            jobs += [(modname, cfg, arch) for cfg in mod.variants()]
+            cfgs = mod.variants(args.sm80_arch) if arch is None else mod.variants()
+            jobs += [(modname, cfg, arch) for cfg in cfgs]
         with concurrent.futures.ProcessPoolExecutor(args.jobs or os.cpu_count()) as ex:
             for i, name in enumerate(ex.map(_warm_one, jobs), 1):
                 print(f"\r{i}/{len(jobs)} compiled ({name})", end="", file=sys.stderr, flush=True)
@@ -154,6 +155,8 @@ def main(argv=None) -> int:
                        "on-disk kernel cache")
     c.add_argument("action", choices=("show", "clear", "warm"), nargs="?", default="show")
     c.add_argument("--jobs", type=int, default=None, help="parallel compiles for warm")
+    c.add_argument("--sm80-arch", default="sm_80", help="arch of the sm80 kernels to warm "
+                   "(sm_80, sm_86, sm_89, or sm_90 to run them on Hopper)")
     c.set_defaults(fn=cache)
     args = p.parse_args(argv)
     return args.fn(args)
