@@ -86,7 +86,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     scale = V.check_scale(softmax_scale, q.shape[-1])
     V.check_sink(learnable_sink, q.shape[2], q.device)
     _check_fp8(q, (q_descale, k_descale, v_descale), q.shape[0], k.shape[2])
-    out, lse = ops.fwd(q, k, v, None, None, None, None, q.shape[1], k.shape[1], scale, bool(causal),
+    out, lse = ops.call_fwd(q, k, v, None, None, None, None, q.shape[1], k.shape[1], scale, bool(causal),
                        left, right, softcap, learnable_sink, q_descale, k_descale, v_descale,
                        bool(deterministic), _backend(backend))
     return _ret(out, lse, return_attn_probs)
@@ -120,7 +120,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     scale = V.check_scale(softmax_scale, q.shape[-1])
     V.check_sink(learnable_sink, q.shape[1], q.device)
     _check_fp8(q, (q_descale, k_descale, v_descale), b, k.shape[1])
-    out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+    out, lse = ops.call_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
                        max_seqlen_k, scale, bool(causal), left, right, softcap, learnable_sink,
                        q_descale, k_descale, v_descale, bool(deterministic), _backend(backend))
     return _ret(out, lse, return_attn_probs)
@@ -182,7 +182,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     scale = V.check_scale(softmax_scale, q.shape[-1])
     V.check_sink(learnable_sink, q.shape[2], q.device)
     _check_fp8(q, (q_descale, k_descale, v_descale), b, k_cache.shape[2])
-    out, lse = ops.fwd(q, k_cache, v_cache, None, None, None, cache_seqlens, q.shape[1],
+    out, lse = ops.call_fwd(q, k_cache, v_cache, None, None, None, cache_seqlens, q.shape[1],
                        k_cache.shape[1], scale, bool(causal), left, right, softcap, learnable_sink,
                        q_descale, k_descale, v_descale, False, _backend(backend))
     return _ret(out, lse, return_softmax_lse)

@@ -35,8 +35,7 @@ def fwd_request(q, v, causal, window_left, window_right, softcap, varlen, sink, 
         has_sink=sink is not None, has_seqused=seqused, fp8=q.dtype == torch.float8_e4m3fn)
 
 
-@torch.library.custom_op("fa3::fwd", mutates_args=(), device_types="cuda")
-def fwd(q: Tensor, k: Tensor, v: Tensor,
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor,
         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
         seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
         max_seqlen_q: int, max_seqlen_k: int,
@@ -52,6 +51,20 @@ def fwd(q: Tensor, k: Tensor, v: Tensor,
     out, lse = _alloc(q, v, varlen)
     _dispatch.run_fwd(be, q, k, v, out, lse, softmax_scale, causal)
     return out, lse
+
+
+fwd = torch.library.custom_op("fa3::fwd", _fwd_impl, mutates_args=(), device_types="cuda")
+
+
+def call_fwd(q, k, v, *args):
+    """The wrappers' entry. Tracing (torch.compile) and autograd go through the custom op; plain
+    eager inference on CUDA calls the implementation directly, skipping the op layer's Python
+    dispatch (~50 us per call measured on H200, more than a short attention takes)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, *args))
+    if q.device.type != "cuda" or needs_grad or torch.compiler.is_compiling():
+        return fwd(q, k, v, *args)
+    return _fwd_impl(q, k, v, *args)
 
 
 @fwd.register_fake

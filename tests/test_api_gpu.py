@@ -82,3 +82,13 @@ def test_sm80_backend_selectable_on_hopper(d, causal, monkeypatch):
     check(out, q, k, v, causal, lse)
     monkeypatch.setenv("FA3_BACKEND", "sm80")
     torch.testing.assert_close(fa3.flash_attn_func(q, k, v, causal=causal), out, atol=0, rtol=0)
+
+
+def test_eager_fast_path_and_custom_op_agree():
+    """Inference calls skip the op layer; grad-requiring calls use it. Same kernel, same bits."""
+    q, k, v = rand(2, 300, 4, 128), rand(2, 300, 4, 128), rand(2, 300, 4, 128)
+    fast = fa3.flash_attn_func(q, k, v, causal=True)
+    assert fast.grad_fn is None
+    slow = fa3.flash_attn_func(q.clone().requires_grad_(), k, v, causal=True)
+    assert slow.grad_fn is not None
+    assert torch.equal(fast, slow.detach())
