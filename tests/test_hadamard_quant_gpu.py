@@ -51,7 +51,7 @@ def run_and_check(x, block_rows, rotate, seed=0):
     assert not q.float().isnan().any(), f"{int(q.float().isnan().sum())} fp8 outputs unwritten (NaN)"
     assert torch.equal(sc, ref_sc), f"scales differ: max rel {((sc - ref_sc).abs() / ref_sc).max():.3g}"
     qf, rf = q.float(), ref_q.float()
-    # Stated tolerance, each differing value at most one e4m3 step away and never of other sign:
+    # Stated tolerance, each differing value at most one e4m3 step away and never across zero:
     # - rotated path: at most 1e-5 of the values (seen on H200: 1 in 1.5M, one fp32 rounding
     #   landing on the other side of an e4m3 boundary);
     # - quantize-only path: at most 0.5% (seen on H200: 0.06-0.15%). bf16 x inv products sit
@@ -66,7 +66,7 @@ def run_and_check(x, block_rows, rotate, seed=0):
         msg = f"{int(bad.sum())}/{bad.numel()} fp8 values differ; max {steps.max():.3g} e4m3 steps; first (b,s,h,d) {where}"
         frac = 1e-5 if rotate else 5e-3
         assert bad.sum() <= max(1, frac * bad.numel()) and steps.max() <= 1.0, msg
-        assert (torch.sign(qf) == torch.sign(rf))[bad].all(), msg
+        assert (qf * rf >= 0)[bad].all(), msg  # a step may touch zero, never cross it
     return q, sc
 
 
