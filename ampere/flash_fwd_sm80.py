@@ -95,19 +95,16 @@ def build(cfg: FwdSm80Config, extra_options: str = ""):
     """Compile cfg for cfg.arch on fake tensors (no GPU needed)."""
     cute = _compile.dsl()
     import cutlass
-    from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+    from cutlass.cute.runtime import make_fake_stream
 
     from fa3.ampere.fwd_sm80_kernel import FlashFwdSm80
 
-    dt = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[cfg.dtype]
     b, h, hk, sq, sk = (cute.sym_int32() for _ in range(5))
 
-    def bshd(s, heads):  # last dim contiguous; other strides multiples of 8 elements (16 bytes)
-        stride = tuple(cute.sym_int64(divisibility=8) for _ in range(3)) + (1,)
-        return make_fake_tensor(dt, (b, s, heads, cfg.d), stride=stride, assumed_align=16)
+    def bshd(s, heads):
+        return _compile.fake_attn_tensor(cfg.dtype, (b, s, heads, cfg.d))
 
-    lse = make_fake_tensor(cutlass.Float32, (b, h, sq),
-                           stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+    lse = _compile.fake_lse_tensor((b, h, sq))
     return cute.compile(FlashFwdSm80(cfg), bshd(sq, h), bshd(sk, hk), bshd(sk, hk), bshd(sq, h), lse,
                         cutlass.Float32(1.0), make_fake_stream(use_tvm_ffi_env_stream=True),
                         options=_compile.compile_options(arch=cfg.arch, extra=extra_options))

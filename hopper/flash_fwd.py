@@ -97,23 +97,16 @@ def build(cfg: FwdConfig, extra_options: str = ""):
     """Compile cfg for sm_90a on fake tensors (no GPU needed)."""
     cute = _compile.dsl()
     import cutlass
-    from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+    from cutlass.cute.runtime import make_fake_stream
 
     from fa3.hopper.fwd_kernel import FlashFwdSm90
 
-    dt = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[cfg.dtype]
     b, h, hk, sq, sk = (cute.sym_int32() for _ in range(5))
-
-    def t4(dtype, shape, align):
-        stride = tuple(cute.sym_int64(divisibility=align) for _ in range(3)) + (1,)
-        return make_fake_tensor(dtype, shape, stride=stride, assumed_align=16)
-
-    q = t4(dt, (b, sq, h, cfg.d), 8)
-    k = t4(dt, (b, sk, hk, cfg.d), 8)
-    v = t4(dt, (b, sk, hk, cfg.dv), 8)
-    o = t4(dt, (b, sq, h, cfg.dv), 8)
-    lse = make_fake_tensor(cutlass.Float32, (b, h, sq),
-                           stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+    q = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.d))
+    k = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.d))
+    v = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.dv))
+    o = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.dv))
+    lse = _compile.fake_lse_tensor((b, h, sq))
     kernel = FlashFwdSm90(cfg)
     return cute.compile(kernel, q, k, v, o, lse, cutlass.Float32(1.0), cutlass.Int32(1),
                         make_fake_stream(use_tvm_ffi_env_stream=True),

@@ -60,6 +60,30 @@ def compile_options(arch: str = DEFAULT_ARCH, extra: str = "") -> str:
     return f"--gpu-arch {arch} --enable-tvm-ffi {extra}".strip()
 
 
+def fake_attn_tensor(dtype: str, shape: tuple):
+    """A fake (b, s, h, d)-style tensor for ``cute.compile``: last dim contiguous, the other strides
+    symbolic multiples of 16 bytes (what TMA and 16-byte vector loads need), 16-byte aligned base.
+    ``dtype``: "bfloat16" | "float16" | "float32"."""
+    import cutlass
+    from cutlass.cute.runtime import make_fake_tensor
+
+    cute = dsl()
+    dt = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16, "float32": cutlass.Float32}[dtype]
+    div = 16 // (dt.width // 8)
+    stride = tuple(cute.sym_int64(divisibility=div) for _ in shape[:-1]) + (1,)
+    return make_fake_tensor(dt, shape, stride=stride, assumed_align=16)
+
+
+def fake_lse_tensor(shape: tuple):
+    """A fake float32 (b, h, s) tensor: last dim contiguous, other strides free."""
+    import cutlass
+    from cutlass.cute.runtime import make_fake_tensor
+
+    cute = dsl()
+    stride = tuple(cute.sym_int64() for _ in shape[:-1]) + (1,)
+    return make_fake_tensor(cutlass.Float32, shape, stride=stride, assumed_align=4)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("FA3_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fa3"

@@ -4,6 +4,7 @@ path: an unsupported request raises NotImplementedError before launch."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 
 import torch
@@ -48,15 +49,23 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return backend
 
 
-def _sm90_fwd_missing(r: FwdRequest) -> str | None:
+# Per family: head dims its forward kernel is built for, and the module that holds it.
+_FWD_FAMILIES = {
+    "sm90": ((64, 128, 256), "fa3.hopper.flash_fwd", "the sm90 forward kernel"),
+    "sm80": ((64, 96, 128, 192, 256), "fa3.ampere.flash_fwd_sm80", "the sm80 (Ampere) forward kernel"),
+}
+
+
+def _fwd_missing(backend: str, r: FwdRequest) -> str | None:
+    head_dims, module, kernel_name = _FWD_FAMILIES[backend]
     if r.fp8:
-        return "fp8 attention on sm90"
+        return f"fp8 attention on {backend}"
     if r.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {r.dtype}"
     if r.d != r.dv:
         return f"head dim q/k {r.d} != v {r.dv}"
-    if r.d not in (64, 128, 256):
-        return f"head dim {r.d} (sm90 supports 64, 128, 256 today)"
+    if r.d not in head_dims:
+        return f"head dim {r.d} ({backend} supports {', '.join(map(str, head_dims))} today)"
     if r.varlen or r.has_seqused:
         return "varlen / seqused"
     if r.window != (-1, -1) and not (r.causal and r.window[0] == -1):
@@ -66,39 +75,15 @@ def _sm90_fwd_missing(r: FwdRequest) -> str | None:
     if r.has_sink:
         return "learnable sink"
     try:
-        from fa3.hopper import flash_fwd  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
-        return "the sm90 forward kernel"
-    return None
-
-
-def _sm80_fwd_missing(r: FwdRequest) -> str | None:
-    if r.fp8:
-        return "fp8 attention on sm80"
-    if r.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {r.dtype}"
-    if r.d != r.dv:
-        return f"head dim q/k {r.d} != v {r.dv}"
-    if r.d not in (64, 96, 128, 192, 256):
-        return f"head dim {r.d} (sm80 supports 64, 96, 128, 192, 256 today)"
-    if r.varlen or r.has_seqused:
-        return "varlen / seqused"
-    if r.window != (-1, -1) and not (r.causal and r.window[0] == -1):
-        return "sliding-window (local) attention"
-    if r.softcap:
-        return "softcap"
-    if r.has_sink:
-        return "learnable sink"
-    try:
-        from fa3.ampere import flash_fwd_sm80  # noqa: F401
-    except ImportError:
-        return "the sm80 (Ampere) forward kernel"
+        return kernel_name
     return None
 
 
 def fwd_missing(backend: str, r: FwdRequest) -> str | None:
     """Name of the first requested feature that ``backend`` lacks, or None."""
-    return _sm90_fwd_missing(r) if backend == "sm90" else _sm80_fwd_missing(r)
+    return _fwd_missing(backend, r)
 
 
 def require_fwd(backend: str, r: FwdRequest):
