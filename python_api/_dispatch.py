@@ -92,20 +92,52 @@ def require_fwd(backend: str, r: FwdRequest):
         raise NotImplementedError(f"fa3: {missing} is not implemented yet on backend {backend}")
 
 
-def run_fwd(backend: str, q, k, v, out, lse, softmax_scale: float, causal: bool):
-    """Launch the forward of ``backend`` writing out and lse in place (inputs already validated)."""
+def run_fwd(backend: str, q, k, v, out, lse, softmax_scale: float, causal: bool, **features):
+    """Launch the forward of ``backend`` writing out and lse in place (inputs already validated,
+    features already checked by require_fwd). ``features`` are the optional inputs by their API
+    names (window, softcap, cu_seqlens_q/k, seqused_q/k, max_seqlen_q/k, sink); a family receives
+    only those that are set, so one that lacks a feature cannot ignore it silently."""
     if backend == "sm90":
         from fa3.hopper.flash_fwd import flash_fwd
 
-        flash_fwd(q, k, v, out, lse, softmax_scale, causal)
+        flash_fwd(q, k, v, out, lse, softmax_scale, causal, **features)
         return
     if backend == "sm80":
         from fa3.ampere.flash_fwd_sm80 import flash_fwd_sm80
 
-        flash_fwd_sm80(q, k, v, out, lse, softmax_scale, causal)
+        flash_fwd_sm80(q, k, v, out, lse, softmax_scale, causal, **features)
         return
     raise NotImplementedError(f"fa3: forward is not implemented yet on backend {backend}")
 
 
-def run_bwd(backend: str, *args, **kwargs):
-    raise NotImplementedError(f"fa3: the backward pass is not implemented yet on backend {backend}")
+# Per family: the module that holds its backward and the function name in it.
+_BWD_FAMILIES = {
+    "sm90": ("fa3.hopper.flash_bwd", "flash_bwd", "the sm90 backward kernel"),
+    "sm80": ("fa3.ampere.flash_bwd_sm80", "flash_bwd_sm80", "the sm80 (Ampere) backward kernel"),
+}
+
+
+def bwd_missing(backend: str, r: FwdRequest) -> str | None:
+    """Name of the first feature of a forward request whose gradient ``backend`` lacks, or None.
+    The backward module may define ``bwd_missing(request)`` to refuse features it lacks."""
+    module, _, kernel_name = _BWD_FAMILIES[backend]
+    if r.fp8:
+        return "fp8 attention backward"
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return kernel_name
+    check = getattr(mod, "bwd_missing", None)
+    return check(r) if check is not None else None
+
+
+def run_bwd(backend: str, dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
+            deterministic: bool, **features):
+    """Gradients (dq, dk, dv) of ``backend`` (same features convention as run_fwd)."""
+    module, fn, kernel_name = _BWD_FAMILIES[backend]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise NotImplementedError(f"fa3: {kernel_name} is not implemented yet") from None
+    return getattr(mod, fn)(dout, q, k, v, out, lse, softmax_scale, causal, deterministic,
+                            **features)

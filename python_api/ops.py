@@ -49,8 +49,30 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor,
                       seqused_q is not None or seqused_k is not None)
     _dispatch.require_fwd(be, req)
     out, lse = _alloc(q, v, varlen)
-    _dispatch.run_fwd(be, q, k, v, out, lse, softmax_scale, causal)
+    _dispatch.run_fwd(be, q, k, v, out, lse, softmax_scale, causal,
+                      **_features(causal, window_left, window_right, softcap, cu_seqlens_q, cu_seqlens_k,
+                                  seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, sink))
     return out, lse
+
+
+def _features(causal, window_left, window_right, softcap, cu_seqlens_q, cu_seqlens_k, seqused_q,
+              seqused_k, max_seqlen_q, max_seqlen_k, sink) -> dict:
+    """The optional inputs that are set, by API name (see _dispatch.run_fwd)."""
+    f = {}
+    if (window_left, window_right) not in ((-1, -1), (-1, 0) if causal else (-1, -1)):
+        f["window"] = (window_left, window_right)
+    if softcap:
+        f["softcap"] = softcap
+    if cu_seqlens_q is not None:
+        f.update(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    if seqused_q is not None:
+        f["seqused_q"] = seqused_q
+    if seqused_k is not None:
+        f["seqused_k"] = seqused_k
+    if sink is not None:
+        f["sink"] = sink
+    return f
 
 
 fwd = torch.library.custom_op("fa3::fwd", _fwd_impl, mutates_args=(), device_types="cuda")
@@ -82,7 +104,10 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
         sink: Optional[Tensor], deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     be = _dispatch.resolve_backend(q.device, backend)
-    return _dispatch.run_bwd(be, dout, q, k, v, out, lse, softmax_scale, causal, deterministic)
+    return _dispatch.run_bwd(be, dout, q, k, v, out, lse, softmax_scale, causal, deterministic,
+                             **_features(causal, window_left, window_right, softcap, cu_seqlens_q,
+                                         cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+                                         max_seqlen_k, sink))
 
 
 @bwd.register_fake
