@@ -1,5 +1,8 @@
 """Host cost of one fa3.flash_attn_func call (validation + custom op + TVM-FFI launch) on a tiny
 problem with the kernel cached, next to SDPA's flash backend on the same problem."""
+import cProfile
+import pstats
+import sys
 import time
 
 import torch
@@ -26,6 +29,12 @@ def main():
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         sdpa = per_call_us(lambda: torch.nn.functional.scaled_dot_product_attention(qt, qt, qt))
     print(f"call overhead (b1 s128 h2 d64): fa3 {ours:.1f} us/call, SDPA-FA2 {sdpa:.1f} us/call")
+    if "--profile" in sys.argv:  # where the host time goes, by function (own time)
+        prof = cProfile.Profile()
+        prof.enable()
+        per_call_us(lambda: fa3.flash_attn_func(q, q, q), n=2000)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

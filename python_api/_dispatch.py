@@ -27,13 +27,25 @@ class FwdRequest:
     fp8: bool
 
 
+_CAPABILITY: dict = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability, cached per device: torch's lookup costs microseconds on every call."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return cap
+
+
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     backend = backend or os.environ.get("FA3_BACKEND") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"fa3: backend must be one of {BACKENDS}, got {backend!r}")
     if device.type == "meta":  # shape-only tracing: any family has the same output shapes
         return "sm90" if backend == "auto" else backend
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _capability(device)
     if backend == "auto":
         if major == 9:
             return "sm90"
@@ -81,9 +93,20 @@ def _fwd_missing(backend: str, r: FwdRequest) -> str | None:
     return None
 
 
+_MISSING: dict = {}
+
+
 def fwd_missing(backend: str, r: FwdRequest) -> str | None:
-    """Name of the first requested feature that ``backend`` lacks, or None."""
-    return _fwd_missing(backend, r)
+    """Name of the first requested feature that ``backend`` lacks, or None (memoized: requests
+    repeat from call to call and the answer depends only on the request)."""
+    key = (backend, r)
+    try:
+        return _MISSING[key]
+    except KeyError:
+        if len(_MISSING) > 4096:  # e.g. a sweep over softcap values
+            _MISSING.clear()
+        missing = _MISSING[key] = _fwd_missing(backend, r)
+        return missing
 
 
 def require_fwd(backend: str, r: FwdRequest):
