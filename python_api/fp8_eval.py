@@ -4,7 +4,11 @@ For each input family it draws Q, K, V, computes exact attention in float64, and
 of each variant against it:
 
 * ``bf16`` / ``fp16``: standard attention in that precision (PyTorch, same-precision ops);
-* ``fp8-tensor``: Q, K, V quantized to e4m3 with one scale per tensor, P quantized to e4m3;
+* ``fa3-bf16`` / ``fa3-fp16``: flash-style, inputs and P in that precision, S, softmax, accumulators
+  in fp32 (the paper's "FlashAttention-2/3 FP16" column);
+* ``fp8-standard``: the paper's FP8 baseline, *standard* attention with FP8 matmuls (see
+  ``fp8_standard``): per-tensor Q, K, V, softmax in fp16, the normalized P cast to e4m3;
+* ``fp8-tensor``: fa3's FP8 pipeline with one scale per tensor for Q, K, V, and P quantized to e4m3;
 * ``fp8-block``: one scale per (block of B_r query rows, head) and per (B_c key rows, head);
 * ``fp8-incoherent``: Q and K rotated by M = diag(random +-1) H / sqrt(d) before per-tensor
   quantization (QM (KM)^T = QK^T, but outliers are spread over all d coordinates);
@@ -14,7 +18,14 @@ The FP8 rows here are an *emulation* of the kernel's quantization steps in float
 (``fa3.fp8_emulation``): same scales, same e4m3 rounding of Q, K, V and P (P scaled by 2^8 before
 its cast, as FA3 does). The emulation takes softmax statistics over the whole row, where the kernel
 uses a running max per key block; that changes which values P is rounded at, not the error scale.
-On a Hopper GPU, rows measured with fa3's own kernels are added next to the emulated ones.
+Every row is emulated (``impl="emulation"``); ``device`` only says where the emulation ran.
+
+Reproducing Table 3 (outliers, s=1024, h=4..16, d=128; see tests/test_fp8_eval.py): the paper's 2.6x
+(2.4e-2 -> 9.1e-3) is fa3 FP8 *vs standard FP8 attention* (``fp8-standard``), and we get the same
+(~2.4e-2 -> ~9e-3, 0.38x). Of that gain, incoherent processing alone is ~0.6x (``fp8-block+incoherent``
+vs ``fp8-tensor``, same pipeline without rotation); the rest is the baseline's cast of the normalized P
+(entries ~1/seqlen) to e4m3, which fa3's kernel avoids. The paper's "no incoherent processing"
+ablation (2.4e-2) is therefore not reproduced here: ``fp8-block`` gives ~1.5e-2.
 """
 from __future__ import annotations
 
@@ -88,6 +99,29 @@ def _attn_fp8(qd, kd, vd, scale):
     return (torch.einsum("bhqk,bkhd->bqhd", p8 / l, vd)).double()
 
 
+def fp8_standard(q, k, v, scale):
+    """The paper's FP8 baseline (FA3 §4.3): *standard* attention with FP8 matmuls. Q, K, V per-tensor
+    e4m3 from bf16; S = QK^T with an fp32 accumulator, stored in fp16; softmax in fp16; the normalized
+    P (entries ~1/seqlen, mostly e4m3 subnormals) cast to e4m3 unscaled for the FP8 P·V (fp32 acc).
+    That last cast is most of this baseline's error; fa3's kernel keeps P unnormalized (max 1 per row)
+    and scaled by 2^8 before its cast, so ``fp8-tensor`` (fa3's pipeline, per-tensor scales) is not it."""
+    q, k, v = q.to(torch.bfloat16).float(), k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+    qd, kd, vd = _quant_tensor(q), _quant_tensor(k), _quant_tensor(v)
+    s = (torch.einsum("bqhd,bkhd->bhqk", qd, kd) * scale).half()
+    p8 = torch.softmax(s, dim=-1).to(torch.float8_e4m3fn).float()
+    return torch.einsum("bhqk,bkhd->bqhd", p8, vd).double()
+
+
+def flash_lowp(q, k, v, scale, dtype):
+    """Flash-style attention in ``dtype``: inputs and P rounded to it, S, softmax and P·V in fp32, O
+    normalized in fp32, then rounded (what FA2/FA3 do in fp16/bf16)."""
+    q, k, v = q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float()
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    o = torch.einsum("bhqk,bkhd->bqhd", p.to(dtype).float(), v) / p.sum(dim=-1).transpose(1, 2)[..., None]
+    return o.to(dtype).double()
+
+
 def fp8_variant(q, k, v, scale, block: bool, incoherent: bool, block_q=128, block_k=128, seed=0):
     """Emulated fa3 FP8 forward from bf16 inputs (as users call it)."""
     d = q.shape[-1]
@@ -117,6 +151,9 @@ def rmse(a, b) -> float:
 VARIANTS = [
     ("fp16", dict(lowp=torch.float16)),
     ("bf16", dict(lowp=torch.bfloat16)),
+    ("fa3-fp16", dict(flash=torch.float16)),
+    ("fa3-bf16", dict(flash=torch.bfloat16)),
+    ("fp8-standard", dict(standard=True)),
     ("fp8-tensor", dict(block=False, incoherent=False)),
     ("fp8-block", dict(block=True, incoherent=False)),
     ("fp8-incoherent", dict(block=False, incoherent=True)),
@@ -137,6 +174,10 @@ def evaluate(families=None, b=1, s=1024, h=4, d=128, seeds=(0, 1), device="cpu",
                 t0 = time.perf_counter()
                 if "lowp" in opt:
                     out = _attn_lowp(q, k, v, scale, opt["lowp"])
+                elif "flash" in opt:
+                    out = flash_lowp(q, k, v, scale, opt["flash"])
+                elif "standard" in opt:
+                    out = fp8_standard(q, k, v, scale)
                 else:
                     out = fp8_variant(q, k, v, scale, opt["block"], opt["incoherent"], seed=seed + 1)
                 err = rmse(out, ref)
@@ -149,8 +190,9 @@ def evaluate(families=None, b=1, s=1024, h=4, d=128, seeds=(0, 1), device="cpu",
 
 
 def summarize(result: dict) -> str:
-    """One line per variant, one column per family: mean RMSE over seeds, then the ratio of
-    fp8+incoherent to per-tensor fp8 (the paper's headline: 0.38x on outliers)."""
+    """One line per variant, one column per family: mean RMSE over seeds, then the ratios of
+    fp8 block+incoherent (fa3) to the paper's FP8 baseline (its headline: 0.38x on outliers) and to
+    fa3's own pipeline without rotation or block scales (the gain of incoherent processing alone)."""
     fams = list(result["families"])
     variants = [v for v, _ in VARIANTS]
     mean = {}
@@ -160,12 +202,10 @@ def summarize(result: dict) -> str:
     for var in variants:
         vals = [sum(mean[(var, f)]) / len(mean[(var, f)]) for f in fams]
         lines.append(f"{var:24s}" + "".join(f"{x:18.3e}" for x in vals))
-    ratio = []
-    for f in fams:
-        base = sum(mean[("fp8-tensor", f)]) / len(mean[("fp8-tensor", f)])
-        inc = sum(mean[("fp8-block+incoherent", f)]) / len(mean[("fp8-block+incoherent", f)])
-        ratio.append(inc / base)
-    lines.append(f"{'block+incoherent/tensor':24s}" + "".join(f"{x:17.2f}x" for x in ratio))
+    avg = lambda var, f: sum(mean[(var, f)]) / len(mean[(var, f)])
+    for base in ("fp8-standard", "fp8-tensor"):
+        ratio = [avg("fp8-block+incoherent", f) / avg(base, f) for f in fams]
+        lines.append(f"{'block+incoherent/' + base[4:]:24s}" + "".join(f"{x:17.2f}x" for x in ratio))
     return "\n".join(lines)
 
 
