@@ -1,0 +1,85 @@
+"""`bench_attn.py --dtype e4m3`: fa3's FP8 forward, with its roofline and costs, in one process.
+
+Rows (dtype "e4m3", mode "fwd"; TFLOP/s counts attention FLOPs only):
+  fa3            the FP8 kernel on pre-quantized inputs (e4m3 Q, K, Vt + block scales): FA3's number
+  fa3-e2e        flash_attn_fp8_func from bf16: rotate+quantize Q, K (fused kernel), quantize V,
+                 build Vt, attention (block quantization and incoherent processing on)
+  fa3-quant      the rotate+quantize steps of fa3-e2e alone (``quant_ms``; its TFLOP/s column is what
+                 the attention FLOPs would be worth in that time, for comparison only)
+  fa3-vt         building Vt from e4m3 V alone (the out-of-kernel transpose, see flash_fwd_fp8)
+  fa3-prequant   fa3.flash_attn_func with e4m3 q/k/v and FA3 descales (includes the Vt copy)
+and dtype "bf16": fa3 (the bf16 kernel) on the same shapes. Roofline: torch._scaled_mm e4m3 8192^3
+(and the bf16 cuBLAS GEMM) measured in the same run.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import bench_utils as U
+from timing import bench_ms, cycling
+
+
+def scaled_mm_tflops(n: int = 8192, n_sets: int = 3) -> float:
+    """Median TFLOP/s of torch._scaled_mm on e4m3 n^3 (row-major A, column-major B, bf16 out)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    one = torch.ones((), device="cuda")
+    sets = [(torch.randn(n, n, device="cuda", generator=g).to(torch.float8_e4m3fn),
+             torch.randn(n, n, device="cuda", generator=g).to(torch.float8_e4m3fn).t()) for _ in range(n_sets)]
+    fns = [lambda a=a, b=b: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16) for a, b in sets]
+    ms = bench_ms(cycling(fns), warmup_ms=100, rep_ms=300)
+    return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def run(shapes, args, log):
+    """Time every row above for each shape; returns (rows, extras dict)."""
+    import fa3
+    from fa3.fp8 import descales_to_block_scales, quantize_fp8
+    from fa3.hopper.flash_fwd import flash_fwd
+    from fa3.hopper.flash_fwd_fp8 import default_config, flash_fwd_fp8, vt_layout
+
+    rows = []
+    extras = {"scaled_mm_e4m3_tflops": scaled_mm_tflops()}
+    log(f"torch._scaled_mm e4m3 8192^3: {extras['scaled_mm_e4m3_tflops']:.1f} TFLOP/s")
+    for i, sh in enumerate(shapes):
+        log(f"[{i + 1}/{len(shapes)}] {sh.label()}")
+        scale = sh.d ** -0.5
+        per_set = sh.b * (sh.sq * sh.h + 2 * sh.sk * sh.h_kv) * sh.d * 2
+        n = int(min(8, max(2, math.ceil(3 * 50e6 / per_set))))
+        sets = [(torch.randn(sh.b, sh.sq, sh.h, sh.d, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(sh.b, sh.sk, sh.h_kv, sh.d, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(sh.b, sh.sk, sh.h_kv, sh.d, device="cuda", dtype=torch.bfloat16))
+                for _ in range(n)]
+        cfg = default_config(sh.d, sh.d, sh.causal, sh.sq, sh.sk)
+        quant = [quantize_fp8(q, k, v, cfg, True, True, 0) for q, k, v in sets]
+        pre = [(q8, k8, vt_layout(v8), qs, ks, vs) for q8, k8, v8, qs, ks, vs in quant]
+        out = torch.empty(sh.b, sh.sq, sh.h, sh.d, device="cuda", dtype=torch.bfloat16)
+        lse = torch.empty(sh.b, sh.h, sh.sq, device="cuda", dtype=torch.float32)
+        ones = torch.ones(sh.b, sh.h_kv, device="cuda")
+        cells = {
+            ("fa3", "e4m3"): [lambda p=p: flash_fwd_fp8(*p, out, lse, scale, sh.causal, cfg) for p in pre],
+            ("fa3-e2e", "e4m3"): [lambda s=s: fa3.flash_attn_fp8_func(*s, causal=sh.causal) for s in sets],
+            ("fa3-quant", "e4m3"): [lambda s=s: (quantize_fp8(*s, cfg, True, True, 0), None)
+                                    for s in sets],
+            ("fa3-vt", "e4m3"): [lambda qq=qq: vt_layout(qq[2]) for qq in quant],
+            ("fa3-prequant", "e4m3"): [lambda qq=qq: fa3.flash_attn_func(
+                qq[0], qq[1], qq[2], causal=sh.causal, q_descale=ones, k_descale=ones, v_descale=ones)
+                for qq in quant],
+            ("fa3", "bf16"): [lambda s=s: flash_fwd(*s, out, lse, scale, sh.causal) for s in sets],
+        }
+        for (impl, dtype), fns in cells.items():
+            try:
+                with torch.no_grad():
+                    fns[0]()
+                    torch.cuda.synchronize()
+                    ms = bench_ms(cycling(fns), args.warmup_ms, args.rep_ms)
+            except Exception as e:  # noqa: BLE001 - one cell failing must not end the run
+                log(f"  {impl} {dtype}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                continue
+            row = U.make_row(impl, "fwd", dtype, sh, ms)
+            rows.append(row)
+            log(f"  {impl:14} {dtype:5} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s")
+        del sets, quant, pre
+        torch.cuda.empty_cache()
+    return rows, extras

@@ -1,0 +1,168 @@
+"""Torch-facing Hopper FP8 (e4m3) attention forward: config, Vt layout, compile on fake tensors, launch.
+
+Importing this module does not import the CuTe DSL (kernel: fwd_fp8_kernel.py). One compile serves
+every batch, seqlen and head count.
+
+V layout. fp8 wgmma takes both operands K-major, so for O += P V the kernel reads V seqlen-contiguous:
+Vt (b, h_kv, dv, s_pad) with s_pad = s rounded up to 32 (TMA needs 16-byte strides; padding keys are
+zeros and their P is 0), and keys permuted inside each 32-key group by KEY_PERM to match the register
+layout P is packed in (fwd_fp8_kernel's module doc). Building Vt is one strided copy of the fp8 bytes;
+FA3 instead transposes V in shared memory inside the kernel (extra smem, producer-warp work, a
+barrier per stage). Since the fused entry point quantizes V anyway, and FA3-style callers pay one
+copy of V's fp8 bytes (~1/4 of the bf16 inputs' traffic, measured in benchmarks/), the transpose lives
+outside the kernel; the kernel stays a pure TMA + wgmma pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+from fa3 import _compile
+from fa3.hopper.tile_scheduler import grid_size, num_tiles
+
+HEAD_DIMS = (64, 128, 256)
+OUT_DTYPES = ("bfloat16",)
+SMEM_LIMIT = 227 * 1024
+VT_ALIGN = 32  # keys per permutation group (one fp8 wgmma k-block)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8FwdConfig:
+    d: int
+    dv: int
+    causal: bool
+    tile_m: int
+    tile_n: int
+    stages: int = 2
+    pingpong: bool = True  # consumer warpgroups take turns issuing GEMMs
+    persistent: bool = True  # grid = #SMs walking tiles; else one CTA per tile
+    out_dtype: str = "bfloat16"
+
+
+def smem_bytes(tile_m: int, tile_n: int, d: int, dv: int, stages: int) -> int:
+    return tile_m * d + stages * tile_n * (d + dv) + 1024
+
+
+def tile_size(d: int, dv: int, causal: bool) -> tuple[int, int, int]:
+    """(tile_m, tile_n, stages). The K/V block-quantization granularity equals tile_n (and Q's
+    equals tile_m). Registers bound tile_n: per consumer thread S is tile_n/2 fp32, P tile_n/8,
+    O dv/2. FA3 (fp8, V pre-transposed): hd64 192x160, hd128 128x192, hd256 128x128; here tile_n
+    is kept a multiple of 64 so Vt's smem rows get at least the 64-byte swizzle."""
+    hd = max(d, dv)
+    if hd <= 64:
+        return 192, 128, 2
+    if hd <= 128:
+        return 128, 192 if not causal else 128, 2
+    return 128, 128, 2
+
+
+def default_config(d: int, dv: int, causal: bool, seqlen_q: int | None = None,
+                   seqlen_k: int | None = None, **overrides) -> Fp8FwdConfig:
+    tile_m, tile_n, stages = tile_size(d, dv, causal)
+    pingpong = max(d, dv) <= 128  # two S tiles beside a 256-wide O do not fit (as in bf16)
+    persistent = max(d, dv) <= 128
+    cfg = Fp8FwdConfig(d, dv, bool(causal), tile_m, tile_n, stages, pingpong, persistent)
+    cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
+    assert cfg.d in HEAD_DIMS and cfg.dv in HEAD_DIMS and cfg.tile_n % 32 == 0, cfg
+    assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages) <= SMEM_LIMIT, f"smem: {cfg}"
+    return cfg
+
+
+def variants() -> Iterator[Fp8FwdConfig]:
+    """Every config worth compile-testing: shipped defaults plus a few tile/schedule switches."""
+    for d in HEAD_DIMS:
+        for causal in (False, True):
+            yield default_config(d, d, causal)
+    yield default_config(128, 128, False, tile_n=128)
+    yield default_config(128, 128, False, pingpong=False)
+    yield default_config(256, 256, False, persistent=True)
+
+
+def _fake(dtype, shape, contiguous_last=True):
+    import cutlass
+    from cutlass.cute.runtime import make_fake_tensor
+
+    cute = _compile.dsl()
+    dt = {"float8_e4m3fn": cutlass.Float8E4M3FN, "float32": cutlass.Float32}[dtype]
+    div = 16 // (dt.width // 8)
+    stride = tuple(cute.sym_int64(divisibility=div) for _ in shape[:-1]) + (1,)
+    return make_fake_tensor(dt, shape, stride=stride, assumed_align=16)
+
+
+def build(cfg: Fp8FwdConfig, extra_options: str = ""):
+    """Compile cfg for sm_90a on fake tensors (no GPU needed)."""
+    cute = _compile.dsl()
+    import cutlass
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from fa3.hopper.fwd_fp8_kernel import FlashFwdFp8Sm90
+
+    b, h, hk, sq, sk, skp, nq, nk = (cute.sym_int32() for _ in range(8))
+    q = _fake("float8_e4m3fn", (b, sq, h, cfg.d))
+    k = _fake("float8_e4m3fn", (b, sk, hk, cfg.d))
+    vt = _fake("float8_e4m3fn", (b, hk, cfg.dv, skp))
+    o = _compile.fake_attn_tensor(cfg.out_dtype, (b, sq, h, cfg.dv))
+    lse = _compile.fake_lse_tensor((b, h, sq))
+    scales = [make_fake_compact_tensor(cutlass.Float32, shape, stride_order=(2, 1, 0), assumed_align=4)
+              for shape in ((b, h, nq), (b, hk, nk), (b, hk, nk))]
+    kernel = FlashFwdFp8Sm90(cfg)
+    return cute.compile(kernel, q, k, vt, o, lse, *scales, cutlass.Float32(1.0), cutlass.Int32(1),
+                        make_fake_stream(use_tvm_ffi_env_stream=True),
+                        options=_compile.compile_options(extra=extra_options))
+
+
+# Slot 16h + 4q + 2a + c of each 32-key group holds key 16h + 8a + 2q + c (see fwd_fp8_kernel).
+def key_perm() -> list[int]:
+    return [16 * (s // 16) + 8 * ((s % 4) // 2) + 2 * ((s % 16) // 4) + (s % 2) for s in range(32)]
+
+
+def vt_layout(v8, out=None):
+    """v8 (b, s, h_kv, dv) e4m3 -> Vt (b, h_kv, dv, s_pad) e4m3 with keys permuted per 32-group
+    (slot order of key_perm), s_pad = s rounded up to 32, padding zero. One strided copy."""
+    import torch
+
+    b, s, hk, dv = v8.shape
+    s_pad = -(-s // VT_ALIGN) * VT_ALIGN
+    src = v8.view(torch.uint8)
+    if s_pad != s:
+        src = torch.nn.functional.pad(src, (0, 0, 0, 0, 0, s_pad - s))
+    g = s_pad // VT_ALIGN
+    if out is None:
+        out = torch.empty(b, hk, dv, s_pad, device=v8.device, dtype=torch.float8_e4m3fn)
+    # keys (g, h, a, q, c) -> slots (g, h, q, a, c): key = 32g + 16h + 8a + 2q + c
+    src = src.reshape(b, g, 2, 2, 4, 2, hk, dv).permute(0, 6, 7, 1, 2, 4, 3, 5)
+    out.view(torch.uint8).view(b, hk, dv, g, 2, 4, 2, 2).copy_(src)
+    return out
+
+
+def _num_sms(device) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def flash_fwd_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, out, lse, softmax_scale: float,
+                  causal: bool, cfg: Fp8FwdConfig) -> None:
+    """out (b, sq, h, dv) bf16 and lse (b, h, sq) fp32 written in place.
+    q8 (b, sq, h, d), k8 (b, sk, h_kv, d) e4m3; vt8 from vt_layout; scales fp32 contiguous:
+    q_scale (b, h, ceil(sq/tile_m)), k_scale and v_scale (b, h_kv, ceil(sk/tile_n)); dequantized
+    x = x8 * scale of its block. ``cfg`` fixes the tiles the scales were computed for."""
+    b, sq, h, d = q8.shape
+    _, sk, hk, _ = k8.shape
+    dv = vt8.shape[2]
+    assert (d, dv) == (cfg.d, cfg.dv) and cfg.causal == bool(causal)
+    assert vt8.shape == (b, hk, dv, -(-sk // VT_ALIGN) * VT_ALIGN), vt8.shape
+    assert q_scale.shape == (b, h, -(-sq // cfg.tile_m)), q_scale.shape
+    assert k_scale.shape == v_scale.shape == (b, hk, -(-sk // cfg.tile_n)), k_scale.shape
+    assert out.shape == (b, sq, h, dv) and lse.shape == (b, h, sq)
+    fn = _compile.get_kernel(cfg, build)
+    if b == 0 or sq == 0 or h == 0:
+        return
+    if sk == 0:
+        out.zero_()
+        lse.fill_(-math.inf)
+        return
+    tiles = num_tiles(sq, cfg.tile_m, h, b)
+    grid = grid_size(tiles, _num_sms(q8.device), cfg.persistent)
+    fn(q8, k8, vt8, out, lse, q_scale, k_scale, v_scale, float(softmax_scale), grid)
