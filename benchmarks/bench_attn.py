@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 import bench_utils as U  # noqa: E402
 
 # --ablation: fa3 forward config switches, passed as keyword overrides to
-# fa3.hopper.flash_fwd.flash_fwd(q, k, v, out, lse, softmax_scale, causal, **overrides).
+# fa3.hopper.flash_fwd.flash_fwd(q, k, v, out, lse, softmax_scale, causal, config_overrides=...).
 # Edit this table when the kernel's switch names change. "baseline" must stay first and empty.
 # Names are FwdConfig fields in hopper/flash_fwd.py (pingpong is already off by default above hd128,
 # so "no-pingpong" equals the baseline there).
@@ -70,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--total-tokens", type=int, default=U.PAPER_TOTAL_TOKENS, help="batch*seqlen of the matrix")
     p.add_argument("--hidden", type=int, default=U.PAPER_HIDDEN, help="heads*hdim of the matrix")
     p.add_argument("--causal", type=causal_arg, default=(False, True), metavar="{0,1,both}")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES) + ["e4m3"], default="bf16",
+                   help="e4m3: fa3's FP8 forward (benchmarks/fp8_bench.py; fwd only, fa3 only)")
     p.add_argument("--mode", choices=("fwd", "bwd", "both"), default="both")
     p.add_argument("--impls", default=",".join(_all_impls()),
                    help="comma list from %(default)s (default: all; unavailable ones are reported and skipped)")
@@ -270,7 +271,7 @@ def ablation_call(shape, sets, overrides):
 
     def call(q, k, v):
         out, lse = bufs[id(q)]
-        flash_fwd(q, k, v, out, lse, scale, shape.causal, **overrides)
+        flash_fwd(q, k, v, out, lse, scale, shape.causal, config_overrides=overrides)
         return out
 
     return call
@@ -313,6 +314,9 @@ def main(argv=None) -> int:
     log(f"device: {device}  timer: {timer}  shapes: {len(shapes)}  modes: {','.join(modes)}")
     ver = versions()
     log("versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()))
+
+    if args.dtype == "e4m3":
+        return main_fp8(args, shapes, device, ver, timer)
 
     runner = Runner(args, args.dtype)
     impls = []
@@ -401,3 +405,34 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def main_fp8(args, shapes, device, ver, timer) -> int:
+    """--dtype e4m3: fa3 FP8 rows (kernel, end-to-end, quantize and Vt costs, FA3 path) and fa3 bf16
+    on the same shapes, with the e4m3 and bf16 GEMM rooflines of this run (see fp8_bench.py)."""
+    import fp8_bench
+    import torch
+    from timing import gemm_tflops
+
+    gemm = None if args.no_gemm else gemm_tflops()
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    rows, extras = fp8_bench.run(shapes, args, log)
+    if gemm is not None:
+        print(f"cuBLAS bf16 GEMM 8192^3: {gemm:.1f} TFLOP/s  ({device})")
+    print(f"torch._scaled_mm e4m3 8192^3: {extras['scaled_mm_e4m3_tflops']:.1f} TFLOP/s")
+    impls = ["fa3", "fa3-e2e", "fa3-prequant", "fa3-quant", "fa3-vt"]
+    print(U.format_table([r for r in rows if r["dtype"] == "e4m3"], impls))
+    print(U.format_table([r for r in rows if r["dtype"] == "bf16"], ["fa3"]))
+    now = _dt.datetime.now(_dt.timezone.utc)
+    out = Path(args.out) if args.out else (
+        HERE / "results" / f"{U.device_slug(device)}-{now.strftime('%Y%m%d-%H%M')}-{args.tag or 'fp8-fwd'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": device, "date": now.isoformat(timespec="seconds"), "versions": ver,
+           "gemm_tflops": gemm, **extras, "rows": rows, "timer": timer,
+           "capability": list(torch.cuda.get_device_capability(0)), "argv": sys.argv[1:],
+           "flops_rule": "fwd 4*b*h*sq*sk*d; causal: sq*sk/2 pairs if sq==sk",
+           "notes": fp8_bench.__doc__}
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0 if rows else 1

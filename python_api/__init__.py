@@ -13,6 +13,7 @@ from fa3.interface import (  # noqa: F401
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
 )
+from fa3.fp8 import flash_attn_fp8_func  # noqa: F401
 
 __all__ = [
     "flash_attn_func",
@@ -20,4 +21,5 @@ __all__ = [
     "flash_attn_qkvpacked_func",
     "flash_attn_with_kvcache",
     "flash_attn_combine",
+    "flash_attn_fp8_func",
 ]

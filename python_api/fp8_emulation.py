@@ -126,3 +126,69 @@ def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Inverse of ``rotate`` (H/sqrt(d) is symmetric orthogonal): x (..., d) -> x · H / sqrt(d) · diag(s)."""
     d = x.shape[-1]
     return fwht(x.to(torch.float32)) * rotation_factor(d) * signs.to(device=x.device, dtype=torch.float32)
+
+
+# ---- the FP8 attention kernel (fa3.hopper.fwd_fp8_kernel), step by step ---------------------------
+P_EXP_OFFSET = 8.0  # P is computed as 2^8 * exp2(c S - m): e4m3 holds up to 448, P <= 1 would waste 8 binades
+LOG2E = math.log2(math.e)
+
+
+def attention_fp8(q8, k8, v8, q_scale, k_scale, v_scale, softmax_scale: float, causal: bool,
+                  tile_m: int, tile_n: int):
+    """fp32 emulation of fa3's FP8 attention kernel on already quantized inputs.
+
+    q8 (b, sq, h, d), k8 (b, sk, h_kv, d), v8 (b, sk, h_kv, dv) float8_e4m3fn (V in its natural
+    layout); q_scale (b, h, ceil(sq / tile_m)), k_scale / v_scale (b, h_kv, ceil(sk / tile_n)) fp32.
+    Returns (out (b, sq, h, dv) fp32, lse (b, h, sq) fp32, natural log).
+
+    Mirrors the kernel: KV blocks of tile_n keys walked from the last down; per block
+    c = (scale log2(e) s_q) s_k, S = q8 k8^T in fp32; m' = max(m, c max(S)) (log2 units);
+    P = exp2(c S + 8 - m') (2^8 times the softmax numerator); l = l exp2(m - m') + sum(P) in fp32
+    before P's cast; P -> e4m3 (round to nearest even); O is kept in units of the current block's
+    V scale: O = O exp2(m - m') s_v(prev) / s_v(n) + e4m3(P) v8_n; out = O (s_v(last) / l);
+    lse = ln2 (m + log2 l - 8). Rows that see no key give out = 0, lse = -inf. What is left
+    between this and the kernel: fp32 summation order, the FFMA (one rounding instead of two),
+    ex2.approx/rcp.approx, and bf16 rounding of the kernel's output.
+    """
+    b, sq, h, d = q8.shape
+    sk, hk, dv = k8.shape[1], k8.shape[2], v8.shape[-1]
+    g = h // hk
+    f32 = torch.float32
+    qf = q8.to(f32).transpose(1, 2)  # (b, h, sq, d)
+    kf = k8.to(f32).transpose(1, 2).repeat_interleave(g, dim=1)
+    vf = v8.to(f32).transpose(1, 2).repeat_interleave(g, dim=1)
+    ks = k_scale.to(f32).repeat_interleave(g, dim=1)
+    vs = v_scale.to(f32).repeat_interleave(g, dim=1)
+    scale_log2 = torch.tensor(softmax_scale, dtype=f32) * torch.tensor(LOG2E, dtype=f32)
+    c_q = (scale_log2.to(q8.device) * q_scale.to(f32)).repeat_interleave(tile_m, dim=2)[:, :, :sq]
+    rows = torch.arange(sq, device=q8.device)[:, None]
+    m = torch.full((b, h, sq), -math.inf, dtype=f32, device=q8.device)
+    l = torch.zeros_like(m)
+    o = torch.zeros(b, h, sq, dv, dtype=f32, device=q8.device)
+    sv_cur = None
+    nblk = -(-sk // tile_n)
+    if nblk == 0:
+        return o.transpose(1, 2), torch.full_like(m, -math.inf)
+    for n in reversed(range(nblk)):
+        cols = torch.arange(n * tile_n, min((n + 1) * tile_n, sk), device=q8.device)[None, :]
+        s = qf @ kf[:, :, cols[0]].transpose(-1, -2)
+        hidden = cols > rows + (sk - sq) if causal else torch.zeros_like(cols > rows)
+        s = s.masked_fill(hidden, -math.inf)
+        c = c_q * ks[:, :, n, None]
+        m_new = torch.maximum(m, s.amax(-1) * c)
+        m_ref = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
+        row_scale = torch.exp2(m - m_ref)
+        p = torch.exp2(s * c[..., None] + (P_EXP_OFFSET - m_ref)[..., None])
+        l = l * row_scale + p.sum(-1)
+        p8 = p.to(torch.float8_e4m3fn).to(f32)  # P <= 256: no saturation
+        sv_n = vs[:, :, n, None]
+        if sv_cur is not None:
+            o = o * (row_scale * (sv_cur / sv_n))[..., None]
+        o = o + p8 @ vf[:, :, cols[0]]
+        sv_cur, m = sv_n, m_new
+    empty = l == 0
+    factor = torch.where(empty, torch.zeros_like(l), sv_cur * (1.0 / l))
+    out = (o * factor[..., None]).transpose(1, 2)
+    lse = torch.where(empty, torch.full_like(l, -math.inf),
+                      (m + torch.log2(l) - P_EXP_OFFSET) * math.log(2.0))
+    return out, lse

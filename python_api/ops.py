@@ -51,7 +51,9 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor,
     out, lse = _alloc(q, v, varlen)
     _dispatch.run_fwd(be, q, k, v, out, lse, softmax_scale, causal,
                       **_features(causal, window_left, window_right, softcap, cu_seqlens_q, cu_seqlens_k,
-                                  seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, sink))
+                                  seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, sink),
+                      **{n: t for n, t in (("q_descale", q_descale), ("k_descale", k_descale),
+                                           ("v_descale", v_descale)) if t is not None})
     return out, lse
 
 
