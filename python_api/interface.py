@@ -33,7 +33,27 @@ def _common_options(qv, attention_chunk, sm_margin):
         _not_built("sm_margin")
 
 
+# Signatures (shape, strides, dtype, device of q, k, v) that passed _check_qkv: its checks read
+# only these, and a training or decode loop repeats a handful of them, so a hit skips ~20 us.
+_GOOD_QKV: set = set()
+
+
 def _check_qkv(q, k, v, ndim):
+    try:
+        key = (ndim, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+               v.shape, v.stride(), v.dtype, v.device)
+    except AttributeError:  # not tensors: the checks below say so
+        key = None
+    if key is not None and key in _GOOD_QKV:
+        return
+    _check_qkv_full(q, k, v, ndim)
+    if key is not None:
+        if len(_GOOD_QKV) > 4096:
+            _GOOD_QKV.clear()
+        _GOOD_QKV.add(key)
+
+
+def _check_qkv_full(q, k, v, ndim):
     V.check_tensor("q", q, ndim, _IN_DTYPES)
     V.check_tensor("k", k, ndim, _IN_DTYPES)
     V.check_tensor("v", v, ndim, _IN_DTYPES)
