@@ -1,11 +1,17 @@
 """GB/s of fa3.hopper.hadamard_quant vs a same-run torch device copy (16k tokens, hidden 2048).
 
     python benchmarks/hadamard_quant_bench.py [--seqlen 16384] [--hidden 2048] [--block-rows 128]
+        [--before OLD_hadamard_quant.py] [--json out.json]
 
 Bytes moved: the kernel reads x (2 B/elem) and writes fp8 (1 B/elem) + the scales; the copy reads and
-writes x (4 B/elem). Times are the median of CUDA-event-timed runs with the L2 flushed before each.
+writes x (4 B/elem). Times are the median of CUDA-event-timed runs with the L2 flushed before each;
+a short GPU sleep after the flush makes sure the host has queued the call before the start event
+fires, so Python/launch overhead never counts. ``--before`` loads another version of the kernel
+module from a file (e.g. ``git show REV:hopper/hadamard_quant.py``) and times it in the same run.
 """
 import argparse
+import importlib.util
+import json
 import statistics
 
 import torch
@@ -21,6 +27,7 @@ def do_bench(fn, reps=50, warmup=10):
     times = []
     for _ in range(reps):
         flush.zero_()
+        torch.cuda._sleep(100_000)  # ~50 us: the host queues fn() before the start event fires
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -30,9 +37,20 @@ def do_bench(fn, reps=50, warmup=10):
     return statistics.median(times)
 
 
-def bench_gbps(d, seqlen=16384, hidden=2048, batch=1, block_rows=128, rotate=True, dtype=torch.bfloat16):
+def load_module(path):
+    """A kernel module from a file, under its own name (so its compile-cache entries stay apart)."""
+    spec = importlib.util.spec_from_file_location("hadamard_quant_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_gbps(d, seqlen=16384, hidden=2048, batch=1, block_rows=128, rotate=True, dtype=torch.bfloat16,
+               module=None):
     """Returns dict(d, ms, gbps, copy_gbps, frac) for one head dim."""
-    from fa3.hopper.hadamard_quant import hadamard_quant
+    if module is None:
+        from fa3.hopper import hadamard_quant as module
+    hadamard_quant = module.hadamard_quant
 
     h = hidden // d
     x = torch.randn(batch, seqlen, h, d, device="cuda", dtype=dtype)
@@ -55,13 +73,25 @@ def main():
     p.add_argument("--block-rows", type=int, default=128)
     p.add_argument("--no-rotate", action="store_true")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--before", default=None, help="another hadamard_quant.py to time in the same run")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
     a = p.parse_args()
-    print(f"{torch.cuda.get_device_name()}  tokens={a.batch * a.seqlen} hidden={a.hidden} "
+    device = torch.cuda.get_device_name()
+    print(f"{device}  tokens={a.batch * a.seqlen} hidden={a.hidden} "
           f"block_rows={a.block_rows} rotate={not a.no_rotate} {a.dtype}")
-    print(f"{'hd':>4} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8}")
+    print(f"{'kernel':>7} {'hd':>4} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8}")
+    impls = [("after", None)] + ([("before", load_module(a.before))] if a.before else [])
+    rows = []
     for d in (64, 128, 256):
-        r = bench_gbps(d, a.seqlen, a.hidden, a.batch, a.block_rows, not a.no_rotate, getattr(torch, a.dtype))
-        print(f"{d:>4} {r['ms']:>8.4f} {r['gbps']:>8.0f} {r['copy_gbps']:>10.0f} {r['frac']:>8.0%}")
+        for name, mod in impls:
+            r = bench_gbps(d, a.seqlen, a.hidden, a.batch, a.block_rows, not a.no_rotate,
+                           getattr(torch, a.dtype), module=mod)
+            rows.append(dict(kernel=name, **r))
+            print(f"{name:>7} {d:>4} {r['ms']:>8.4f} {r['gbps']:>8.0f} {r['copy_gbps']:>10.0f} "
+                  f"{r['frac']:>8.0%}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(device=device, torch=torch.__version__, args=vars(a), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,27 +3,35 @@
 x (b, s, h, d) bf16/fp16 -> x_fp8 (b, s, h, d) float8_e4m3fn, scales (b, h, ceil(s / block_rows)) fp32,
 bit-exact with ``fa3.fp8_emulation.block_quantize`` (its docstring is the op-order specification).
 
-One CTA per (block of ``block_rows`` rows, head, batch), so a block's amax never leaves the CTA.
-Thread mapping (R = 8 lanes per row, K = d / 64 chunks per lane, P = T / 8 rows per pass):
+The kernel is memory-bound (3 bytes moved per element), so the design is about keeping HBM busy:
 
-* thread ``tid`` works on row ``p * P + tid // 8`` for each pass p < NP (NP = block_rows / P), and in each
-  row on the K chunks of 8 elements starting at ``8 * (tid % 8) + 64 * j``: each chunk is one 16-byte
-  load, and the 8 lanes of a row read 128 contiguous bytes per j.
+* Persistent CTAs (``ctas_per_sm`` per SM, 512 threads per SM in all) walk the tiles (block of
+  ``block_rows`` rows, head, batch), heads fastest so concurrent CTAs read neighbouring rows. A tile's
+  amax never leaves its CTA.
+* Each thread prefetches its own part of the *next* tile into shared memory with 16-byte ``cp.async``
+  while it rotates, reduces and stores the current one (two buffers). A thread reads back only what it
+  copied, so the pipeline needs no barrier, only ``cp.async.wait_group``; the smem layout is
+  thread-private (chunk-major, thread fastest), so copies and reads are bank-conflict free.
+* Thread mapping (L = 4 lanes per row, K = d / 32 chunks per lane, NP rows per thread, P = T / 4 rows
+  per pass): thread ``tid`` owns row ``p * P + tid // 4`` for p < NP and, in it, the K chunks of 8
+  elements starting at ``8 * (tid % 4) + 32 * j``: the 4 lanes of a row read 64 contiguous bytes per j.
 * The Walsh–Hadamard butterfly keeps the standard stage order (stride 1, 2, ..., d/2), so results are
-  bit-exact: strides 1, 2, 4 inside a chunk; 8, 16, 32 across lanes (``shfl.sync.bfly`` with lane xor
-  1, 2, 4); 64 and 128 across the thread's chunks.
-* All rotated values of the block stay in registers (NP * K * 8 = NP * d / 8 fp32 per thread) until the
-  CTA amax is known (warp shuffle max, then one smem slot per warp).
-* Stores are 16 bytes: lanes 2i and 2i+1 swap half chunks of two passes with one shuffle, so the even
-  lane writes 16 contiguous fp8 of pass 2q and the odd lane those of pass 2q+1.
+  bit-exact: strides 1, 2, 4 inside a chunk; 8, 16 across lanes (``shfl.sync.bfly`` with lane xor 1, 2);
+  32, 64, 128 across the thread's chunks. Four lanes per row (not eight) saves a shuffle stage.
+* The rotated tile stays in registers (64 fp32 per thread) until the CTA amax is known (warp shuffle
+  max, then one smem slot per warp, double-buffered so one barrier per tile suffices).
+* For d = 64 and 256, 1/sqrt(d) is a power of two, so it is folded into the quantization multiplier
+  (``v * (inv / sqrt(d))`` rounds exactly like ``(v / sqrt(d)) * inv``: both products are exact scalings
+  of the same real number); d = 128 keeps the separate multiply.
+* Stores are 8 bytes per lane (the 4 lanes of a row write one full 32-byte sector).
 
 Signs are passed as the float32 (d,) ±1 tensor of ``fp8_emulation.random_signs``; only their sign bits
-are used (the kernel flips the input's sign bits, which equals multiplying by ±1 exactly).
+are used (the kernel flips the input's sign bits, which equals multiplying by ±1 exactly). They are
+turned into packed 16-bit sign masks once per CTA, in shared memory.
 
-Limits: block_rows a multiple of 8 whose block fits in registers (see ``HadamardQuantConfig.passes``):
-up to 512 rows at d = 64, 256 at d = 128, 128 at d = 256. Occupancy at block_rows = 128: d = 64 uses
-128 threads (96 registers), d = 128 256 threads (124), d = 256 512 threads (127, one CTA per SM).
-NaN inputs are not propagated into the scale (the amax uses max.xorsign.abs, which skips NaN).
+Limits: block_rows a multiple of 8 whose tile fits in registers at 64 values per thread and at most 512
+threads: up to 512 rows at d = 64, 256 at d = 128, 128 at d = 256. NaN inputs are not propagated into
+the scale (the amax uses max.xorsign.abs, which skips NaN).
 """
 import dataclasses
 import math
@@ -34,8 +42,10 @@ DTYPES = ("bfloat16", "float16")
 HEAD_DIMS = (64, 128, 256)
 E4M3_MAX = 448.0
 AMAX_FLOOR = 2.0**-64  # same as fp8_emulation.AMAX_FLOOR
-LANES_PER_ROW = 8  # each lane loads 8 elements (16 B) per chunk; a row's chunk j spans 64 elements
-MAX_VALUES_PER_THREAD = 128  # fp32 registers holding the block; more would spill
+LANES_PER_ROW = 4  # each lane loads 8 elements (16 B) per chunk; a row's chunk j spans 32 elements
+VALUES_PER_THREAD = 64  # fp32 registers holding the tile (at 512 threads a thread has 128 registers)
+THREADS_PER_SM = 512  # resident threads per SM the persistent grid aims at (ctas_per_sm * threads)
+STAGES = 2  # smem tile buffers per CTA: the tile being read back and the next one in flight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,26 +67,25 @@ class HadamardQuantConfig:
 
     @property
     def passes(self) -> int:
-        """Rows per thread (even, for the paired 16-byte stores); aims at 64 fp32 values per thread.
-
-        The block lives in registers, so CTAs above 256 threads (at most 128 registers each, from the
-        .reqntid bound) hold at most 64 values per thread, and smaller ones at most 128.
-        """
-        target = max(2, 64 // (8 * self.chunks))
-
+        """Rows per thread: the most that keeps 64 fp32 values per thread and whole warps (<= 512)."""
         def fits(n):
-            t, values = 8 * self.block_rows // n, n * 8 * self.chunks
-            return (self.block_rows % n == 0 and (self.block_rows // n) % 4 == 0 and t <= 512
-                    and values <= (64 if t > 256 else MAX_VALUES_PER_THREAD))
+            t = LANES_PER_ROW * self.block_rows // n
+            return (self.block_rows % n == 0 and t % 32 == 0 and t <= 512
+                    and n * 8 * self.chunks <= VALUES_PER_THREAD)
 
-        ok = [n for n in range(2, self.block_rows + 1, 2) if fits(n)]
+        ok = [n for n in range(1, self.block_rows + 1) if fits(n)]
         assert ok, (f"hadamard_quant: block_rows={self.block_rows} x head_dim={self.head_dim} does not fit "
                     "in registers; use a smaller block_rows")
-        return min(ok, key=lambda n: (abs(math.log2(n / target)), n))
+        return max(ok)
 
     @property
     def threads(self) -> int:
         return LANES_PER_ROW * self.block_rows // self.passes
+
+    @property
+    def ctas_per_sm(self) -> int:
+        """Resident CTAs per SM of the persistent grid (registers: >= 128 per thread either way)."""
+        return max(1, THREADS_PER_SM // self.threads)
 
 
 def variants():
@@ -96,7 +105,10 @@ def _kernel_class():
     cute = _compile.dsl()
     import cutlass
     import cutlass.memory
-    from cutlass import Float32, Uint32
+    from cutlass import Float32, Int32, Uint32
+    from cutlass.cute.nvgpu import cpasync
+
+    L = LANES_PER_ROW
 
     class HadamardQuant:
         def __init__(self, cfg: HadamardQuantConfig):
@@ -106,118 +118,155 @@ def _kernel_class():
             self.K = cfg.chunks
             self.NP = cfg.passes
             self.T = cfg.threads
-            self.P = self.T // LANES_PER_ROW  # rows per pass
+            self.P = self.T // L  # rows per pass
             self.nwarps = self.T // 32
             self.in_dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
+            # 1/sqrt(d) is 2^-3 / 2^-4 at d = 64 / 256: folded into the quantization multiplier
+            self.fold_scale = cfg.rotate and cfg.head_dim in (64, 256)
 
         @cute.jit
         def __call__(self, mX: cute.Tensor, mSigns: cute.Tensor, mQ: cute.Tensor,
-                     mScales: cute.Tensor, stream):
-            nblk = mScales.shape[2]
-            nheads = mX.shape[2]
-            batch = mX.shape[0]
+                     mScales: cute.Tensor, grid: Int32, stream):
             self.kernel(mX, mSigns, mQ, mScales).launch(
-                grid=[nblk, nheads, batch], block=[self.T, 1, 1], stream=stream)
+                grid=[grid, 1, 1], block=[self.T, 1, 1], min_blocks_per_mp=self.cfg.ctas_per_sm,
+                preferred_smem_carveout=100, stream=stream)  # smem holds the tiles; loads skip L1
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mSigns: cute.Tensor, mQ: cute.Tensor, mScales: cute.Tensor):
-            d, K, NP, P = self.d, self.K, self.NP, self.P
+            d, K, NP, P, T = self.d, self.K, self.NP, self.P, self.T
             tid, _, _ = cute.arch.thread_idx()
-            blk, head, bat = cute.arch.block_idx()
-            lt = tid % LANES_PER_ROW  # lane within the row's 8 lanes
-            prow = tid // LANES_PER_ROW  # row within a pass
-            row_limit = mX.shape[1] - blk * self.br  # rows of this block that exist (ragged tail)
+            cta, _, _ = cute.arch.block_idx()
+            grid, _, _ = cute.arch.grid_dim()
+            lt = tid % L  # lane within the row's 4 lanes
+            prow = tid // L  # row within a pass
+            nheads = mX.shape[2]
+            nblk = mScales.shape[2]
+            ntiles = nheads * nblk * mX.shape[0]
 
-            # (block_rows, d) tiles of this (batch, head); out-of-range rows are never touched.
-            gX = cute.local_tile(mX[bat, None, head, None], (self.br, d), (blk, 0))
-            gQ = cute.local_tile(mQ[bat, None, head, None], (self.br, d), (blk, 0))
-            load_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.in_dtype,
-                                            num_bits_per_copy=128)
-            store_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), cutlass.Float8E4M3FN,
-                                             num_bits_per_copy=128)
-
-            # Sign-flip masks for packed 16-bit pairs: bit 15 / bit 31 set where the sign is negative.
-            smask = cute.make_rmem_tensor((4, K), Uint32)
-            if cutlass.const_expr(self.cfg.rotate):
-                sg = cute.make_rmem_tensor((8, K), Float32)
-                for j in cutlass.range_constexpr(K):
-                    gS = cute.local_tile(mSigns, (8,), (lt + LANES_PER_ROW * j,))
-                    cute.autovec_copy(gS, sg[None, j])
-                sgu = cute.recast_tensor(sg, Uint32)
-                for j in cutlass.range_constexpr(K):
-                    for w in cutlass.range_constexpr(4):
-                        lo = sgu[2 * w, j]
-                        hi = sgu[2 * w + 1, j]
-                        smask[w, j] = ((lo >> 16) & Uint32(0x8000)) | (hi & Uint32(0x80000000))
-
-            # Load, sign-flip, widen to fp32. Rows past the end read as zeros (they do not move amax).
-            v = cute.make_rmem_tensor((8, K, NP), Float32)
-            raw = cute.make_rmem_tensor((8,), self.in_dtype)
-            rawu = cute.recast_tensor(raw, Uint32)
-            for p in cutlass.range_constexpr(NP):
-                row = p * P + prow
-                for j in cutlass.range_constexpr(K):
-                    raw.fill(0.0)
-                    if row < row_limit:
-                        src = cute.local_tile(gX, (1, 8), (row, lt + LANES_PER_ROW * j))
-                        cute.copy(load_atom, src[0, None], raw)
-                    if cutlass.const_expr(self.cfg.rotate):
-                        for w in cutlass.range_constexpr(4):
-                            rawu[w] = rawu[w] ^ smask[w, j]
-                    v[None, j, p].store(raw.load().to(Float32))
-
-            if cutlass.const_expr(self.cfg.rotate):
-                self.fwht(v, lt)
-
-            # amax of this thread, warp, then CTA. fmax(abs=True) keeps max(|a|, |b|) as magnitude.
-            m = Float32(0.0)
-            for r in cutlass.range_constexpr(NP * K):  # nested loops: 8 at a time keeps tracing fast
-                for e in cutlass.range_constexpr(8):
-                    m = cute.arch.fmax(m, v[8 * r + e], abs=True)
-            m = cute.math.absf(m)
-            for k in cutlass.range_constexpr(5):
-                m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=1 << k))
             smem = cutlass.memory.SmemAllocator()
-            red = smem.allocate_tensor(Float32, cute.make_layout(self.nwarps), byte_alignment=16)
-            warp = tid // 32
-            if tid % 32 == 0:
-                red[warp] = m
-            cute.arch.sync_threads()
-            amax = Float32(AMAX_FLOOR)
-            for w in cutlass.range_constexpr(self.nwarps):
-                amax = cute.arch.fmax(amax, red[w])
-            scale = amax / Float32(E4M3_MAX)
-            inv = Float32(E4M3_MAX) / amax
-            if tid == 0:
-                mScales[bat, head, blk] = scale
+            # Thread-private tile buffers: chunk (p, j) of thread tid at [:, tid, j, p, stage].
+            sbuf = smem.allocate_tensor(self.in_dtype, cute.make_layout((8, T, K, NP, STAGES)),
+                                        byte_alignment=128)
+            red = smem.allocate_tensor(Float32, cute.make_layout((self.nwarps, 2)), byte_alignment=16)
+            g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
+                                      self.in_dtype, num_bits_per_copy=128)
+            lds = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.in_dtype, num_bits_per_copy=128)
+            store_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), cutlass.Float8E4M3FN,
+                                             num_bits_per_copy=64)
 
-            # Quantize (x' * inv, e4m3 RN satfinite), then pair passes 2q / 2q+1 between lanes 2i / 2i+1
-            # so that each lane stores 16 contiguous bytes.
-            q8 = cute.make_rmem_tensor((8, K, NP), cutlass.Float8E4M3FN)
-            for p in cutlass.range_constexpr(NP):
+            # Sign-flip masks for packed 16-bit pairs (bit 15 / bit 31 set where the sign is negative),
+            # built once per CTA: smask[w, c] for element pair w of the 8-element column chunk c.
+            smask = smem.allocate_tensor(Uint32, cute.make_layout((4, d // 8)), byte_alignment=16)
+            if cutlass.const_expr(self.cfg.rotate):
+                if tid < d // 8:
+                    sg = cute.make_rmem_tensor((8,), Float32)
+                    cute.autovec_copy(cute.local_tile(mSigns, (8,), (tid,)), sg)
+                    sgu = cute.recast_tensor(sg, Uint32)
+                    for w in cutlass.range_constexpr(4):
+                        smask[w, tid] = (((sgu[2 * w] >> 16) & Uint32(0x8000))
+                                         | (sgu[2 * w + 1] & Uint32(0x80000000)))
+                cute.arch.sync_threads()
+
+            # Prologue: the first STAGES tiles of this CTA in flight (one commit group per tile, even
+            # when empty, so wait_group(STAGES - 1) always means "this iteration's tile has landed").
+            for st in cutlass.range_constexpr(STAGES):
+                self.prefetch(mX, sbuf, cta + st * grid, ntiles, nblk, Int32(st), tid, g2s)
+                cute.arch.cp_async_commit_group()
+
+            niter = (ntiles - cta + grid - 1) // grid
+            for it in cutlass.range(niter, unroll=1):
+                tile = cta + it * grid
+                stage = it % STAGES
+                head = tile % nheads
+                blk = (tile // nheads) % nblk
+                bat = tile // (nheads * nblk)
+                row_limit = mX.shape[1] - blk * self.br  # rows of this tile that exist (ragged tail)
+
+                # Read back this thread's chunks, sign-flip, widen to fp32; missing rows are zeros.
+                cute.arch.cp_async_wait_group(STAGES - 1)
+                v = cute.make_rmem_tensor((8, K, NP), Float32)
+                raw = cute.make_rmem_tensor((8,), self.in_dtype)
+                rawu = cute.recast_tensor(raw, Uint32)
+                mk = cute.make_rmem_tensor((4,), Uint32)
                 for j in cutlass.range_constexpr(K):
-                    q8[None, j, p].store((v[None, j, p].load() * inv).to(cutlass.Float8E4M3FN))
-            qu = cute.recast_tensor(q8, Uint32)  # (2, K, NP)
-            odd = (lt & 1) == 1
-            out = cute.make_rmem_tensor((4,), Uint32)
-            out8 = cute.recast_tensor(out, cutlass.Float8E4M3FN)
-            for qq in cutlass.range_constexpr(NP // 2):
-                row = (2 * qq + (lt & 1)) * P + prow
-                for j in cutlass.range_constexpr(K):
-                    for w in cutlass.range_constexpr(2):
-                        mine_lo = qu[w, j, 2 * qq]
-                        mine_hi = qu[w, j, 2 * qq + 1]
-                        got = cute.arch.shuffle_sync_bfly(
-                            Uint32(cutlass.select_(odd, mine_lo, mine_hi)), offset=1)
-                        out[w] = Uint32(cutlass.select_(odd, got, mine_lo))
-                        out[2 + w] = Uint32(cutlass.select_(odd, mine_hi, got))
+                    if cutlass.const_expr(self.cfg.rotate):
+                        cute.autovec_copy(smask[None, lt + L * j], mk)
+                    for p in cutlass.range_constexpr(NP):
+                        raw.fill(0.0)
+                        if p * P + prow < row_limit:
+                            cute.copy(lds, sbuf[None, tid, j, p, stage], raw)
+                        if cutlass.const_expr(self.cfg.rotate):
+                            for w in cutlass.range_constexpr(4):
+                                rawu[w] = rawu[w] ^ mk[w]
+                        v[None, j, p].store(raw.load().to(Float32))
+                # The buffer is consumed (its values are in registers): refill it with tile + STAGES.
+                self.prefetch(mX, sbuf, tile + STAGES * grid, ntiles, nblk, stage, tid, g2s)
+                cute.arch.cp_async_commit_group()
+
+                if cutlass.const_expr(self.cfg.rotate):
+                    self.fwht(v, lt)
+
+                # amax of this thread, warp, then CTA. fmax(abs=True) keeps max(|a|, |b|) as magnitude.
+                m = Float32(0.0)
+                for r in cutlass.range_constexpr(NP * K):  # nested loops: 8 at a time keeps tracing fast
+                    for e in cutlass.range_constexpr(8):
+                        m = cute.arch.fmax(m, v[8 * r + e], abs=True)
+                m = cute.math.absf(m)
+                for k in cutlass.range_constexpr(5):
+                    m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=1 << k))
+                parity = it % 2  # two reduction slots: a fast warp never overwrites one still read
+                if tid % 32 == 0:
+                    red[tid // 32, parity] = m
+                cute.arch.sync_threads()
+                amax = Float32(0.0)
+                for w in cutlass.range_constexpr(self.nwarps):
+                    amax = cute.arch.fmax(amax, red[w, parity])
+                if cutlass.const_expr(self.fold_scale):
+                    amax = amax * Float32(1.0 / math.sqrt(self.d))  # exact: a power of two
+                amax = cute.arch.fmax(amax, Float32(AMAX_FLOOR))
+                scale = amax / Float32(E4M3_MAX)
+                inv = Float32(E4M3_MAX) / amax
+                if tid == 0:
+                    mScales[bat, head, blk] = scale
+                mul = inv
+                if cutlass.const_expr(self.fold_scale):
+                    mul = inv * Float32(1.0 / math.sqrt(self.d))  # exact: a power of two
+
+                # Quantize (x' * inv, e4m3 RN satfinite); each lane stores 8 contiguous bytes per chunk.
+                gQ = cute.local_tile(mQ[bat, None, head, None], (self.br, d), (blk, 0))
+                q8 = cute.make_rmem_tensor((8, K, NP), cutlass.Float8E4M3FN)
+                for p in cutlass.range_constexpr(NP):
+                    for j in cutlass.range_constexpr(K):
+                        q8[None, j, p].store((v[None, j, p].load() * mul).to(cutlass.Float8E4M3FN))
+                for p in cutlass.range_constexpr(NP):
+                    row = p * P + prow
                     if row < row_limit:
-                        dst = cute.local_tile(gQ, (1, 16), (row, (lt >> 1) + (LANES_PER_ROW // 2) * j))
-                        cute.copy(store_atom, out8, dst[0, None])
+                        for j in cutlass.range_constexpr(K):
+                            dst = cute.local_tile(gQ, (1, 8), (row, lt + L * j))
+                            cute.copy(store_atom, q8[None, j, p], dst[0, None])
+
+        @cute.jit
+        def prefetch(self, mX: cute.Tensor, sbuf: cute.Tensor, tile, ntiles, nblk, stage, tid, g2s):
+            """cp.async this thread's chunks of ``tile`` (if it exists) into buffer ``stage``."""
+            if tile < ntiles:
+                nheads = mX.shape[2]
+                head = tile % nheads
+                blk = (tile // nheads) % nblk
+                bat = tile // (nheads * nblk)
+                row_limit = mX.shape[1] - blk * self.br
+                gX = cute.local_tile(mX[bat, None, head, None], (self.br, self.d), (blk, 0))
+                lt, prow = tid % L, tid // L
+                for p in cutlass.range_constexpr(self.NP):
+                    row = p * self.P + prow
+                    if row < row_limit:
+                        for j in cutlass.range_constexpr(self.K):
+                            src = cute.local_tile(gX, (1, 8), (row, lt + L * j))
+                            cute.copy(g2s, src[0, None], sbuf[None, tid, j, p, stage])
 
         @cute.jit
         def fwht(self, v: cute.Tensor, lt):
-            """Unnormalized Walsh–Hadamard over d in the standard stage order, then x' = v / sqrt(d)."""
+            """Unnormalized Walsh–Hadamard over d in the standard stage order; then x' = v / sqrt(d)
+            unless that factor is folded into the quantization multiplier."""
             K, NP = self.K, self.NP
             for h in cutlass.range_constexpr(3):  # strides 1, 2, 4 inside each 8-element chunk
                 hs = 1 << h
@@ -229,7 +278,7 @@ def _kernel_class():
                                 b = v[e + hs, j, p]
                                 v[e, j, p] = a + b
                                 v[e + hs, j, p] = a - b
-            for h in cutlass.range_constexpr(3):  # strides 8, 16, 32: partner lane = lane ^ 2^h
+            for h in cutlass.range_constexpr(int(math.log2(L))):  # strides 8, 16: partner = lane ^ 2^h
                 hs = 1 << h
                 # upper lane holds x[i + stride] and computes partner - own; fma(own, -1, partner) rounds
                 # exactly like that subtraction, the lower lane's fma(own, 1, partner) like own + partner.
@@ -238,7 +287,7 @@ def _kernel_class():
                     for e in cutlass.range_constexpr(8):
                         other = cute.arch.shuffle_sync_bfly(v[8 * r + e], offset=hs)
                         v[8 * r + e] = cute.math.fma(v[8 * r + e], sgn, other)
-            for k in cutlass.range_constexpr(int(math.log2(K))):  # strides 64, 128: across chunks
+            for k in cutlass.range_constexpr(int(math.log2(K))):  # strides 32, 64, 128: across chunks
                 hj = 1 << k
                 for p in cutlass.range_constexpr(NP):
                     for j in cutlass.range_constexpr(K):
@@ -248,10 +297,11 @@ def _kernel_class():
                                 b = v[e, j + hj, p]
                                 v[e, j, p] = a + b
                                 v[e, j + hj, p] = a - b
-            c = Float32(1.0 / math.sqrt(self.d))
-            for r in cutlass.range_constexpr(NP * K):
-                for e in cutlass.range_constexpr(8):
-                    v[8 * r + e] = v[8 * r + e] * c
+            if cutlass.const_expr(not self.fold_scale):
+                c = Float32(1.0 / math.sqrt(self.d))
+                for r in cutlass.range_constexpr(NP * K):
+                    for e in cutlass.range_constexpr(8):
+                        v[8 * r + e] = v[8 * r + e] * c
 
     return HadamardQuant
 
@@ -272,8 +322,21 @@ def build(cfg: HadamardQuantConfig, extra_options: str = ""):
     scales = make_fake_compact_tensor(cutlass.Float32, (b, h, nblk), stride_order=(2, 1, 0),
                                       assumed_align=4)
     kernel = _kernel_class()(cfg)
-    return cute.compile(kernel, x, signs, q, scales, make_fake_stream(use_tvm_ffi_env_stream=True),
+    return cute.compile(kernel, x, signs, q, scales, cutlass.Int32(1),
+                        make_fake_stream(use_tvm_ffi_env_stream=True),
                         options=_compile.compile_options(extra=extra_options))
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    import torch
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, out_scales=None):
@@ -307,5 +370,6 @@ def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, 
     assert out_scales.is_contiguous() and out_scales.device == x.device
     if out.numel() == 0:
         return out, out_scales
-    _compile.get_kernel(cfg, build)(x, signs, out, out_scales)
+    grid = min(bsz * nheads * nblk, _sm_count(x.device) * cfg.ctas_per_sm)  # persistent CTAs
+    _compile.get_kernel(cfg, build)(x, signs, out, out_scales, grid)
     return out, out_scales

@@ -13,7 +13,9 @@ here *is* the specification:
 3. ``x' = v * float32(1 / sqrt(d))``              (exact for d = 64, 256; one rounding for d = 128)
 4. ``amax = max |x'|`` over the block's valid rows (exact; a ragged last block covers fewer rows)
 5. ``amax = max(amax, AMAX_FLOOR)``               (an all-zero block gets a tiny scale, never inf/NaN)
-6. ``scale = amax / 448``, ``inv = 448 / amax``   (two IEEE fp32 divisions, once per block)
+6. ``scale = amax / 448``, ``inv = 448 / amax``   (two IEEE fp32 divisions, once per block; note that
+   torch's ``448.0 / tensor`` is ``tensor.reciprocal() * 448``, two roundings, so the code divides
+   tensor by tensor)
 7. ``q = e4m3_rn_satfinite(x' * inv)``             (one fp32 multiply per element; round to nearest even,
    clamp to ±448)
 
@@ -109,8 +111,9 @@ def block_quantize(
     xr = rotate(x, rotate_signs) if rotate_signs is not None else x.to(torch.float32)
     b, s, h, d = xr.shape
     amax = block_amax(xr, block_rows)
-    scales = amax / E4M3_MAX
-    inv = E4M3_MAX / amax
+    full = torch.full_like(amax, E4M3_MAX)  # tensor / tensor: one IEEE rounding (div.rn.f32)
+    scales = amax / full
+    inv = full / amax
     inv_rows = inv.repeat_interleave(block_rows, dim=2)[:, :, :s].transpose(1, 2)  # (b, s, h)
     return round_to_e4m3(xr * inv_rows.unsqueeze(-1)), scales
 

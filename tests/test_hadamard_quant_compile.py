@@ -31,25 +31,31 @@ def _count(ptx, opcode):
 def test_ptx(cfg, dump_dir):
     ptx = _ptx(cfg, dump_dir)
     K, NP = cfg.chunks, cfg.passes
-    values = NP * K * 8  # fp32 values of the block per thread
-    # one 16-byte load per (row, chunk) plus, when rotating, the float32 signs (2 per chunk)
-    assert _count(ptx, "ld.global.v4.b32") == NP * K + (2 * K if cfg.rotate else 0)
-    assert _count(ptx, "st.global.v4.b32") == NP * K // 2  # paired 16-byte fp8 stores
+    values = NP * K * 8  # fp32 values of the tile per thread
+    lane_stages = hq.LANES_PER_ROW.bit_length() - 1
+    # tiles arrive by 16-byte cp.async into smem (prologue: STAGES tiles, then one refill per tile);
+    # the only global loads left are the float32 signs (2 per chunk of 8, once per CTA)
+    assert _count(ptx, "cp.async.cg.shared.global") == (hq.STAGES + 1) * NP * K
+    assert _count(ptx, "cp.async.commit_group") == hq.STAGES + 1
+    assert _count(ptx, "cp.async.wait_group") == 1
+    assert _count(ptx, "ld.global.v4.b32") == (2 if cfg.rotate else 0)
+    assert _count(ptx, "st.global.v2.b32") == NP * K  # 8-byte fp8 stores, a row's 4 lanes = 32 bytes
     assert _count(ptx, "cvt.rn.satfinite.e4m3x2.f32") == values // 2
     assert _count(ptx, "max.xorsign.abs.f32") == values  # one FMNMX per element for the amax
-    # butterflies: 3 cross-lane stages per value, 5 for the warp amax, 2 words per paired store
-    bfly = 5 + 2 * (NP // 2) * K + (3 * values if cfg.rotate else 0)
-    assert _count(ptx, "shfl.sync.bfly.b32") == bfly
+    # butterflies: lane_stages cross-lane stages per value, 5 for the warp amax
+    assert _count(ptx, "shfl.sync.bfly.b32") == 5 + (lane_stages * values if cfg.rotate else 0)
     if cfg.rotate:
-        assert _count(ptx, "fma.rn.f32") == 3 * values  # the cross-lane butterfly adds
+        assert _count(ptx, "fma.rn.f32") == lane_stages * values  # the cross-lane butterfly adds
         assert _count(ptx, "xor.b32") >= values // 2  # sign flips on packed 16-bit pairs
-    # IEEE divisions for scale and 1/scale (the emulation's), never approximate ones
+    # x' * inv per element; 1/sqrt(d) is a separate multiply only at d = 128 (elsewhere folded)
+    fold = cfg.rotate and cfg.head_dim in (64, 256)
+    assert _count(ptx, "mul.f32") == values * (2 if cfg.rotate and not fold else 1) + (2 if fold else 0)
     assert _count(ptx, "div.rn.f32") == 2
     assert "div.approx" not in ptx and "div.full" not in ptx
     assert "rcp.approx" not in ptx
     assert ".ftz" not in ptx  # denormals behave as in torch's CPU emulation
     assert "ld.local" not in ptx and "st.local" not in ptx  # the block fits in registers
-    assert _count(ptx, "bar.sync") == 1
+    assert _count(ptx, "bar.sync") == (2 if cfg.rotate else 1)  # sign-mask table, then one per tile
     cvt_in = "cvt.f32.bf16" if cfg.dtype == "bfloat16" else "cvt.f32.f16"
     assert _count(ptx, cvt_in) == values
 
