@@ -403,9 +403,6 @@ def main(argv=None) -> int:
     return 0 if rows else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def main_fp8(args, shapes, device, ver, timer) -> int:
     """--dtype e4m3: fa3 FP8 rows (kernel, end-to-end, quantize and Vt costs, FA3 path) and fa3 bf16
@@ -421,7 +418,7 @@ def main_fp8(args, shapes, device, ver, timer) -> int:
     if gemm is not None:
         print(f"cuBLAS bf16 GEMM 8192^3: {gemm:.1f} TFLOP/s  ({device})")
     print(f"torch._scaled_mm e4m3 8192^3: {extras['scaled_mm_e4m3_tflops']:.1f} TFLOP/s")
-    impls = ["fa3", "fa3-e2e", "fa3-prequant", "fa3-quant", "fa3-vt"]
+    impls = ["fa3", "fa3-e2e", "fa3-prequant", "fa3-quant", "fa3-vt", "fa3-vt-torch"]
     print(U.format_table([r for r in rows if r["dtype"] == "e4m3"], impls))
     print(U.format_table([r for r in rows if r["dtype"] == "bf16"], ["fa3"]))
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -436,3 +433,8 @@ def main_fp8(args, shapes, device, ver, timer) -> int:
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

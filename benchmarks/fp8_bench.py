@@ -4,10 +4,13 @@ Rows (dtype "e4m3", mode "fwd"; TFLOP/s counts attention FLOPs only):
   fa3            the FP8 kernel on pre-quantized inputs (e4m3 Q, K, Vt + block scales): FA3's number
   fa3-e2e        flash_attn_fp8_func from bf16: rotate+quantize Q, K (fused kernel), quantize V,
                  build Vt, attention (block quantization and incoherent processing on)
-  fa3-quant      the rotate+quantize steps of fa3-e2e alone (``quant_ms``; its TFLOP/s column is what
-                 the attention FLOPs would be worth in that time, for comparison only)
-  fa3-vt         building Vt from e4m3 V alone (the out-of-kernel transpose, see flash_fwd_fp8)
+  fa3-quant      the rotate+quantize steps of fa3-e2e alone (hadamard_quant Q, K; fp8_vt V -> Vt; its
+                 TFLOP/s column is what the attention FLOPs would be worth in that time: compare ms)
+  fa3-vt         building Vt from e4m3 V alone (fp8_vt copy mode: FA3-style callers pay this)
+  fa3-vt-torch   the same with torch ops (flash_fwd_fp8.vt_layout, the reference)
   fa3-prequant   fa3.flash_attn_func with e4m3 q/k/v and FA3 descales (includes the Vt copy)
+  fa3[k=v,...]   the FP8 kernel with config overrides (flash_fwd_fp8.ABLATIONS); fa3 rows also carry
+                 rel_err_vs_bf16, ||out - out_bf16|| / ||out_bf16|| against the bf16 kernel (a sanity check)
 and dtype "bf16": fa3 (the bf16 kernel) on the same shapes. Roofline: torch._scaled_mm e4m3 8192^3
 (and the bf16 cuBLAS GEMM) measured in the same run.
 """
@@ -35,9 +38,10 @@ def scaled_mm_tflops(n: int = 8192, n_sets: int = 3) -> float:
 def run(shapes, args, log):
     """Time every row above for each shape; returns (rows, extras dict)."""
     import fa3
-    from fa3.fp8 import descales_to_block_scales, quantize_fp8
+    from fa3.fp8 import prepare_fp8, quantize_fp8
+    from fa3.hopper.fp8_vt import make_vt
     from fa3.hopper.flash_fwd import flash_fwd
-    from fa3.hopper.flash_fwd_fp8 import default_config, flash_fwd_fp8, vt_layout
+    from fa3.hopper.flash_fwd_fp8 import ABLATIONS, default_config, flash_fwd_fp8, vt_layout
 
     rows = []
     extras = {"scaled_mm_e4m3_tflops": scaled_mm_tflops()}
@@ -52,22 +56,33 @@ def run(shapes, args, log):
                  torch.randn(sh.b, sh.sk, sh.h_kv, sh.d, device="cuda", dtype=torch.bfloat16))
                 for _ in range(n)]
         cfg = default_config(sh.d, sh.d, sh.causal, sh.sq, sh.sk)
-        quant = [quantize_fp8(q, k, v, cfg, True, True, 0) for q, k, v in sets]
-        pre = [(q8, k8, vt_layout(v8), qs, ks, vs) for q8, k8, v8, qs, ks, vs in quant]
+        quant = [quantize_fp8(q, k, v, cfg, True, True, 0) for q, k, v in sets]  # V natural layout
+        pre = [prepare_fp8(q, k, v, cfg, True, True, 0) for q, k, v in sets]
         out = torch.empty(sh.b, sh.sq, sh.h, sh.d, device="cuda", dtype=torch.bfloat16)
         lse = torch.empty(sh.b, sh.h, sh.sq, device="cuda", dtype=torch.float32)
         ones = torch.ones(sh.b, sh.h_kv, device="cuda")
         cells = {
             ("fa3", "e4m3"): [lambda p=p: flash_fwd_fp8(*p, out, lse, scale, sh.causal, cfg) for p in pre],
             ("fa3-e2e", "e4m3"): [lambda s=s: fa3.flash_attn_fp8_func(*s, causal=sh.causal) for s in sets],
-            ("fa3-quant", "e4m3"): [lambda s=s: (quantize_fp8(*s, cfg, True, True, 0), None)
-                                    for s in sets],
-            ("fa3-vt", "e4m3"): [lambda qq=qq: vt_layout(qq[2]) for qq in quant],
+            ("fa3-quant", "e4m3"): [lambda s=s: prepare_fp8(*s, cfg, True, True, 0) for s in sets],
+            ("fa3-vt", "e4m3"): [lambda qq=qq: make_vt(qq[2], cfg.tile_n) for qq in quant],
+            ("fa3-vt-torch", "e4m3"): [lambda qq=qq: vt_layout(qq[2]) for qq in quant],
             ("fa3-prequant", "e4m3"): [lambda qq=qq: fa3.flash_attn_func(
                 qq[0], qq[1], qq[2], causal=sh.causal, q_descale=ones, k_descale=ones, v_descale=ones)
                 for qq in quant],
             ("fa3", "bf16"): [lambda s=s: flash_fwd(*s, out, lse, scale, sh.causal) for s in sets],
         }
+        # tile/schedule ablations of the FP8 kernel (flash_fwd_fp8.ABLATIONS): inputs re-quantized
+        # for each config's tiles (the block scales follow the tiles); rel_err vs the bf16 kernel
+        ref = None
+        for d_, causal_, over in ABLATIONS:
+            if (d_, causal_) != (sh.d, sh.causal):
+                continue
+            acfg = default_config(sh.d, sh.d, sh.causal, sh.sq, sh.sk, **over)
+            apre = [prepare_fp8(q, k, v, acfg, True, True, 0) for q, k, v in sets]
+            name = "fa3[" + ",".join(f"{a}={b}" for a, b in over.items()) + "]"
+            cells[(name, "e4m3")] = [lambda p=p, c=acfg: flash_fwd_fp8(*p, out, lse, scale, sh.causal, c)
+                                     for p in apre]
         for (impl, dtype), fns in cells.items():
             try:
                 with torch.no_grad():
@@ -77,9 +92,18 @@ def run(shapes, args, log):
             except Exception as e:  # noqa: BLE001 - one cell failing must not end the run
                 log(f"  {impl} {dtype}: FAILED {type(e).__name__}: {str(e)[:200]}")
                 continue
-            row = U.make_row(impl, "fwd", dtype, sh, ms)
+            extra = {}
+            if impl.startswith("fa3[") or impl == "fa3":
+                fns[0]()
+                if ref is None:
+                    ref = torch.empty_like(out)
+                    flash_fwd(*sets[0], ref, lse, scale, sh.causal)
+                    fns[0]()
+                extra["rel_err_vs_bf16"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+            row = U.make_row(impl, "fwd", dtype, sh, ms, **extra)
             rows.append(row)
-            log(f"  {impl:14} {dtype:5} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s")
+            err = f"  rel_err {extra['rel_err_vs_bf16']:.1e}" if extra else ""
+            log(f"  {impl:34} {dtype:5} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s{err}")
         del sets, quant, pre
         torch.cuda.empty_cache()
     return rows, extras

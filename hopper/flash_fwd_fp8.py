@@ -5,12 +5,12 @@ every batch, seqlen and head count.
 
 V layout. fp8 wgmma takes both operands K-major, so for O += P V the kernel reads V seqlen-contiguous:
 Vt (b, h_kv, dv, s_pad) with s_pad = s rounded up to 32 (TMA needs 16-byte strides; padding keys are
-zeros and their P is 0), and keys permuted inside each 32-key group by KEY_PERM to match the register
-layout P is packed in (fwd_fp8_kernel's module doc). Building Vt is one strided copy of the fp8 bytes;
-FA3 instead transposes V in shared memory inside the kernel (extra smem, producer-warp work, a
-barrier per stage). Since the fused entry point quantizes V anyway, and FA3-style callers pay one
-copy of V's fp8 bytes (~1/4 of the bf16 inputs' traffic, measured in benchmarks/), the transpose lives
-outside the kernel; the kernel stays a pure TMA + wgmma pipeline.
+zeros and their P is 0), and keys permuted inside each 32-key group by key_perm to match the register
+layout P is packed in (fwd_fp8_kernel's module doc). fa3.hopper.fp8_vt builds it in one pass over V
+(quantizing bf16/fp16 V on the way, or copying e4m3 V); vt_layout here is the torch reference.
+FA3 instead transposes V in shared memory inside the attention kernel. Here the V pass costs a few
+percent of the attention at long sequences (benchmarks/results: fa3-vt rows) and is free in the fused
+entry point, which has to quantize V anyway; the attention kernel stays a pure TMA + wgmma pipeline.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class Fp8FwdConfig:
     stages: int = 2
     pingpong: bool = True  # consumer warpgroups take turns issuing GEMMs
     persistent: bool = True  # grid = #SMs walking tiles; else one CTA per tile
+    rescale_early: bool = False  # rescale O while the next S = Q K^T runs (else after PV)
     out_dtype: str = "bfloat16"
 
 
@@ -62,7 +63,9 @@ def default_config(d: int, dv: int, causal: bool, seqlen_q: int | None = None,
     tile_m, tile_n, stages = tile_size(d, dv, causal)
     pingpong = max(d, dv) <= 128  # two S tiles beside a 256-wide O do not fit (as in bf16)
     persistent = max(d, dv) <= 128
-    cfg = Fp8FwdConfig(d, dv, bool(causal), tile_m, tile_n, stages, pingpong, persistent)
+    rescale_early = max(d, dv) > 128
+    cfg = Fp8FwdConfig(d, dv, bool(causal), tile_m, tile_n, stages, pingpong, persistent,
+                       rescale_early)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert cfg.d in HEAD_DIMS and cfg.dv in HEAD_DIMS and cfg.tile_n % 32 == 0, cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages) <= SMEM_LIMIT, f"smem: {cfg}"
@@ -74,9 +77,18 @@ def variants() -> Iterator[Fp8FwdConfig]:
     for d in HEAD_DIMS:
         for causal in (False, True):
             yield default_config(d, d, causal)
-    yield default_config(128, 128, False, tile_n=128)
-    yield default_config(128, 128, False, pingpong=False)
-    yield default_config(256, 256, False, persistent=True)
+    for d, causal, over in ABLATIONS:
+        yield default_config(d, d, causal, **over)
+
+
+# Switch sets timed by `bench_attn.py --dtype e4m3` (and GPU-tested) beside the defaults.
+ABLATIONS = [
+    (128, False, dict(tile_n=128)), (128, False, dict(persistent=False)),
+    (128, False, dict(tile_n=128, persistent=False)), (128, False, dict(pingpong=False)),
+    (256, False, dict(rescale_early=False)), (256, False, dict(stages=3)),
+    (256, False, dict(persistent=True)), (256, True, dict(rescale_early=False)),
+    (64, False, dict(tile_m=128, tile_n=192)), (64, False, dict(persistent=False)),
+]
 
 
 def _fake(dtype, shape, contiguous_last=True):

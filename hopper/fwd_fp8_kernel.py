@@ -331,6 +331,8 @@ class FlashFwdFp8Sm90:
                     kv_state = self.block_overlap(ctx, kv_state, c_q, batch, head_kv, m_block,
                                                   n_mask_min - 1 - i, False)
                 # last half: PV of the lowest block
+                if const_expr(self.cfg.rescale_early):
+                    sm.rescale_o(acc_O_mn, row_scale)
                 pipe_v.consumer_wait(kv_state)
                 gemm(tiled_mma_pv, acc_O, tOrP, tOrV[None, None, None, kv_state.index], False, 0)
                 pipe_v.consumer_release(kv_state)
@@ -389,6 +391,9 @@ class FlashFwdFp8Sm90:
         self.pingpong_sync(ctx.wg)
         acc_S = cute.make_rmem_tensor(ctx.shape_S, Float32)
         gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, kv_state.index], True, -1)
+        if const_expr(self.cfg.rescale_early):
+            # O *= the previous step's factor while S = Q K^T runs (nothing else hides it without pingpong)
+            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
         ctx.pipe_v.consumer_wait(v_state)
         gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, v_state.index], False, -1)
         self.pingpong_arrive(ctx.wg)
@@ -402,7 +407,8 @@ class FlashFwdFp8Sm90:
         warpgroup.wait_group(0)  # PV done: P's registers and V's stage are free
         ctx.pipe_v.consumer_release(v_state)
         self.to_p(ctx, acc_S)
-        sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+        if const_expr(not self.cfg.rescale_early):
+            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
         return kv_state
 
     @cute.jit

@@ -84,6 +84,8 @@ def fp8_eval(args) -> int:
                       tuple(range(args.seeds)), device,
                       progress=lambda s: print(s, file=sys.stderr))
     print(ev.summarize(res))
+    if hasattr(ev, "summarize_kernel") and ev.summarize_kernel(res):
+        print(ev.summarize_kernel(res))  # a Hopper GPU: the real kernels beside the emulation
     if args.json:
         ev.save(res, args.json)
         print(f"wrote {args.json}")
@@ -94,7 +96,8 @@ def fp8_eval(args) -> int:
 
 # Every kernel family that ships compiled variants: (module, arch of its variants or None when the
 # config carries its own arch). `fa3 cache warm` compiles them all ahead of time, e.g. for an image.
-KERNEL_MODULES = (("fa3.hopper.flash_fwd", "sm_90a"), ("fa3.hopper.hadamard_quant", "sm_90a"),
+KERNEL_MODULES = (("fa3.hopper.flash_fwd", "sm_90a"), ("fa3.hopper.flash_fwd_fp8", "sm_90a"),
+                  ("fa3.hopper.fp8_vt", "sm_90a"), ("fa3.hopper.hadamard_quant", "sm_90a"),
                   ("fa3.hopper.bwd_preprocess", "sm_90a"), ("fa3.ampere.flash_fwd_sm80", None))
 
 

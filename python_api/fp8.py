@@ -4,8 +4,8 @@
   1. (incoherent) Q and K rotated by M = diag(random +-1 from ``seed``) H / sqrt(d) (QM (KM)^T = QK^T);
   2. quantized to e4m3: with ``block_quant`` one scale per (B_r query rows, head) and per (B_c key
      rows, kv head), B_r x B_c being the kernel's tile; else one scale per tensor;
-     steps 1-2 are one fused kernel per tensor (``fa3.hopper.hadamard_quant``); V is quantized the
-     same way (never rotated) and copied into the kernel's Vt layout (``flash_fwd_fp8.vt_layout``);
+     steps 1-2 are one fused kernel per tensor (``fa3.hopper.hadamard_quant``); V (never rotated)
+     is quantized straight into the kernel's seqlen-contiguous Vt layout (``fa3.hopper.fp8_vt``);
   3. the FP8 attention kernel (``fa3.hopper.fwd_fp8_kernel``), output bf16.
 ``fa3.flash_attn_func`` with float8_e4m3fn q/k/v and optional FA3 descales (float32 (b, h_kv))
 runs the same kernel (``fwd_prequantized``). Forward only: no gradient.
@@ -98,6 +98,24 @@ def quantize_fp8(q, k, v, cfg, incoherent: bool, block_quant: bool, seed: int):
     return q8, k8, v8, qs, ks, vs
 
 
+def prepare_fp8(q, k, v, cfg, incoherent: bool, block_quant: bool, seed: int):
+    """bf16/fp16 q, k, v -> the FP8 kernel's inputs (q8, k8, vt8, q_scale, k_scale, v_scale).
+    With block quantization V goes bf16 -> e4m3 Vt in one pass (``fa3.hopper.fp8_vt``); the result
+    equals ``quantize_fp8`` followed by ``flash_fwd_fp8.vt_layout`` bit for bit."""
+    from fa3.hopper.fp8_vt import make_vt
+
+    if block_quant:
+        from fa3.hopper.hadamard_quant import hadamard_quant
+
+        signs = _signs(q.shape[-1], int(seed), str(q.device)) if incoherent else None
+        q8, qs = hadamard_quant(q, signs, cfg.tile_m, rotate=incoherent)
+        k8, ks = hadamard_quant(k, signs, cfg.tile_n, rotate=incoherent)
+        vt8, vs = make_vt(v, cfg.tile_n)
+        return q8, k8, vt8, qs, ks, vs
+    q8, k8, v8, qs, ks, vs = quantize_fp8(q, k, v, cfg, incoherent, False, seed)
+    return q8, k8, make_vt(v8, cfg.tile_n)[0], qs, ks, vs
+
+
 def flash_attn_fp8_func(q, k, v, softmax_scale=None, causal=False, *, incoherent=True,
                         block_quant=True, seed=0, return_attn_probs=False):
     """FP8 attention from bf16/fp16 q (b, sq, h, d), k/v (b, sk, h_kv, d), d in (64, 128, 256).
@@ -108,12 +126,12 @@ def flash_attn_fp8_func(q, k, v, softmax_scale=None, causal=False, *, incoherent
     _no_grad_guard(q, k, v)
     scale = V.check_scale(softmax_scale, q.shape[-1])
     _check_hopper(q.device)
-    from fa3.hopper.flash_fwd_fp8 import default_config, flash_fwd_fp8, vt_layout
+    from fa3.hopper.flash_fwd_fp8 import default_config, flash_fwd_fp8
 
     cfg = default_config(q.shape[-1], v.shape[-1], bool(causal), q.shape[1], k.shape[1])
-    q8, k8, v8, qs, ks, vs = quantize_fp8(q, k, v, cfg, bool(incoherent), bool(block_quant), seed)
+    q8, k8, vt8, qs, ks, vs = prepare_fp8(q, k, v, cfg, bool(incoherent), bool(block_quant), seed)
     out, lse = _alloc_out(q, v.shape[-1])
-    flash_fwd_fp8(q8, k8, vt_layout(v8), qs, ks, vs, out, lse, scale, bool(causal), cfg)
+    flash_fwd_fp8(q8, k8, vt8, qs, ks, vs, out, lse, scale, bool(causal), cfg)
     return (out, lse) if return_attn_probs else out
 
 
@@ -139,8 +157,10 @@ def fwd_prequantized(q, k, v, out, lse, softmax_scale: float, causal: bool, q_de
     """The sm90 forward for float8_e4m3fn q/k/v (inputs validated by the caller, FA3 semantics:
     dequantized x = x8 * descale[batch, kv head]); writes out (bf16) and lse in place."""
     _no_grad_guard(q, k, v)
-    from fa3.hopper.flash_fwd_fp8 import default_config, flash_fwd_fp8, vt_layout
+    from fa3.hopper.flash_fwd_fp8 import default_config, flash_fwd_fp8
+    from fa3.hopper.fp8_vt import make_vt
 
     cfg = default_config(q.shape[-1], v.shape[-1], bool(causal), q.shape[1], k.shape[1])
     qs, ks, vs = descales_to_block_scales(q, k, cfg, q_descale, k_descale, v_descale)
-    flash_fwd_fp8(q, k, vt_layout(v), qs, ks, vs, out, lse, softmax_scale, bool(causal), cfg)
+    flash_fwd_fp8(q, k, make_vt(v, cfg.tile_n)[0], qs, ks, vs, out, lse, softmax_scale,
+                  bool(causal), cfg)

@@ -185,6 +185,7 @@ def evaluate(families=None, b=1, s=1024, h=4, d=128, seeds=(0, 1), device="cpu",
                                  device=str(device), rmse=err, b=b, s=s, h=h, d=d))
                 progress(f"  {fam:16s} seed {seed} {name:22s} rmse {err:.3e} "
                          f"({time.perf_counter() - t0:.1f}s)")
+            rows += kernel_rows(q, k, v, ref, scale, fam, seed, progress)  # [] without Hopper
     return dict(date=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
                 families={f: FAMILIES[f] for f in families}, rows=rows)
 
@@ -239,3 +240,61 @@ def plot(result: dict, path: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
+
+
+# ---- the real kernels (a Hopper GPU): fa3.flash_attn_fp8_func next to its emulation -----------------
+KERNEL_VARIANTS = [("fp8-tensor", False, False), ("fp8-block", True, False),
+                   ("fp8-incoherent", False, True), ("fp8-block+incoherent", True, True)]
+
+
+def kernel_rows(q, k, v, ref, scale, fam, seed, progress=print) -> list:
+    """On a Hopper GPU: each FP8 variant run by fa3's kernels (rotate+quantize kernel, FP8 attention
+    kernel) from bf16 inputs, as rows ``variant="kernel:<name>"``, ``impl="kernel"``, with ``rmse`` vs
+    float64 and ``rmse_vs_emulation``: the kernel against ``fp8_emulation.attention_fp8`` (the
+    kernel's algebra step by step) on the same quantized inputs and tiles. The ``emulation`` rows
+    above model the same quantization with 128-row blocks and whole-row softmax statistics, so they
+    are compared by RMSE vs float64, not element by element. Returns [] without such a GPU."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return []
+    import fa3
+    from fa3.fp8 import quantize_fp8
+    from fa3.hopper.flash_fwd_fp8 import default_config
+
+    qb, kb, vb = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+    cfg = default_config(q.shape[-1], v.shape[-1], False)
+    rows = []
+    for name, block, incoherent in KERNEL_VARIANTS:
+        with torch.no_grad():
+            out = fa3.flash_attn_fp8_func(qb, kb, vb, softmax_scale=scale, incoherent=incoherent,
+                                          block_quant=block, seed=seed + 1)
+        q8, k8, v8, qs, ks, vs = quantize_fp8(qb, kb, vb, cfg, incoherent, block, seed + 1)
+        emu, _ = fq.attention_fp8(q8, k8, v8, qs, ks, vs, scale, False, cfg.tile_m, cfg.tile_n)
+        err, agree = rmse(out, ref), rmse(out, emu.to(torch.bfloat16))
+        emu_err = rmse(emu, ref)
+        rows.append(dict(family=fam, seed=seed, variant="kernel:" + name, impl="kernel",
+                         device=torch.cuda.get_device_name(q.device), rmse=err,
+                         rmse_emulation=emu_err, rmse_vs_emulation=agree,
+                         tiles=[cfg.tile_m, cfg.tile_n], b=q.shape[0], s=q.shape[1], h=q.shape[2],
+                         d=q.shape[3]))
+        progress(f"  {fam:16s} seed {seed} kernel:{name:15s} rmse {err:.3e} (emulation "
+                 f"{emu_err:.3e}, kernel vs emulation {agree:.1e})")
+    return rows
+
+
+def summarize_kernel(result: dict) -> str:
+    """Kernel rows (if any): mean RMSE vs float64 of kernel and its step-by-step emulation, and of
+    kernel vs emulation, per variant and family."""
+    rows = [r for r in result["rows"] if r.get("impl") == "kernel"]
+    if not rows:
+        return ""
+    fams = list(result["families"])
+    lines = [f"fa3 FP8 kernels on {rows[0]['device']}: rmse kernel / emulation / kernel-vs-emulation",
+             f"{'variant':24s}" + "".join(f"{f:>34s}" for f in fams)]
+    for name, _, _ in KERNEL_VARIANTS:
+        cells = []
+        for f in fams:
+            rs = [r for r in rows if r["variant"] == "kernel:" + name and r["family"] == f]
+            m = lambda key: sum(r[key] for r in rs) / max(1, len(rs))
+            cells.append(f"{m('rmse'):.2e} / {m('rmse_emulation'):.2e} / {m('rmse_vs_emulation'):.1e}")
+        lines.append(f"{name:24s}" + "".join(f"{c:>34s}" for c in cells))
+    return "\n".join(lines)

@@ -43,3 +43,19 @@ def test_compile_fp8_fwd(cfg, tmp_path):
         assert spills and all(int(st) == 0 and int(ld) == 0 for st, ld in spills), rep.stderr[-2000:]
         assert "C7519" not in rep.stderr, "ptxas serialized wgmmas (register operand defined late)"
         assert "C7508" not in rep.stderr, "setmaxnreg ignored"
+
+
+from fa3.hopper import fp8_vt  # noqa: E402
+
+VT_VARIANTS = list(fp8_vt.variants())
+
+
+@pytest.mark.parametrize("cfg", VT_VARIANTS, ids=lambda c: f"{c.in_dtype}-dv{c.dv}-rows{c.block_rows}")
+def test_compile_fp8_vt(cfg, tmp_path):
+    """V -> Vt (copy or quantize): 16-byte global loads and stores, no local memory."""
+    build_vt = fp8_vt.build(cfg, extra_options=f"--keep-ptx --dump-dir {tmp_path}")
+    assert build_vt is not None
+    ptx = open(glob.glob(str(tmp_path / "*.ptx"))[0]).read()
+    assert "st.global.v4" in ptx and "ld.local" not in ptx and "st.local" not in ptx
+    if cfg.quantize:
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
