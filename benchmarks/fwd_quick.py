@@ -97,7 +97,7 @@ def run_shape(d, s, causal, rows, ablate=False, variants=None, skip=()):
         for name, cfg in (("no-overlap", dict(overlap=False)), ("no-pingpong", dict(pingpong=False)),
                           ("neither", dict(overlap=False, pingpong=False)),
                           ("non-persistent", dict(persistent=False))):
-            fns["fa3 " + name] = (lambda cfg=cfg: flash_fwd(q, k, v, out, lse, scale, causal, **cfg))
+            fns["fa3 " + name] = (lambda cfg=cfg: flash_fwd(q, k, v, out, lse, scale, causal, config_overrides=cfg))
     if variants:
         from fa3.hopper.flash_fwd import flash_fwd
 
@@ -106,7 +106,7 @@ def run_shape(d, s, causal, rows, ablate=False, variants=None, skip=()):
         for name, (hd, cfg) in variants.items():
             if hd is not None and hd != d:
                 continue
-            fns[name] = (lambda cfg=cfg: flash_fwd(q, k, v, out_v, lse_v, scale, causal, **cfg))
+            fns[name] = (lambda cfg=cfg: flash_fwd(q, k, v, out_v, lse_v, scale, causal, config_overrides=cfg))
     row = dict(d=d, s=s, b=b, h=h, causal=causal)
     for name, fn in fns.items():
         try:

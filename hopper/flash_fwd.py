@@ -15,7 +15,9 @@ from fa3.hopper.tile_scheduler import grid_size, num_tiles
 from fa3.hopper.tile_size import SMEM_LIMIT, separate_o_fits, smem_bytes, tile_size
 
 DTYPES = ("bfloat16", "float16")
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (64, 96, 128, 192, 256)
+# (d, dv) pairs with d != dv (DeepSeek-style MLA prefill shapes)
+HEAD_DIM_PAIRS = ((192, 128),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +37,26 @@ class FwdConfig:
     # (persistent: Q is then released after the store has read smem), instead of storing it
     # from registers straight to global memory.
     o_in_q: bool = False
+    # Features, each a compile-time switch (off: the plain kernel, unchanged).
+    local: bool = False  # sliding window (left, right) given at run time; causal is then False
+    softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
+    sink: bool = False  # learnable per-head sink logit (fp32 (h,)) in the softmax denominator
+    varlen: bool = False  # cu_seqlens_q/k: packed sequences (always persistent)
+    seqused_q: bool = False  # valid rows per sequence (rows past it: O = 0, LSE = -inf/sink)
+    seqused_k: bool = False  # valid keys per sequence
+
+
+FEATURES = ("local", "softcap", "sink", "varlen", "seqused_q", "seqused_k")
 
 
 def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = None,
-                   seqlen_k: int | None = None, **overrides) -> FwdConfig:
+                   seqlen_k: int | None = None, features: dict | None = None,
+                   **overrides) -> FwdConfig:
+    """features: {name: True} for FEATURES; overrides: any FwdConfig field (tiles, switches)."""
+    features = {k: bool(v) for k, v in (features or {}).items()}
+    assert set(features) <= set(FEATURES), features
     dtype = _dtype_name(dtype)
-    tile_m, tile_n, stages = tile_size(d, dv, causal, seqlen_q)
+    tile_m, tile_n, stages = tile_size(d, dv, causal, seqlen_q, local=features.get("local", False))
     # Pingpong needs the second S tile's registers to fit beside O: FA3 turns it off above hd128.
     pingpong = max(d, dv) <= 128
     # Without pingpong nothing hides a large O's rescale: move it under the next S GEMM.
@@ -57,9 +73,13 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # (H200 s16k: 571 -> 639, causal 561 -> 591; shorter sequences keep persistent: 1k/4k lose).
     if 64 < max(d, dv) <= 128 and seqlen_k is not None and seqlen_k >= 8192:
         persistent = False
+    if features.get("varlen"):  # tiles are only known on the device: persistent walk, O from
+        persistent, o_in_q = True, False  # registers (a TMA store cannot stop at a sequence end)
     cfg = FwdConfig(d, dv, dtype, bool(causal), tile_m, tile_n, stages, True, pingpong, persistent,
-                    rescale_early, o_in_q)
+                    rescale_early, o_in_q, **features)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
+    assert not (cfg.causal and cfg.local), cfg
+    assert cfg.persistent or not cfg.varlen, cfg
     assert cfg.tile_m in (128, 192) and cfg.tile_n % 16 == 0, cfg
     assert cfg.overlap or not cfg.rescale_early, cfg
     assert not cfg.o_in_q or d >= dv, cfg
@@ -68,11 +88,24 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
 
 
 def variants() -> Iterator[FwdConfig]:
-    """Every config worth compile-testing: the shipped defaults plus the ablation switches."""
-    for d in HEAD_DIMS:
+    """Every config worth compile-testing: the shipped defaults plus the ablation switches and
+    the feature switches."""
+    for d, dv in [(d, d) for d in HEAD_DIMS] + list(HEAD_DIM_PAIRS):
         for dtype in DTYPES:
             for causal in (False, True):
-                yield default_config(d, d, dtype, causal)
+                yield default_config(d, dv, dtype, causal)
+    for d, dv in ((64, 64), (128, 128), (192, 128), (256, 256)):  # features, bf16
+        yield default_config(d, dv, "bfloat16", False, features=dict(local=True))
+        yield default_config(d, dv, "bfloat16", True, features=dict(softcap=True, sink=True))
+        yield default_config(d, dv, "bfloat16", True, features=dict(varlen=True))
+        yield default_config(d, dv, "bfloat16", False, features=dict(
+            local=True, softcap=True, sink=True, varlen=True, seqused_q=True, seqused_k=True))
+    yield default_config(128, 128, "float16", False, features=dict(softcap=True))
+    yield default_config(128, 128, "bfloat16", False, features=dict(seqused_k=True))
+    yield default_config(128, 128, "bfloat16", True, features=dict(seqused_q=True, local=False))
+    yield default_config(96, 96, "bfloat16", False, features=dict(varlen=True, local=True))
+    yield dataclasses.replace(default_config(128, 128, "bfloat16", False, features=dict(local=True)),
+                              overlap=False)
     for causal in (False, True):  # ablations at hd128 bf16
         base = default_config(128, 128, "bfloat16", causal)
         yield dataclasses.replace(base, overlap=False)
@@ -101,14 +134,31 @@ def build(cfg: FwdConfig, extra_options: str = ""):
 
     from fa3.hopper.fwd_kernel import FlashFwdSm90
 
+    from cutlass.cute.runtime import make_fake_tensor
+
     b, h, hk, sq, sk = (cute.sym_int32() for _ in range(5))
     q = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.d))
     k = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.d))
     v = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.dv))
     o = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.dv))
     lse = _compile.fake_lse_tensor((b, h, sq))
+
+    def vec(dtype, n=None):  # a contiguous 1-D int32/fp32 tensor of symbolic length
+        return make_fake_tensor(dtype, (n if n is not None else cute.sym_int32(),), stride=(1,),
+                                assumed_align=4)
+
+    nb = cute.sym_int32()  # number of sequences (varlen) or batch
+    opt = dict(
+        cu_q=vec(cutlass.Int32) if cfg.varlen else None,
+        cu_k=vec(cutlass.Int32) if cfg.varlen else None,
+        used_q=vec(cutlass.Int32, nb) if cfg.seqused_q else None,
+        used_k=vec(cutlass.Int32, nb) if cfg.seqused_k else None,
+        sink=vec(cutlass.Float32) if cfg.sink else None,
+        softcap=cutlass.Float32(1.0) if cfg.softcap else None,
+        wl=cutlass.Int32(0) if cfg.local else None,
+        wr=cutlass.Int32(0) if cfg.local else None)
     kernel = FlashFwdSm90(cfg)
-    return cute.compile(kernel, q, k, v, o, lse, cutlass.Float32(1.0), cutlass.Int32(1),
+    return cute.compile(kernel, q, k, v, o, lse, cutlass.Float32(1.0), cutlass.Int32(1), *opt.values(),
                         make_fake_stream(use_tvm_ffi_env_stream=True),
                         options=_compile.compile_options(extra=extra_options))
 
@@ -119,9 +169,35 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, **cfg_overrides) -> None:
-    """out (b, sq, h, dv) and lse (b, h, sq) fp32 are written in place.
-    q (b, sq, h, d), k (b, sk, h_kv, d), v (b, sk, h_kv, dv); last dims contiguous."""
+def _window(causal: bool, window) -> tuple[bool, bool, int, int]:
+    """FA's (left, right), -1 unbounded -> (causal, local, left, right) for the kernel: causal is
+    (-1, 0); any other bounded window is local, with -1 sides as mask.UNBOUNDED."""
+    from fa3.hopper.mask import UNBOUNDED
+
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
+        return False, False, 0, 0
+    if left < 0 and right == 0:
+        return True, False, 0, 0
+    return False, True, left if left >= 0 else UNBOUNDED, right if right >= 0 else UNBOUNDED
+
+
+def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, *, window=None,
+              softcap: float = 0.0, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+              seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, sink=None,
+              config_overrides: dict | None = None) -> None:
+    """out and lse (fp32) are written in place. Dense: q (b, sq, h, d), k (b, sk, h_kv, d),
+    v (b, sk, h_kv, dv), out (b, sq, h, dv), lse (b, h, sq). Varlen (cu_seqlens_q/k int32 (b+1,)):
+    q (total_q, h, d), k/v (total_k, h_kv, d/dv), out (total_q, h, dv), lse (h, total_q).
+    Last dims contiguous. window (left, right), softcap, seqused_q/k (int32 (b,)) and sink
+    ((h,) logits) as in fa3.reference; config_overrides: FwdConfig fields (tiles, switches)."""
+    varlen = cu_seqlens_q is not None
+    assert varlen == (cu_seqlens_k is not None), "cu_seqlens_q and cu_seqlens_k go together"
+    if varlen:
+        assert q.dim() == 3 and lse.shape == (q.shape[1], q.shape[0])
+        q, k, v, out, lse = (t.unsqueeze(0) for t in (q, k, v, out, lse))
     b, sq, h, d = q.shape
     _, sk, hk, dv = v.shape
     assert k.shape == (b, sk, hk, d) and out.shape == (b, sq, h, dv) and lse.shape == (b, h, sq)
@@ -130,14 +206,32 @@ def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, **cfg_overr
         assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
         assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
     assert lse.stride(-1) == 1 and str(lse.dtype) == "torch.float32"
-    cfg = default_config(d, dv, q.dtype, causal, seqlen_q=sq, seqlen_k=sk, **cfg_overrides)
+    causal, local, left, right = _window(causal, window)
+    features = dict(local=local, softcap=softcap > 0, sink=sink is not None, varlen=varlen,
+                    seqused_q=seqused_q is not None, seqused_k=seqused_k is not None)
+    cfg = default_config(d, dv, q.dtype, causal,
+                         seqlen_q=max_seqlen_q if varlen else sq,
+                         seqlen_k=max_seqlen_k if varlen else sk,
+                         features=features, **(config_overrides or {}))
     fn = _compile.get_kernel(cfg, build)
+    if sink is not None:
+        sink = sink.float().contiguous()
     if b == 0 or sq == 0 or h == 0:
         return
     if sk == 0:  # no keys: every row is empty
         out.zero_()
-        lse.fill_(-math.inf)
+        if sink is not None:
+            lse.copy_(sink.view(1, h, 1).expand(b, h, sq))
+        else:
+            lse.fill_(-math.inf)
         return
-    tiles = num_tiles(sq, cfg.tile_m, h, b)
-    grid = grid_size(tiles, _num_sms(q.device), cfg.persistent)
-    fn(q, k, v, out, lse, float(softmax_scale), grid)
+    if varlen:
+        grid = _num_sms(q.device)  # the tile count is known only on the device
+    else:
+        tiles = num_tiles(sq, cfg.tile_m, h, b)
+        grid = grid_size(tiles, _num_sms(q.device), cfg.persistent)
+    scale, softcap_pre = float(softmax_scale), None
+    if softcap > 0:  # tanh(S * scale / cap), then the softmax runs with scale cap
+        scale, softcap_pre = float(softcap), float(softmax_scale) / float(softcap)
+    fn(q, k, v, out, lse, scale, grid, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, sink,
+       softcap_pre, left if local else None, right if local else None)

@@ -13,13 +13,18 @@ softmax(S_{j+1}) while PV_j runs (FA3 Alg. 2); `pingpong` makes the consumer war
 (round robin) issuing their GEMMs (named barriers), so one warpgroup's softmax hides under another's
 GEMMs; `rescale_early` moves O's rescale under the next S GEMM;
 `persistent` launches one CTA per SM walking tiles (tile_scheduler.py).
+Features (compile-time switches, so the plain path compiles as before): `local` (sliding window,
+runtime (left, right)), `softcap` (S <- tanh(S * scale / cap), scale becomes cap), `sink` (per-head
+logit in the denominator), `varlen` (cu_seqlens: per-sequence row offsets into packed tensors,
+tiles walked by the varlen scheduler, O stored from registers with row predicates since a TMA
+store cannot clip at a sequence's end), `seqused_q/k` (valid lengths; rows past seqused_q are
+fully masked rows).
 Epilogue: O /= l; O -> its own smem buffer -> TMA store (clips rows past seqlen_q) where that fits,
 else (hd256) with `o_in_q` O -> Q's smem buffer -> TMA store (Q released after the store when
 persistent), or O straight from registers to global memory; LSE from registers.
 """
-from __future__ import annotations
-
 from types import SimpleNamespace
+from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -30,7 +35,7 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
-from fa3.hopper.tile_scheduler import decode_tile, tile_index
+from fa3.hopper.tile_scheduler import decode_tile, tile_index, varlen_decode, varlen_window
 from fa3.hopper.tile_size import separate_o_fits
 from fa3.hopper.wgmma_utils import acc_to_frag_a, acc_to_mn, gemm, pack_f16x2, smem_layout, transpose_view
 
@@ -48,6 +53,9 @@ class FlashFwdSm90:
         self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
         self.d, self.dv = cfg.d, cfg.dv
         self.causal = cfg.causal
+        self.local = cfg.local
+        assert not (self.causal and self.local), "causal with a window is local with right = 0"
+        self.lpt = self.causal  # heaviest tiles first (and snake rounds) where tiles differ in cost
         self.num_consumers = cfg.tile_m // 64  # each consumer warpgroup owns 64 query rows
         self.num_threads = 128 * (1 + self.num_consumers)
         assert self.tile_m == 64 * self.num_consumers
@@ -55,7 +63,14 @@ class FlashFwdSm90:
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor,
-                 mLSE: cute.Tensor, softmax_scale: Float32, grid_ctas: Int32, stream):
+                 mLSE: cute.Tensor, softmax_scale: Float32, grid_ctas: Int32,
+                 mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
+                 mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
+                 mSink: Optional[cute.Tensor], softcap_pre: Optional[Float32],
+                 window_left: Optional[Int32], window_right: Optional[Int32], stream):
+        """Varlen: q/k/v/o come as (1, total, h, d) and LSE as (1, h, total_q). With softcap the
+        host passes softmax_scale = cap and softcap_pre = scale / cap. Unused optional inputs are
+        None (compiled out)."""
         dtype = mQ.element_type
         self.dtype = dtype
         # (b, s, h, d) -> (s, d, h, b): TMA/tile modes first; LSE (b, h, s) -> (s, h, b)
@@ -77,9 +92,10 @@ class FlashFwdSm90:
         # O is staged in its own smem buffer for a TMA store when it fits; else (hd256) each thread
         # stores its registers straight to global memory. Either way Q is released right after the
         # last S = Q K^T, so the next tile's Q loads while this tile finishes (persistent mode).
-        self.separate_o = separate_o_fits(self.tile_m, self.tile_n, self.d, self.dv, self.stages)
+        self.separate_o = (separate_o_fits(self.tile_m, self.tile_n, self.d, self.dv, self.stages)
+                           and not self.cfg.varlen)
         # else, with o_in_q, O is staged in Q's buffer (Q is then released only after the store)
-        self.o_in_q = self.cfg.o_in_q and not self.separate_o
+        self.o_in_q = self.cfg.o_in_q and not self.separate_o and not self.cfg.varlen
         self.tma_o = self.separate_o or self.o_in_q
         sQO_elems = cute.cosize(sQ_layout)
         if const_expr(self.o_in_q):
@@ -123,7 +139,9 @@ class FlashFwdSm90:
 
         num_m_blocks = (mQ.shape[0] + (self.tile_m - 1)) // self.tile_m
         self.kernel(tQ, tK, tV, tO, mO, mLSE, tma_Q, tma_K, tma_V, tma_O, tiled_mma_qk, tiled_mma_pv,
-                    sQ_layout, sK_layout, sV_layout, sO_layout, softmax_scale, num_m_blocks).launch(
+                    sQ_layout, sK_layout, sV_layout, sO_layout, softmax_scale, num_m_blocks,
+                    mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mSink, softcap_pre,
+                    window_left, window_right).launch(
             grid=[grid_ctas, 1, 1], block=[self.num_threads, 1, 1], stream=stream,
             min_blocks_per_mp=1)
 
@@ -133,7 +151,11 @@ class FlashFwdSm90:
                tma_O: cute.CopyAtom, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
                sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
                sV_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
-               softmax_scale: Float32, num_m_blocks: Int32):
+               softmax_scale: Float32, num_m_blocks: Int32, mCuSeqlensQ: Optional[cute.Tensor],
+               mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
+               mSeqUsedK: Optional[cute.Tensor], mSink: Optional[cute.Tensor],
+               softcap_pre: Optional[Float32], window_left: Optional[Int32],
+               window_right: Optional[Int32]):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
         if warp_idx == 0:
@@ -171,35 +193,88 @@ class FlashFwdSm90:
         num_heads, num_hb = mQ.shape[2], mQ.shape[2] * mQ.shape[3]
         qhead_per_kvhead = mQ.shape[2] // mK.shape[2]
         total_tiles = num_m_blocks * num_hb
+        # per-call inputs of the features; loop-invariant
+        feat = SimpleNamespace(cu_q=mCuSeqlensQ, cu_k=mCuSeqlensK, used_q=mSeqUsedQ, used_k=mSeqUsedK,
+                               sink=mSink, softcap_pre=softcap_pre, window_left=window_left,
+                               window_right=window_right, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                               num_m_blocks=num_m_blocks, num_heads=num_heads, num_hb=num_hb,
+                               total_tiles=total_tiles)
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[self.num_consumers][0])
             if warp_idx == 0:
                 self.producer(mQ, mK, mV, sQ, sK, sV, tma_Q, tma_K, tma_V, pipe_q, pipe_k, pipe_v,
-                              seqlen_q, seqlen_k, num_m_blocks, num_heads, num_hb, qhead_per_kvhead,
-                              total_tiles)
+                              qhead_per_kvhead, feat)
         else:
             cute.arch.setmaxregister_increase(REGS[self.num_consumers][1])
             self.consumer(mO, mO_raw, mLSE, sQ, sK, sV, sO, tma_O, tiled_mma_qk, tiled_mma_pv, pipe_q,
-                          pipe_k, pipe_v, softmax_scale, tidx - 128, seqlen_q, seqlen_k,
-                          num_m_blocks, num_heads, num_hb, total_tiles)
+                          pipe_k, pipe_v, softmax_scale, tidx - 128, feat)
+
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def first_work(self, feat):
+        """(tile, varlen window state) to start this CTA's walk; see next_work."""
+        tile = cute.arch.block_idx()[0]
+        c_b, c_t, c_incl = Int32(0), Int32(0), Int32(0)
+        if const_expr(self.cfg.varlen):
+            c_incl = varlen_window(c_b, feat.cu_q, self.tile_m, feat.num_heads)
+        return tile, c_b, c_t, c_incl
+
+    @cute.jit
+    def next_work(self, tile, c_b, c_t, c_incl, feat):
+        """Tile -> (m_block, head, batch, valid, c_b, c_t, c_incl); c_* carry the varlen
+        scheduler's window from tile to tile (unused otherwise)."""
+        if const_expr(self.cfg.varlen):
+            return varlen_decode(tile, c_b, c_t, c_incl, feat.cu_q, self.tile_m, feat.num_heads,
+                                 self.lpt)
+        m_block, head, batch = decode_tile(tile, feat.num_m_blocks, feat.num_heads, feat.num_hb,
+                                           self.lpt)
+        return m_block, head, batch, tile < feat.total_tiles, c_b, c_t, c_incl
+
+    @cute.jit
+    def seq_info(self, batch, feat):
+        """(offset_q, offset_k, seqlen_q, store_q, seqlen_k, batch index into the tensors):
+        seqlen_q/k are the valid lengths that the masks use, store_q the rows O/LSE own."""
+        offset_q, offset_k, bidx = 0, 0, batch
+        store_q, seqlen_k = feat.seqlen_q, feat.seqlen_k
+        if const_expr(self.cfg.varlen):
+            offset_q, offset_k, bidx = feat.cu_q[batch], feat.cu_k[batch], 0
+            store_q = feat.cu_q[batch + 1] - offset_q
+            seqlen_k = feat.cu_k[batch + 1] - offset_k
+        seqlen_q = store_q
+        if const_expr(self.cfg.seqused_q):
+            seqlen_q = cutlass.min(feat.used_q[batch], store_q)
+        if const_expr(self.cfg.seqused_k):
+            seqlen_k = cutlass.min(feat.used_k[batch], seqlen_k)
+        return offset_q, offset_k, seqlen_q, store_q, seqlen_k, bidx
+
+    @cute.jit
+    def kv_range(self, seqlen_q, seqlen_k, m_block, feat):
+        return mask_mod.kv_block_range(seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n,
+                                       self.causal, self.local, feat.window_left, feat.window_right)
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
     def producer(self, mQ, mK, mV, sQ, sK, sV, tma_Q, tma_K, tma_V, pipe_q, pipe_k, pipe_v,
-                 seqlen_q, seqlen_k, num_m_blocks, num_heads, num_hb, qhead_per_kvhead, total_tiles):
+                 qhead_per_kvhead, feat):
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         cta = cute.arch.block_idx()[0]
         grid = cute.arch.grid_dim()[0]
         rnd = Int32(0)
-        tile = cta
-        while tile < total_tiles:
-            m_block, head, batch = decode_tile(tile, num_m_blocks, num_heads, num_hb, self.causal)
+        tile, c_b, c_t, c_incl = self.first_work(feat)
+        m_block, head, batch, valid, c_b, c_t, c_incl = self.next_work(tile, c_b, c_t, c_incl, feat)
+        while valid:
+            offset_q, offset_k, seqlen_q, store_q, seqlen_k, bidx = self.seq_info(batch, feat)
             head_kv = head // qhead_per_kvhead
-            gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (m_block, 0))
-            gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (None, 0))
-            gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.dv), (None, 0))
+            mQ_cur, mK_cur, mV_cur = mQ[None, None, head, bidx], mK[None, None, head_kv, bidx], mV[None, None, head_kv, bidx]
+            if const_expr(self.cfg.varlen):  # the sequence's rows start at its cu_seqlens offset
+                mQ_cur = cute.domain_offset((offset_q, 0), mQ_cur)
+                mK_cur = cute.domain_offset((offset_k, 0), mK_cur)
+                mV_cur = cute.domain_offset((offset_k, 0), mV_cur)
+            gQ = cute.local_tile(mQ_cur, (self.tile_m, self.d), (m_block, 0))
+            gK = cute.local_tile(mK_cur, (self.tile_n, self.d), (None, 0))
+            gV = cute.local_tile(mV_cur, (self.tile_n, self.dv), (None, 0))
             one = cute.make_layout(1)
             tQs, tQg = cpasync.tma_partition(tma_Q, 0, one, cute.group_modes(sQ, 0, 2),
                                              cute.group_modes(gQ, 0, 2))
@@ -207,8 +282,7 @@ class FlashFwdSm90:
                                              cute.group_modes(gK, 0, 2))
             tVs, tVg = cpasync.tma_partition(tma_V, 0, one, cute.group_modes(sV, 0, 2),
                                              cute.group_modes(gV, 0, 2))
-            n_max = mask_mod.n_block_max(seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n,
-                                         self.causal)
+            n_min, n_max, _, _ = self.kv_range(seqlen_q, seqlen_k, m_block, feat)
             # Q is loaded even for a tile that sees no key: the consumers always wait for it,
             # which keeps the Q ring's phases simple. When Q's buffer is freed only after the
             # previous tile's O store (o_in_q, persistent), the first K goes ahead of Q.
@@ -218,13 +292,13 @@ class FlashFwdSm90:
                 cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
                 q_state.advance()
             else:
-                if n_max <= 0:
+                if n_max <= n_min:
                     pipe_q.producer_acquire(q_state)
                     cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
                     q_state.advance()
-            if n_max > 0:
+            if n_max > n_min:
                 if const_expr(not self.cfg.overlap):
-                    for i in cutlass.range(n_max, unroll=1):
+                    for i in cutlass.range(n_max - n_min, unroll=1):
                         n = n_max - 1 - i
                         pipe_k.producer_acquire(kv_state)
                         cute.copy(tma_K, tKg[None, n], tKs[None, kv_state.index],
@@ -242,7 +316,7 @@ class FlashFwdSm90:
                         pipe_q.producer_acquire(q_state)
                         cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
                         q_state.advance()
-                    for i in cutlass.range(n_max - 1, unroll=1):
+                    for i in cutlass.range(n_max - 1 - n_min, unroll=1):
                         n = n_max - 2 - i
                         v_state = kv_state.clone()
                         kv_state.advance()
@@ -253,11 +327,12 @@ class FlashFwdSm90:
                         cute.copy(tma_V, tVg[None, n + 1], tVs[None, v_state.index],
                                   tma_bar_ptr=pipe_v.producer_get_barrier(v_state))
                     pipe_v.producer_acquire(kv_state)
-                    cute.copy(tma_V, tVg[None, 0], tVs[None, kv_state.index],
+                    cute.copy(tma_V, tVg[None, n_min], tVs[None, kv_state.index],
                               tma_bar_ptr=pipe_v.producer_get_barrier(kv_state))
                     kv_state.advance()
             rnd += 1
-            tile = tile_index(rnd, cta, grid, self.causal)
+            tile = tile_index(rnd, cta, grid, self.lpt)
+            m_block, head, batch, valid, c_b, c_t, c_incl = self.next_work(tile, c_b, c_t, c_incl, feat)
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
@@ -273,8 +348,7 @@ class FlashFwdSm90:
 
     @cute.jit
     def consumer(self, mO, mO_raw, mLSE, sQ, sK, sV, sO, tma_O, tiled_mma_qk, tiled_mma_pv, pipe_q, pipe_k,
-                 pipe_v, softmax_scale, tidx, seqlen_q, seqlen_k, num_m_blocks, num_heads, num_hb,
-                 total_tiles):
+                 pipe_v, softmax_scale, tidx, feat):
         wg = cute.arch.make_warp_uniform(tidx // 128)
         wg_mma_qk = tiled_mma_qk.get_slice(wg * 128)
         wg_mma_pv = tiled_mma_pv.get_slice(wg * 128)
@@ -305,46 +379,50 @@ class FlashFwdSm90:
             tiled_mma_qk=tiled_mma_qk, tiled_mma_pv=tiled_mma_pv, tSrQ=tSrQ, tSrK=tSrK, tOrP=tOrP,
             tOrV=tOrV, shape_S=shape_S, acc_O=acc_O, acc_O_mn=acc_O_mn, tScS_mn=tScS_mn,
             row_max=row_max, row_sum=row_sum, row_scale=row_scale, scale_log2=scale_log2,
-            pipe_k=pipe_k, pipe_v=pipe_v, seqlen_q=seqlen_q, seqlen_k=seqlen_k, wg=wg)
+            pipe_k=pipe_k, pipe_v=pipe_v, wg=wg, feat=feat)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         cta = cute.arch.block_idx()[0]
         grid = cute.arch.grid_dim()[0]
         rnd = Int32(0)
-        tile = cta
-        while tile < total_tiles:
-            m_block, head, batch = decode_tile(tile, num_m_blocks, num_heads, num_hb, self.causal)
-            n_max = mask_mod.n_block_max(seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n,
-                                         self.causal)
+        tile, c_b, c_t, c_incl = self.first_work(feat)
+        m_block, head, batch, valid, c_b, c_t, c_incl = self.next_work(tile, c_b, c_t, c_incl, feat)
+        while valid:
+            offset_q, _, seqlen_q, store_q, seqlen_k, bidx = self.seq_info(batch, feat)
+            # a per-tile view (mutating ctx here would make it loop-carried state)
+            tctx = SimpleNamespace(seqlen_q=seqlen_q, seqlen_k=seqlen_k, **vars(ctx))
+            n_min, n_max, n_hi, n_lo = self.kv_range(seqlen_q, seqlen_k, m_block, feat)
             acc_O.fill(0.0)
             row_max.fill(-Float32.inf)
             row_sum.fill(0.0)
             pipe_q.consumer_wait(q_state)
 
-            if n_max > 0:
-                n_mask_min = n_max - 1
-                if const_expr(self.causal):
-                    n_mask_min = cutlass.min(
-                        n_mask_min, mask_mod.n_block_min_causal_mask(
-                            seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n))
+            if n_max > n_min:
+                # walk down: [n_hi, n_max) masked (right edge / tail), [n_lo, n_hi) unmasked,
+                # [n_min, n_lo) masked (left window edge; local only)
                 if const_expr(not self.cfg.overlap):
-                    # blocks n_max-1 .. n_mask_min masked, then the rest unmasked
-                    for i in cutlass.range(n_max - n_mask_min, unroll=1):
-                        kv_state = self.block_plain(ctx, kv_state, m_block, n_max - 1 - i, True)
-                    for i in cutlass.range(n_mask_min, unroll=1):
-                        kv_state = self.block_plain(ctx, kv_state, m_block, n_mask_min - 1 - i, False)
+                    for i in cutlass.range(n_max - n_hi, unroll=1):
+                        kv_state = self.block_plain(tctx, kv_state, m_block, n_max - 1 - i, True)
+                    for i in cutlass.range(n_hi - n_lo, unroll=1):
+                        kv_state = self.block_plain(tctx, kv_state, m_block, n_hi - 1 - i, False)
+                    if const_expr(self.local):
+                        for i in cutlass.range(n_lo - n_min, unroll=1):
+                            kv_state = self.block_plain(tctx, kv_state, m_block, n_lo - 1 - i, True)
                 else:
                     # first half: S of the highest block, softmax, P ready; no PV yet
                     pipe_k.consumer_wait(kv_state)
                     acc_S = cute.make_rmem_tensor(shape_S, Float32)
                     gemm(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, kv_state.index], True, 0)
                     pipe_k.consumer_release(kv_state)
-                    self.softmax_block(ctx, acc_S, m_block, n_max - 1, True)
-                    self.to_p(ctx, acc_S)
-                    for i in cutlass.range(n_max - 1 - n_mask_min, unroll=1):
-                        kv_state = self.block_overlap(ctx, kv_state, m_block, n_max - 2 - i, True)
-                    for i in cutlass.range(n_mask_min, unroll=1):
-                        kv_state = self.block_overlap(ctx, kv_state, m_block, n_mask_min - 1 - i, False)
+                    self.softmax_block(tctx, acc_S, m_block, n_max - 1, True)
+                    self.to_p(tctx, acc_S)
+                    for i in cutlass.range(n_max - 1 - n_hi, unroll=1):
+                        kv_state = self.block_overlap(tctx, kv_state, m_block, n_max - 2 - i, True)
+                    for i in cutlass.range(n_hi - n_lo, unroll=1):
+                        kv_state = self.block_overlap(tctx, kv_state, m_block, n_hi - 1 - i, False)
+                    if const_expr(self.local):
+                        for i in cutlass.range(n_lo - n_min, unroll=1):
+                            kv_state = self.block_overlap(tctx, kv_state, m_block, n_lo - 1 - i, True)
                     # last half: PV of the lowest block
                     if const_expr(self.cfg.rescale_early):
                         sm.rescale_o(acc_O_mn, row_scale)
@@ -358,10 +436,19 @@ class FlashFwdSm90:
             q_late = const_expr(self.o_in_q and self.cfg.persistent)
             if const_expr(not q_late):
                 pipe_q.consumer_release(q_state)
-            sm.finalize(row_max, row_sum, row_scale, lse, softmax_scale)
+            if const_expr(self.cfg.seqused_q):
+                # rows past seqused_q (but inside the output) are fully masked rows
+                for r in cutlass.range_constexpr(n_rows):
+                    if m_block * self.tile_m + tOcO_mn[r, 0][0] >= seqlen_q:
+                        row_max[r] = -Float32.inf
+                        row_sum[r] = Float32(0.0)
+            sink = None
+            if const_expr(self.cfg.sink):
+                sink = Float32(feat.sink[head])
+            sm.finalize(row_max, row_sum, row_scale, lse, softmax_scale, sink)
             sm.rescale_o(acc_O_mn, row_scale)
             self.epilogue(acc_O, lse, mO, mO_raw, mLSE, sO, tOcO_mn, tma_O, tiled_mma_pv, tidx, m_block,
-                          head, batch, seqlen_q)
+                          head, batch, bidx, offset_q, store_q)
             if const_expr(q_late):
                 if tidx < 32:  # the TMA store has read O out of Q's buffer
                     cute.arch.cp_async_bulk_wait_group(0, read=True)
@@ -369,7 +456,8 @@ class FlashFwdSm90:
                 pipe_q.consumer_release(q_state)
             q_state.advance()
             rnd += 1
-            tile = tile_index(rnd, cta, grid, self.causal)
+            tile = tile_index(rnd, cta, grid, self.lpt)
+            m_block, head, batch, valid, c_b, c_t, c_incl = self.next_work(tile, c_b, c_t, c_incl, feat)
         if const_expr(self.tma_o):
             if tidx < 32:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the last store
@@ -377,9 +465,12 @@ class FlashFwdSm90:
     @cute.jit
     def softmax_block(self, ctx, acc_S, m_block, n, masked: cutlass.Constexpr[bool]):
         acc_S_mn = acc_to_mn(acc_S)
+        if const_expr(self.cfg.softcap):
+            sm.apply_softcap(acc_S_mn, ctx.feat.softcap_pre)
         if const_expr(masked):
             mask_mod.apply_mask(acc_S_mn, ctx.tScS_mn, ctx.seqlen_q, ctx.seqlen_k, m_block, n,
-                                self.tile_m, self.tile_n, self.causal)
+                                self.tile_m, self.tile_n, self.causal, self.local,
+                                ctx.feat.window_left, ctx.feat.window_right)
         sm.online_softmax(acc_S_mn, ctx.row_max, ctx.row_sum, ctx.row_scale, ctx.scale_log2)
 
     @cute.jit
@@ -440,7 +531,9 @@ class FlashFwdSm90:
 
     @cute.jit
     def epilogue(self, acc_O, lse, mO, mO_raw, mLSE, sO, tOcO_mn, tma_O, tiled_mma_pv, tidx, m_block,
-                 head, batch, seqlen_q):
+                 head, batch, bidx, offset_q, store_q):
+        """O and LSE of one tile; rows at or past store_q (the rows this sequence owns) are not
+        written. bidx/offset_q: batch index into the tensors and row offset (varlen)."""
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
         rO.store(acc_O.load().to(self.dtype))
         if const_expr(self.tma_o):
@@ -463,16 +556,19 @@ class FlashFwdSm90:
                 cute.arch.cp_async_bulk_commit_group()
         else:
             # straight from registers (pairs of 16-bit values), rows past seqlen_q skipped
-            gO = cute.local_tile(mO_raw[None, None, head, batch], (self.tile_m, self.dv), (m_block, 0))
+            mO_cur = mO_raw[None, None, head, bidx]
+            if const_expr(self.cfg.varlen):
+                mO_cur = cute.domain_offset((offset_q, 0), mO_cur)
+            gO = cute.local_tile(mO_cur, (self.tile_m, self.dv), (m_block, 0))
             tOgO_mn = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(gO))
             rO_mn = acc_to_mn(rO)
             for r in cutlass.range_constexpr(cute.size(rO_mn, mode=[0])):
-                if m_block * self.tile_m + tOcO_mn[r, 0][0] < seqlen_q:
+                if m_block * self.tile_m + tOcO_mn[r, 0][0] < store_q:
                     for c in cutlass.range_constexpr(cute.size(rO_mn, mode=[1])):
                         tOgO_mn[r, c] = rO_mn[r, c]
         # LSE: the thread holding column 0 of a row writes it (rows past seqlen_q are dropped)
         if tOcO_mn[0, 0][1] == 0:
             for r in cutlass.range_constexpr(cute.size(lse)):
                 row = m_block * self.tile_m + tOcO_mn[r, 0][0]
-                if row < seqlen_q:
-                    mLSE[row, head, batch] = lse[r]
+                if row < store_q:
+                    mLSE[offset_q + row, head, bidx] = lse[r]

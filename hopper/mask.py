@@ -5,12 +5,22 @@ The main loop walks KV blocks from the last one down and splits into: the first 
 masked for the ragged seqlen_k tail and the diagonal; further blocks that cross the diagonal
 (causal only), masked; and all remaining blocks, which run with no mask code at all.
 Rows past seqlen_q are computed like any other and clipped by the TMA store.
+
+Sliding window (left, right) ("local", FA's semantics): key k is visible to query q iff
+  q + sk - sq - left <= k <= q + sk - sq + right  (and k < seqlen_k);
+a side given as -1 is unbounded and reaches the kernel as a large value (UNBOUNDED), so one masked
+code path serves every window. kv_block_range computes, once per Q tile, the blocks [n_min, n_max)
+any row sees and which of them need masking: the walk from n_max-1 down runs masked blocks (right
+edge / seqlen_k tail), unmasked blocks, then masked blocks again (left edge); blocks below n_min are
+never loaded.
 """
 from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
+
+UNBOUNDED = 1 << 30  # stands for window side -1; row + sk + UNBOUNDED stays below 2**31
 
 
 @cute.jit
@@ -35,13 +45,56 @@ def n_block_min_causal_mask(seqlen_q: Int32, seqlen_k: Int32, m_block: Int32,
 
 
 @cute.jit
+def kv_block_range(seqlen_q: Int32, seqlen_k: Int32, m_block: Int32, tile_m: cutlass.Constexpr[int],
+                   tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool],
+                   local: cutlass.Constexpr[bool], window_left, window_right):
+    """(n_min, n_max, n_hi, n_lo) for one Q tile: blocks [n_min, n_max) are visible to some row;
+    [n_hi, n_max) need the right-edge/tail mask (never empty when the range is not), [n_lo, n_hi)
+    no mask, [n_min, n_lo) the left-edge mask (local only). n_max <= n_min: the tile sees no key.
+    Causal is the window (UNBOUNDED, 0); window_left/right are ignored unless `local`."""
+    if cutlass.const_expr(not (causal or local)):
+        n_max = n_block_max(seqlen_q, seqlen_k, m_block, tile_m, tile_n, False)
+        return 0, n_max, n_max - 1, 0
+    right = 0 if cutlass.const_expr(causal) else window_right
+    row_lo = m_block * tile_m
+    row_hi = cutlass.min(row_lo + tile_m, seqlen_q) - 1  # last valid row of the tile
+    diag = seqlen_k - seqlen_q
+    end = cutlass.min(row_hi + diag + right + 1, seqlen_k)
+    n_max = (cutlass.max(end, 0) + (tile_n - 1)) // tile_n
+    # block n needs no right mask iff every row sees its last column: (n+1)*tile_n <= full_end
+    full_end = cutlass.min(row_lo + diag + right + 1, seqlen_k)
+    n_hi = cutlass.min(cutlass.max(full_end, 0) // tile_n, n_max - 1)
+    n_min = 0
+    n_lo = 0
+    if cutlass.const_expr(local):
+        n_min = cutlass.max(row_lo + diag - window_left, 0) // tile_n
+        # block n needs no left mask iff the last row sees its first column
+        n_lo = (cutlass.max(row_hi + diag - window_left, 0) + (tile_n - 1)) // tile_n
+        n_hi = cutlass.max(n_hi, n_min)
+        n_lo = cutlass.min(cutlass.max(n_lo, n_min), n_hi)
+    return n_min, n_max, n_hi, n_lo
+
+
+@cute.jit
 def apply_mask(acc_mn: cute.Tensor, coord_mn: cute.Tensor, seqlen_q: Int32, seqlen_k: Int32,
                m_block: Int32, n_block: Int32, tile_m: cutlass.Constexpr[int],
-               tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool]):
+               tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool],
+               local: cutlass.Constexpr[bool] = False, window_left=None, window_right=None):
     """Set masked scores to -inf. acc_mn / coord_mn: (rows, cols) views of this thread's accumulators
-    and of their (row, col) coordinates inside the tile."""
+    and of their (row, col) coordinates inside the tile. `local`: window (window_left, window_right)
+    (causal must then be False; causal with a left window is local with right = 0)."""
     col_limit = seqlen_k - n_block * tile_n  # tile columns >= this are past seqlen_k
-    if cutlass.const_expr(not causal):
+    if cutlass.const_expr(local):
+        # visible iff row + diag - left <= col <= row + diag + right, col < col_limit
+        diag = m_block * tile_m - n_block * tile_n + seqlen_k - seqlen_q
+        for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
+            row = coord_mn[r, 0][0] + diag
+            hi = cutlass.min(row + window_right + 1, col_limit)
+            lo = row - window_left
+            for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
+                col = coord_mn[r, c][1]
+                acc_mn[r, c] = -Float32.inf if (col >= hi or col < lo) else acc_mn[r, c]
+    elif cutlass.const_expr(not causal):
         for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
             oob = coord_mn[0, c][1] >= col_limit
             for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):

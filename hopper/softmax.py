@@ -7,6 +7,9 @@ register loop plus two butterfly shuffles. With c = softmax_scale * log2(e):
   O *= exp2((m - m')*c)
 A row that has seen only masked keys keeps m = -inf; it uses 0 in place of m'*c so exp2 gives 0
 (never inf - inf = NaN), and finalize turns l = 0 into O = 0, LSE = -inf.
+Softcap S <- cap * tanh(S * scale / cap) is folded into the scales: the kernel multiplies S by
+scale / cap, takes tanh, and runs the softmax above with scale = cap. A learnable sink (one logit
+per head, natural-log units) joins only the denominator, in finalize.
 """
 from __future__ import annotations
 
@@ -15,6 +18,27 @@ import math
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+
+LOG2_E = math.log2(math.e)
+
+
+@dsl_user_op
+def tanh_approx(x: Float32, *, loc=None, ip=None) -> Float32:
+    """tanh.approx.f32: one MUFU op (max relative error ~2^-11), what FA uses for softcap."""
+    return Float32(llvm.inline_asm(
+        T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "tanh.approx.f32 $0, $1;", "=f,f",
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@cute.jit
+def apply_softcap(acc_mn: cute.Tensor, pre_scale: Float32):
+    """S <- tanh(S * pre_scale) in place, pre_scale = softmax_scale / cap (before any mask: a
+    masked -inf must stay -inf, tanh would make it -1)."""
+    for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
+        for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
+            acc_mn[r, c] = tanh_approx(acc_mn[r, c] * pre_scale)
 
 
 @cute.jit
@@ -68,11 +92,22 @@ def rescale_o(acc_o_mn: cute.Tensor, row_scale: cute.Tensor):
 
 @cute.jit
 def finalize(row_max: cute.Tensor, row_sum: cute.Tensor, row_scale: cute.Tensor, lse: cute.Tensor,
-             softmax_scale: Float32):
-    """row_scale <- 1/l (0 for an empty row); lse <- m*scale + ln(l) (-inf for an empty row)."""
+             softmax_scale: Float32, sink=None):
+    """row_scale <- 1/l (0 for an empty row); lse <- m*scale + ln(l) (-inf for an empty row).
+    With `sink` (Float32 logit, natural log): the denominator gains exp(sink), so with
+    M = max(m*scale, sink): l' = l*exp(m*scale - M) + exp(sink - M), O *= exp(m*scale - M)/l',
+    lse = M + ln(l'); an empty row gets O = 0 and lse = sink (FA4's and fa3.reference's rule)."""
     for r in cutlass.range_constexpr(cute.size(row_sum)):
         l = quad_sum(row_sum[r])
-        empty = l == Float32(0.0) or l != l
-        row_scale[r] = Float32(0.0) if empty else cute.arch.rcp_approx(l)
-        lse[r] = (-Float32.inf if empty
-                  else row_max[r] * softmax_scale + cute.math.log2(l, fastmath=True) * math.log(2.0))
+        if cutlass.const_expr(sink is None):
+            empty = l == Float32(0.0) or l != l
+            row_scale[r] = Float32(0.0) if empty else cute.arch.rcp_approx(l)
+            lse[r] = (-Float32.inf if empty
+                      else row_max[r] * softmax_scale + cute.math.log2(l, fastmath=True) * math.log(2.0))
+        else:
+            ms = row_max[r] * (softmax_scale * LOG2_E)  # log2 units; -inf for an empty row
+            mx = cute.arch.fmax(ms, sink * LOG2_E)
+            w = cute.arch.exp2(ms - mx)
+            l_tot = l * w + cute.arch.exp2(sink * LOG2_E - mx)
+            row_scale[r] = w * cute.arch.rcp_approx(l_tot)
+            lse[r] = (mx + cute.math.log2(l_tot, fastmath=True)) * math.log(2.0)

@@ -7,8 +7,21 @@ heads and batches of it before the next lighter one, so the tail of the schedule
 CTAs walk the rounds in snake order (tile_index) so each CTA's sum of work stays even.
 With persistent=False the grid covers every tile and the loop body runs once per CTA.
 The producer and the consumers walk the same sequence independently: no shared state, no atomics.
+
+Varlen (cu_seqlens): tiles are numbered sequence by sequence, ceil(len_b / tile_m) * heads tiles for
+sequence b (zero for an empty one), and CTAs stride through them persistently as above, so a
+long-tailed mix of lengths still spreads over every SM (a CTA's work differs from another's by at
+most about one tile). Each warp finds a tile's sequence itself, 32 sequences at a time: every lane
+counts the tiles of one sequence, a warp prefix sum and a ballot locate the tile (varlen_decode);
+the 32-sequence window is kept across tiles (a CTA's tiles only increase), so a walk through B
+sequences reads cu_seqlens once per 32 of them. Inside a sequence: m_block fastest (non-causal, one
+head's K/V shared in L2) or heaviest m_block first, heads adjacent (causal/local).
 """
 from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32
 
 
 def num_tiles(seqlen_q: int, tile_m: int, heads: int, batch: int) -> int:
@@ -38,3 +51,52 @@ def tile_index(rnd, cta, grid, snake: bool):
         odd = rnd % 2
         return rnd * grid + cta + odd * (grid - 1 - 2 * cta)
     return rnd * grid + cta
+
+
+@cute.jit
+def varlen_window(base_b: Int32, mCuSeqlensQ: cute.Tensor, tile_m: cutlass.Constexpr[int],
+                  num_heads: Int32) -> Int32:
+    """Inclusive prefix sum, over lanes, of the tile counts of sequences base_b + lane (0 past the
+    last sequence)."""
+    lane = cute.arch.lane_idx()
+    b = base_b + lane
+    cnt = Int32(0)
+    if b < mCuSeqlensQ.shape[0] - 1:
+        seqlen = mCuSeqlensQ[b + 1] - mCuSeqlensQ[b]
+        cnt = (seqlen + (tile_m - 1)) // tile_m * num_heads
+    for i in cutlass.range_constexpr(5):
+        up = cute.arch.shuffle_sync_up(cnt, 1 << i)
+        if lane >= (1 << i):
+            cnt = cnt + up
+    return cnt
+
+
+@cute.jit
+def varlen_decode(tile: Int32, base_b: Int32, base_tiles: Int32, incl: Int32,
+                  mCuSeqlensQ: cute.Tensor, tile_m: cutlass.Constexpr[int], num_heads: Int32,
+                  lpt: cutlass.Constexpr[bool]):
+    """Tile -> (m_block, head, batch, valid, base_b, base_tiles, incl): the last three are the
+    32-sequence window (loop-carried by the caller; start with base_b = base_tiles = 0 and
+    incl = varlen_window(0, ...)). Whole warp, uniform result."""
+    num_batch = mCuSeqlensQ.shape[0] - 1
+    while base_b < num_batch and tile >= base_tiles + cute.arch.shuffle_sync(incl, 31):
+        base_tiles = base_tiles + cute.arch.shuffle_sync(incl, 31)
+        base_b = base_b + 32
+        incl = varlen_window(base_b, mCuSeqlensQ, tile_m, num_heads)
+    valid = base_b < num_batch
+    # lanes whose sequences end at or before the tile: the tile is in the next one
+    lane = cute.arch.popc(cute.arch.vote_ballot_sync(base_tiles + incl <= tile))
+    batch = base_b + lane
+    prev = cute.arch.shuffle_sync(incl, cutlass.max(lane - 1, 0))
+    start = base_tiles + (prev if lane > 0 else Int32(0))
+    seqlen = Int32(0)
+    if valid:
+        seqlen = mCuSeqlensQ[batch + 1] - mCuSeqlensQ[batch]
+    num_m = cutlass.max((seqlen + (tile_m - 1)) // tile_m, 1)
+    local = tile - start
+    m_block = local % num_m
+    head = local // num_m
+    if cutlass.const_expr(lpt):
+        m_block = num_m - 1 - local // num_heads
+        head = local % num_heads
+    return m_block, head, batch, valid, base_b, base_tiles, incl

@@ -18,7 +18,8 @@ def padding(seqlen: int, tile: int) -> float:
     return (-(-seqlen // tile) * tile - seqlen) / seqlen
 
 
-def tile_size(d: int, dv: int, causal: bool, seqlen_q: int | None = None) -> tuple[int, int, int]:
+def tile_size(d: int, dv: int, causal: bool, seqlen_q: int | None = None,
+              local: bool = False) -> tuple[int, int, int]:
     """(tile_m, tile_n, kv_stages) for bf16/fp16 inputs. seqlen_q (when known) steers causal hd64
     away from 192-row tiles where they would compute many padding rows (e.g. 1024 = 5.3 x 192: the
     last, and heaviest, tile is two-thirds padding)."""
@@ -30,10 +31,16 @@ def tile_size(d: int, dv: int, causal: bool, seqlen_q: int | None = None) -> tup
         # 255 -> 128 rows 276 TFLOP/s causal; non-causal 392 -> 373, so 192 stays there)
         if causal and seqlen_q is not None and padding(seqlen_q, 192) > padding(seqlen_q, 128) + 0.05:
             tile_m = 128
+        if local:  # the window mask's row bounds spill at three warpgroups' 160 registers
+            tile_m = 128
     elif hd <= 128:
         # FA3's C++ ships 128 x 176 non-causal; here 128 x 128 measured faster (H200, 2026-11-21):
         # it leaves room for O's own smem buffer, so Q of the next tile loads during the epilogue.
         tile_n = 128
+    elif hd <= 192:
+        # hd192: FA3 ships 128 x 128, 112 when dv > 128; smem (Q + 2 x (K + V)) decides here:
+        # d192/dv192 fits 112 (217 KB), d192/dv128 fits 128 (209 KB); O staged in Q's buffer.
+        tile_n = 112 if dv > 128 else 128
     else:
         tile_n = 80
     stages = 2

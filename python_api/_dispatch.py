@@ -68,8 +68,17 @@ _FWD_FAMILIES = {
 }
 
 
+# Per family: what its bf16/fp16 forward adds to the head dims above (which the fp8 forward
+# shares), the (d, dv) pairs with d != dv it takes, and the optional features it implements.
+_FWD_ADDS = {
+    "sm90": ((96, 192), ((192, 128),), frozenset({"varlen", "seqused", "window", "softcap", "sink"})),
+    "sm80": ((), (), frozenset()),
+}
+
+
 def _fwd_missing(backend: str, r: FwdRequest) -> str | None:
     head_dims, module, kernel_name = _FWD_FAMILIES[backend]
+    more_dims, pairs, features = _FWD_ADDS[backend]
     if r.fp8:  # the FP8 forward (fa3.fp8 / hopper.flash_fwd_fp8): sm90, equal head dims 64/128/256
         if backend != "sm90" or r.d != r.dv or r.d not in head_dims:
             return f"fp8 attention on {backend} with head dims {r.d}/{r.dv}"
@@ -79,17 +88,21 @@ def _fwd_missing(backend: str, r: FwdRequest) -> str | None:
         return None
     if r.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {r.dtype}"
-    if r.d != r.dv:
+    if r.d != r.dv and (r.d, r.dv) not in pairs:
         return f"head dim q/k {r.d} != v {r.dv}"
+    head_dims = tuple(sorted(head_dims + more_dims))
     if r.d not in head_dims:
         return f"head dim {r.d} ({backend} supports {', '.join(map(str, head_dims))} today)"
-    if r.varlen or r.has_seqused:
+    if r.varlen and "varlen" not in features:
         return "varlen / seqused"
-    if r.window != (-1, -1) and not (r.causal and r.window[0] == -1):
+    if r.has_seqused and "seqused" not in features:
+        return "varlen / seqused"
+    if (r.window != (-1, -1) and not (r.causal and r.window[0] == -1)
+            and "window" not in features):
         return "sliding-window (local) attention"
-    if r.softcap:
+    if r.softcap and "softcap" not in features:
         return "softcap"
-    if r.has_sink:
+    if r.has_sink and "sink" not in features:
         return "learnable sink"
     try:
         importlib.import_module(module)

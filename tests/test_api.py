@@ -199,15 +199,32 @@ def _req(**over):
     (dict(has_sink=True), "learnable sink"), (dict(fp8=True, softcap=30.0), "fp8"),
 ])
 def test_dispatch_names_missing_features(over, name):
+    # sm90's bf16/fp16 forward has every feature here; sm80's has hd96 but none of the others
     missing = _dispatch.fwd_missing("sm90", _req(**over))
-    assert missing is not None and name in missing
-    with pytest.raises(NotImplementedError, match="not implemented yet on backend sm90"):
-        _dispatch.require_fwd("sm90", _req(**over))
+    if over.get("fp8"):
+        assert missing is not None and name in missing
+        with pytest.raises(NotImplementedError, match="not implemented yet on backend sm90"):
+            _dispatch.require_fwd("sm90", _req(**over))
+    else:
+        assert missing is None, missing
     missing80 = _dispatch.fwd_missing("sm80", _req(**over))
-    if over.get("d") == 96:  # the sm80 kernel has hd96; the sm90 one does not yet
+    if over.get("d") == 96:
         assert missing80 is None
     else:
         assert missing80 is not None and name.split()[0] in missing80
+        with pytest.raises(NotImplementedError, match="not implemented yet on backend sm80"):
+            _dispatch.require_fwd("sm80", _req(**over))
+
+
+@pytest.mark.parametrize("over,ok90", [
+    (dict(d=192, dv=192), True), (dict(d=192, dv=128), True), (dict(d=128, dv=64), False),
+    (dict(d=96, dv=64), False), (dict(has_seqused=True), True),
+    (dict(window=(-1, 64)), True), (dict(causal=True, window=(128, 0)), True),
+])
+def test_dispatch_sm90_head_dims_and_features(over, ok90):
+    assert (_dispatch.fwd_missing("sm90", _req(**over)) is None) == ok90
+    if over.get("d") != over.get("dv"):  # the sm80 forward takes equal head dims only
+        assert "!= v" in _dispatch.fwd_missing("sm80", _req(**over))
 
 
 def test_backend_env_and_meta(monkeypatch):

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from fa3.hopper.flash_fwd import build, variants
+from fa3.hopper.flash_fwd import FEATURES, build, variants
 
 pytestmark = pytest.mark.compile
 
@@ -18,7 +18,9 @@ VARIANTS = list(variants())
 
 def _id(cfg):
     flags = "".join(n[0] for n in ("overlap", "pingpong", "persistent") if getattr(cfg, n))
-    return f"hd{cfg.d}-{cfg.dtype}-{'causal' if cfg.causal else 'full'}-{cfg.tile_m}x{cfg.tile_n}-{flags or 'none'}"
+    feats = "".join(f"-{n}" for n in FEATURES if getattr(cfg, n))
+    hd = f"hd{cfg.d}" + (f"v{cfg.dv}" if cfg.dv != cfg.d else "")
+    return f"{hd}-{cfg.dtype}-{'causal' if cfg.causal else 'full'}-{cfg.tile_m}x{cfg.tile_n}-{flags or 'none'}{feats}"
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=_id)

@@ -27,7 +27,7 @@ def run_fwd(q, k, v, causal, **cfg):
     b, sq, h, _ = q.shape
     out = poison_(torch.empty(b, sq, h, v.shape[-1], dtype=q.dtype, device=q.device))
     lse = poison_(torch.empty(b, h, sq, dtype=torch.float32, device=q.device))
-    flash_fwd(q, k, v, out, lse, 1.0 / math.sqrt(q.shape[-1]), causal, **cfg)
+    flash_fwd(q, k, v, out, lse, 1.0 / math.sqrt(q.shape[-1]), causal, config_overrides=cfg)
     return out, lse
 
 
