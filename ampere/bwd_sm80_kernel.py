@@ -1,0 +1,387 @@
+"""The sm80 attention backward main kernel (FA2 algorithm), traced with the CuTe DSL.
+
+One CTA of 8 warps owns tile_n keys of one (batch, q head): K and V are loaded once into smem, then
+the Q tiles that can see them are visited in order (m_block_min .. m_block_max). Per Q tile, with
+lse2 = LSE * log2(e) and D = rowsum(dO * O) from the preprocess kernel:
+    S  = Q K^T                  P  = exp2(S * scale * log2 e - lse2)   (masked scores -> P = 0)
+    dP = dO V^T                 dS = P * (dP - D)
+    dV += P^T dO                dK += dS^T Q                          (registers, fp32)
+    dQ  = scale * dS K          -> fp32 atomics into dq_acc (one Q tile, so other CTAs add theirs)
+A second kernel launched right after (dq_kernel, one CTA per Q tile) turns dq_acc into dQ.
+Every GEMM is mma.sync m16n8k16 fed by ldmatrix (.trans for the transposed operands P^T, dS^T,
+dO^T, Q^T, K^T, read as views of the same smem tiles). P and dS go through smem (16-bit) because
+the dK/dV GEMMs need them transposed and split over warps differently from S/dP.
+
+Q/dO ring (`stages` deep, one cp.async group per Q tile, K/V in the group before them):
+  prologue  K+V, then Q/dO of tiles m_min .. m_min + stages - 2
+  tile i    wait until tile i landed (<= stages - 2 groups pending) + CTA barrier, which also
+            proves every warp is done with tile i-1 (its ring slot, sP, sdS); then load tile
+            i + stages - 1 into the slot tile i-1 freed. With 1 stage the load of tile i is issued
+            after that barrier and waited for at once (no overlap; only where 2 do not fit).
+Rows past seqlen_q read as zeros with lse2 = +inf, so their P, dS, and dQ rows are 0; columns past
+seqlen_k and above the causal diagonal are masked to -inf before the exp2 (fa3.hopper.mask).
+Epilogue: dK * scale, dV -> dtype -> smem (K/V's buffers) -> 16-byte coalesced stores.
+"""
+
+from types import SimpleNamespace
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warp
+
+from fa3.ampere import sm80_utils as su
+from fa3.hopper import mask as mask_mod
+
+NUM_THREADS = 256
+LOG2_E = 1.4426950408889634
+LOOKAHEAD = 4  # ldmatrix of B in flight ahead of the MMAs (see sm80_utils.gemm)
+
+
+class FlashBwdSm80:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tile_m, self.tile_n, self.d, self.stages = cfg.tile_m, cfg.tile_n, cfg.d, cfg.stages
+        self.causal = cfg.causal
+
+    def _mma(self, dtype, warps_m: int):
+        w = NUM_THREADS // 32
+        return cute.make_tiled_mma(warp.MmaF16BF16Op(dtype, Float32, (16, 8, 16)),
+                                   (warps_m, w // warps_m, 1),
+                                   permutation_mnk=(warps_m * 16, w // warps_m * 16, 16))
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
+                 mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdQ: cute.Tensor,
+                 mdK: cute.Tensor, mdV: cute.Tensor, softmax_scale: Float32, stream):
+        dtype = mQ.element_type
+        self.dtype = dtype
+        tile_m, tile_n, d, stages = self.tile_m, self.tile_n, self.d, self.stages
+        atom = su.smem_layout_atom(dtype, d)
+        sQ_layout = cute.tile_to_shape(atom, (tile_m, d, stages), (0, 1, 2))
+        sK_layout = cute.tile_to_shape(atom, (tile_n, d), (0, 1))
+        sP_layout = cute.tile_to_shape(su.smem_layout_atom(dtype, tile_n), (tile_m, tile_n), (0, 1))
+
+        @cute.struct
+        class SharedStorage:
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            sdO: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
+            sdS: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
+
+        # gmem <-> smem: 16 bytes per thread, threads along the swizzle atom's row (coalesced)
+        vec = 128 // dtype.width
+        thr_per_row = atom.outer.shape[1] // vec
+        thr_layout = cute.make_layout((NUM_THREADS // thr_per_row, thr_per_row),
+                                      stride=(thr_per_row, 1))
+        val_layout = cute.make_layout((1, vec))
+        g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
+                                  dtype, num_bits_per_copy=128)
+        gmem_copy_in = cute.make_tiled_copy_tv(g2s, thr_layout, val_layout)
+        st = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128)
+        gmem_copy_out = cute.make_tiled_copy_tv(st, thr_layout, val_layout)
+
+        mma_sdp = self._mma(dtype, self.cfg.warps_m_sdp)
+        mma_dkv = self._mma(dtype, self.cfg.warps_n_dkv)
+        mma_dq = self._mma(dtype, self.cfg.warps_m_dq)
+
+        self.kernel(mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, softmax_scale, sQ_layout,
+                    sK_layout, sP_layout, gmem_copy_in, gmem_copy_out, mma_sdp, mma_dkv, mma_dq,
+                    SharedStorage).launch(
+            grid=[cute.ceil_div(mK.shape[1], tile_n), cute.size(mQ.shape[2]), cute.size(mQ.shape[0])],
+            block=[NUM_THREADS, 1, 1], smem=SharedStorage.size_in_bytes(), stream=stream)
+
+        sdQ_layout = cute.tile_to_shape(atom, (tile_m, d), (0, 1))
+
+        @cute.struct
+        class DqStorage:
+            sdQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sdQ_layout)], 1024]
+
+        self.dq_kernel(mdQacc, mdQ, sdQ_layout, gmem_copy_out, mma_dq, DqStorage).launch(
+            grid=[cute.ceil_div(mQ.shape[1], tile_m), cute.size(mQ.shape[2]), cute.size(mQ.shape[0])],
+            block=[NUM_THREADS, 1, 1], smem=DqStorage.size_in_bytes(), stream=stream)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
+               mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
+               mdV: cute.Tensor, softmax_scale: Float32, sQ_layout: cute.ComposedLayout,
+               sK_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
+               gmem_copy_in: cute.TiledCopy, gmem_copy_out: cute.TiledCopy,
+               mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma,
+               SharedStorage: cutlass.Constexpr):
+        tidx, _, _ = cute.arch.thread_idx()
+        n_block, head, batch = cute.arch.block_idx()
+        seqlen_q = mQ.shape[1]
+        seqlen_k = mK.shape[1]
+        head_kv = head // (mQ.shape[2] // mK.shape[2])  # GQA/MQA
+        tile_m, tile_n, d = self.tile_m, self.tile_n, self.d
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        sQ = storage.sQ.get_tensor(sQ_layout)
+        sdO = storage.sdO.get_tensor(sQ_layout)
+        sK = storage.sK.get_tensor(sK_layout)
+        sV = storage.sV.get_tensor(sK_layout)
+        sP = storage.sP.get_tensor(sP_layout)
+        sdS = storage.sdS.get_tensor(sP_layout)
+        sQt, sdOt, sKt = su.transpose_view(sQ), su.transpose_view(sdO), su.transpose_view(sK)
+        sPt, sdSt = su.transpose_view(sP), su.transpose_view(sdS)
+
+        # gmem -> smem partitions
+        thr_in = gmem_copy_in.get_slice(tidx)
+        gQ = cute.local_tile(mQ[batch, None, head, None], (tile_m, d), (None, 0))
+        gdO = cute.local_tile(mdO[batch, None, head, None], (tile_m, d), (None, 0))
+        gK = cute.local_tile(mK[batch, None, head_kv, None], (tile_n, d), (n_block, 0))
+        gV = cute.local_tile(mV[batch, None, head_kv, None], (tile_n, d), (n_block, 0))
+        tQcQ = thr_in.partition_S(cute.make_identity_tensor((tile_m, d)))
+        tKcK = thr_in.partition_S(cute.make_identity_tensor((tile_n, d)))
+
+        # MMA partitions: fragments, and ldmatrix copies (plain for K-major operands, .trans for
+        # the transposed views)
+        ld = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
+        ld_t = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=True, num_matrices=4), self.dtype)
+        thr_sdp = mma_sdp.get_slice(tidx)
+        thr_dkv = mma_dkv.get_slice(tidx)
+        thr_dq = mma_dq.get_slice(tidx)
+        cpy_a_sdp = cute.make_tiled_copy_A(ld, mma_sdp).get_slice(tidx)
+        cpy_b_sdp = cute.make_tiled_copy_B(ld, mma_sdp).get_slice(tidx)
+        cpy_a_dkv = cute.make_tiled_copy_A(ld_t, mma_dkv).get_slice(tidx)
+        cpy_b_dkv = cute.make_tiled_copy_B(ld_t, mma_dkv).get_slice(tidx)
+        cpy_a_dq = cute.make_tiled_copy_A(ld, mma_dq).get_slice(tidx)
+        cpy_b_dq = cute.make_tiled_copy_B(ld_t, mma_dq).get_slice(tidx)
+
+        acc_dK = cute.make_rmem_tensor(thr_dkv.partition_shape_C((tile_n, d)), Float32)
+        acc_dV = cute.make_rmem_tensor(thr_dkv.partition_shape_C((tile_n, d)), Float32)
+        acc_dK.fill(0.0)
+        acc_dV.fill(0.0)
+
+        # S-tile coordinates: this thread's rows (for lse2 / D) and thread 0's (for the masks)
+        cS = cute.make_identity_tensor((tile_m, tile_n))
+        tScS_mn = su.acc_to_mn(thr_sdp.partition_C(cS))
+        t0ScS_mn = su.acc_to_mn(mma_sdp.get_slice(0).partition_C(cS))
+
+        st = SimpleNamespace(
+            gmem_copy_in=gmem_copy_in, tQgQ=thr_in.partition_S(gQ),
+            tQsQ=thr_in.partition_D(sQ), tdOgdO=thr_in.partition_S(gdO),
+            tdOsdO=thr_in.partition_D(sdO), tQcQ=tQcQ,
+            mma_sdp=mma_sdp, mma_dkv=mma_dkv, mma_dq=mma_dq, thr_sdp=thr_sdp, thr_dq=thr_dq,
+            tSrQ=thr_sdp.make_fragment_A(thr_sdp.partition_A(sQ[None, None, 0])),
+            tSrK=thr_sdp.make_fragment_B(thr_sdp.partition_B(sK)),
+            tdPrdO=thr_sdp.make_fragment_A(thr_sdp.partition_A(sdO[None, None, 0])),
+            tdPrV=thr_sdp.make_fragment_B(thr_sdp.partition_B(sV)),
+            tdVrPt=thr_dkv.make_fragment_A(thr_dkv.partition_A(sPt)),
+            tdVrdOt=thr_dkv.make_fragment_B(thr_dkv.partition_B(sdOt[None, None, 0])),
+            tdKrdSt=thr_dkv.make_fragment_A(thr_dkv.partition_A(sdSt)),
+            tdKrQt=thr_dkv.make_fragment_B(thr_dkv.partition_B(sQt[None, None, 0])),
+            tdQrdS=thr_dq.make_fragment_A(thr_dq.partition_A(sdS)),
+            tdQrKt=thr_dq.make_fragment_B(thr_dq.partition_B(sKt)),
+            tSsQ=cpy_a_sdp.partition_S(sQ), tSsK=cpy_b_sdp.partition_S(sK),
+            tdPsdO=cpy_a_sdp.partition_S(sdO), tdPsV=cpy_b_sdp.partition_S(sV),
+            tdVsPt=cpy_a_dkv.partition_S(sPt), tdVsdOt=cpy_b_dkv.partition_S(sdOt),
+            tdKsdSt=cpy_a_dkv.partition_S(sdSt), tdKsQt=cpy_b_dkv.partition_S(sQt),
+            tdQsdS=cpy_a_dq.partition_S(sdS), tdQsKt=cpy_b_dq.partition_S(sKt),
+            cpy_a_sdp=cpy_a_sdp, cpy_b_sdp=cpy_b_sdp, cpy_a_dkv=cpy_a_dkv, cpy_b_dkv=cpy_b_dkv,
+            cpy_a_dq=cpy_a_dq, cpy_b_dq=cpy_b_dq, sP=sP, sdS=sdS,
+            acc_dK=acc_dK, acc_dV=acc_dV, tScS_mn=tScS_mn, t0ScS_mn=t0ScS_mn,
+            seqlen_q_mask=seqlen_q - tScS_mn[0, 0][0], seqlen_k_mask=seqlen_k - tScS_mn[0, 0][1],
+            seqlen_q=seqlen_q, seqlen_k=seqlen_k, n_block=n_block, batch=batch, head=head,
+            mLSE2=mLSE2, mD=mD, mdQacc=mdQacc, softmax_scale=softmax_scale,
+            scale_log2=softmax_scale * Float32(LOG2_E))
+
+        # the Q tiles that see this key tile, and how many of them need the mask
+        m_block_max = (seqlen_q + tile_m - 1) // tile_m
+        m_block_min = Int32(0)
+        m_mask_end = Int32(0)
+        if const_expr(self.causal):
+            # key n_block * tile_n is visible to row q iff q >= n_block * tile_n - (sk - sq)
+            m_block_min = cutlass.max(n_block * tile_n - seqlen_k + seqlen_q, 0) // tile_m
+            # tile m is fully visible iff its first row sees the last key of this tile
+            first_full = cutlass.max((n_block + 1) * tile_n - 1 - seqlen_k + seqlen_q, 0)
+            m_mask_end = (first_full + tile_m - 1) // tile_m
+        if (n_block + 1) * tile_n > seqlen_k:  # the seqlen_k tail: every tile masks columns
+            m_mask_end = m_block_max
+        m_mask_end = cutlass.max(cutlass.min(m_mask_end, m_block_max), m_block_min)
+
+        if m_block_min < m_block_max:
+            # prologue: K and V (rows past seqlen_k zeroed), then the first Q/dO tiles
+            kv_limit = seqlen_k - n_block * tile_n
+            su.copy_rows(gmem_copy_in, thr_in.partition_S(gK), thr_in.partition_D(sK), tKcK,
+                         kv_limit, True)
+            su.copy_rows(gmem_copy_in, thr_in.partition_S(gV), thr_in.partition_D(sV), tKcK,
+                         kv_limit, True)
+            cute.arch.cp_async_commit_group()
+            for s in cutlass.range_constexpr(self.stages - 1):
+                if m_block_min + s < m_block_max:
+                    self.load_q_do(st, m_block_min + s, s)
+                cute.arch.cp_async_commit_group()
+            for m_block in cutlass.range(m_block_min, m_mask_end, unroll=1):
+                self.m_tile(st, m_block, m_block_min, m_block_max, True)
+            for m_block in cutlass.range(m_mask_end, m_block_max, unroll=1):
+                self.m_tile(st, m_block, m_block_min, m_block_max, False)
+
+        self.epilogue(acc_dK, acc_dV, mdK, mdV, sK, sV, gmem_copy_out, mma_dkv, tidx, n_block,
+                      head, batch, seqlen_k, softmax_scale)
+
+    @cute.jit
+    def load_q_do(self, st, m_block: Int32, slot: Int32):
+        limit = st.seqlen_q - m_block * self.tile_m
+        su.copy_rows(st.gmem_copy_in, st.tQgQ[None, None, None, m_block],
+                     st.tQsQ[None, None, None, slot], st.tQcQ, limit, True)
+        su.copy_rows(st.gmem_copy_in, st.tdOgdO[None, None, None, m_block],
+                     st.tdOsdO[None, None, None, slot], st.tQcQ, limit, True)
+
+    @cute.jit
+    def m_tile(self, st, m_block: Int32, m_block_min: Int32, m_block_max: Int32,
+               masked: cutlass.Constexpr[bool]):
+        """One Q tile: S, P, dP, dS, then dV, dK += ..., dQ atomics."""
+        stages = self.stages
+        slot = Int32(0)
+        if const_expr(stages > 1):
+            slot = (m_block - m_block_min) % stages
+        if const_expr(stages == 1):
+            cute.arch.barrier()  # every warp is done with the previous tile's smem
+            self.load_q_do(st, m_block, 0)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.barrier()
+        else:
+            cute.arch.cp_async_wait_group(stages - 2)  # tile m_block (and K/V) landed
+            cute.arch.barrier()  # ... for every thread; every warp is done with tile m_block - 1
+            nxt = m_block + stages - 1
+            if nxt < m_block_max:
+                self.load_q_do(st, nxt, (nxt - m_block_min) % stages)
+            cute.arch.cp_async_commit_group()
+
+        # this thread's rows of lse2 / D (rows past seqlen_q: P = 0 via lse2 = +inf)
+        tScS_mn = st.tScS_mn
+        n_rows = cute.size(tScS_mn, mode=[0])
+        lse2 = cute.make_rmem_tensor((n_rows,), Float32)
+        dpsum = cute.make_rmem_tensor((n_rows,), Float32)
+        for r in cutlass.range_constexpr(n_rows):
+            row = m_block * self.tile_m + tScS_mn[r, 0][0]
+            lse2[r] = Float32.inf
+            dpsum[r] = Float32(0.0)
+            if row < st.seqlen_q:
+                lse2[r] = st.mLSE2[st.batch, st.head, row]
+                dpsum[r] = st.mD[st.batch, st.head, row]
+
+        thr_sdp = st.thr_sdp
+        acc_S = cute.make_rmem_tensor(thr_sdp.partition_shape_C((self.tile_m, self.tile_n)), Float32)
+        acc_S.fill(0.0)
+        su.gemm(st.mma_sdp, acc_S, st.tSrQ, st.tSrK, st.tSsQ[None, None, None, slot],
+                st.tSsK, st.cpy_a_sdp, st.cpy_b_sdp, False, LOOKAHEAD)
+        acc_dP = cute.make_rmem_tensor(thr_sdp.partition_shape_C((self.tile_m, self.tile_n)), Float32)
+        acc_dP.fill(0.0)
+        su.gemm(st.mma_sdp, acc_dP, st.tdPrdO, st.tdPrV, st.tdPsdO[None, None, None, slot],
+                st.tdPsV, st.cpy_a_sdp, st.cpy_b_sdp, False, LOOKAHEAD)
+
+        S = su.acc_to_mn(acc_S)
+        dP = su.acc_to_mn(acc_dP)
+        if const_expr(masked):
+            mask_mod.apply_mask(S, st.t0ScS_mn, st.seqlen_q_mask, st.seqlen_k_mask,
+                                m_block, st.n_block, self.tile_m, self.tile_n, self.causal)
+        c = st.scale_log2
+        for r in cutlass.range_constexpr(n_rows):
+            for j in cutlass.range_constexpr(cute.size(S, mode=[1])):
+                p = cute.arch.exp2(S[r, j] * c - lse2[r])  # FFMA + EX2
+                S[r, j] = p
+                dP[r, j] = p * (dP[r, j] - dpsum[r])
+        rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+        rP.store(acc_S.load().to(self.dtype))
+        rdS = cute.make_rmem_tensor_like(acc_dP, self.dtype)
+        rdS.store(acc_dP.load().to(self.dtype))
+        st_pair = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=32)
+        r2s = cute.make_tiled_copy_C(st_pair, st.mma_sdp).get_slice(cute.arch.thread_idx()[0])
+        cute.copy(st_pair, r2s.retile(rP), r2s.partition_D(st.sP))
+        cute.copy(st_pair, r2s.retile(rdS), r2s.partition_D(st.sdS))
+        cute.arch.barrier()  # P and dS visible to every warp
+
+        su.gemm(st.mma_dkv, st.acc_dV, st.tdVrPt, st.tdVrdOt, st.tdVsPt,
+                st.tdVsdOt[None, None, None, slot], st.cpy_a_dkv, st.cpy_b_dkv, False,
+                LOOKAHEAD)
+        su.gemm(st.mma_dkv, st.acc_dK, st.tdKrdSt, st.tdKrQt, st.tdKsdSt,
+                st.tdKsQt[None, None, None, slot], st.cpy_a_dkv, st.cpy_b_dkv, False,
+                LOOKAHEAD)
+
+        thr_dq = st.thr_dq
+        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((self.tile_m, self.d)), Float32)
+        acc_dQ.fill(0.0)
+        su.gemm(st.mma_dq, acc_dQ, st.tdQrdS, st.tdQrKt, st.tdQsdS, st.tdQsKt,
+                st.cpy_a_dq, st.cpy_b_dq, False, LOOKAHEAD)
+        tdQgdQ = self.dq_acc_view(st.mdQacc, acc_dQ, m_block, st.head, st.batch)
+        scale = st.softmax_scale
+        for i in cutlass.range_constexpr(cute.size(acc_dQ) if self.cfg.dq_atomics else 0):
+            cute.arch.atomic_add((tdQgdQ.iterator + cute.crd2idx(i, tdQgdQ.layout)).llvm_ptr,
+                                 acc_dQ[i] * scale)
+
+    @cute.jit
+    def dq_acc_view(self, mdQacc: cute.Tensor, acc_dQ: cute.Tensor, m_block: Int32, head: Int32,
+                    batch: Int32) -> cute.Tensor:
+        """This thread's slots of one Q tile's dQ partials: value i of thread t at i * threads + t,
+        so each warp-wide atomic covers 32 consecutive floats (one 128-byte line, FA2's layout)
+        instead of 8 rows of the MMA layout; dq_kernel reads it back with the same mapping."""
+        tidx, _, _ = cute.arch.thread_idx()
+        g = cute.local_tile(mdQacc[batch, head, None], (self.tile_m * self.d,), (m_block,))
+        return cute.make_tensor(g.iterator + tidx,
+                                cute.make_layout(cute.size(acc_dQ), stride=NUM_THREADS))
+
+    @cute.kernel
+    def dq_kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, sdQ_layout: cute.ComposedLayout,
+                  gmem_copy_out: cute.TiledCopy, mma_dq: cute.TiledMma, DqStorage: cutlass.Constexpr):
+        """dQ partial sums (fp32, already scaled) of one Q tile -> dtype -> smem -> 16-byte stores."""
+        tidx, _, _ = cute.arch.thread_idx()
+        m_block, head, batch = cute.arch.block_idx()
+        acc = cute.make_rmem_tensor(mma_dq.get_slice(tidx).partition_shape_C((self.tile_m, self.d)),
+                                    Float32)
+        src = self.dq_acc_view(mdQacc, acc, m_block, head, batch)
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            acc[i] = src[i]
+        rdQ = cute.make_rmem_tensor_like(acc, self.dtype)
+        rdQ.store(acc.load().to(self.dtype))
+        storage = cutlass.utils.SmemAllocator().allocate(DqStorage)
+        sdQ = storage.sdQ.get_tensor(sdQ_layout)
+        st_pair = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=32)
+        thr_s = cute.make_tiled_copy_C(st_pair, mma_dq).get_slice(tidx)
+        cute.copy(st_pair, thr_s.retile(rdQ), thr_s.partition_D(sdQ))
+        cute.arch.barrier()
+        self.store_rows(sdQ, mdQ, gmem_copy_out, tidx, self.tile_m, m_block,
+                        mdQ.shape[1] - m_block * self.tile_m, head, batch)
+
+    @cute.jit
+    def epilogue(self, acc_dK: cute.Tensor, acc_dV: cute.Tensor, mdK: cute.Tensor, mdV: cute.Tensor,
+                 sK: cute.Tensor, sV: cute.Tensor, gmem_copy_out: cute.TiledCopy,
+                 mma_dkv: cute.TiledMma, tidx: Int32, n_block: Int32, head: Int32, batch: Int32,
+                 seqlen_k: Int32, softmax_scale: Float32):
+        tile_n, d = self.tile_n, self.d
+        rdK = cute.make_rmem_tensor_like(acc_dK, self.dtype)
+        rdK.store((acc_dK.load() * softmax_scale).to(self.dtype))
+        rdV = cute.make_rmem_tensor_like(acc_dV, self.dtype)
+        rdV.store(acc_dV.load().to(self.dtype))
+        cute.arch.barrier()  # every warp is done reading sK / sV
+        st_pair = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=32)
+        thr_s = cute.make_tiled_copy_C(st_pair, mma_dkv).get_slice(tidx)
+        cute.copy(st_pair, thr_s.retile(rdK), thr_s.partition_D(sK))
+        cute.copy(st_pair, thr_s.retile(rdV), thr_s.partition_D(sV))
+        cute.arch.barrier()
+
+        row_limit = seqlen_k - n_block * tile_n
+        self.store_rows(sK, mdK, gmem_copy_out, tidx, tile_n, n_block, row_limit, head, batch)
+        self.store_rows(sV, mdV, gmem_copy_out, tidx, tile_n, n_block, row_limit, head, batch)
+
+    @cute.jit
+    def store_rows(self, s_src: cute.Tensor, m_dst: cute.Tensor, gmem_copy_out: cute.TiledCopy,
+                   tidx: Int32, rows: cutlass.Constexpr[int], block: Int32, row_limit: Int32,
+                   head: Int32, batch: Int32):
+        """(rows, d) smem tile -> registers (16 bytes per thread) -> its valid rows of gmem."""
+        thr_out = gmem_copy_out.get_slice(tidx)
+        tcd = thr_out.partition_D(cute.make_identity_tensor((rows, self.d)))
+        g = cute.local_tile(m_dst[batch, None, head, None], (rows, self.d), (block, 0))
+        ts = thr_out.partition_S(s_src)
+        tg = thr_out.partition_D(g)
+        tr = cute.make_rmem_tensor_like(ts, self.dtype)
+        cute.autovec_copy(ts, tr)
+        for m in cutlass.range_constexpr(cute.size(tr, mode=[1])):
+            if tcd[0, m, 0][0] < row_limit:
+                cute.copy(gmem_copy_out, tr[None, m, None], tg[None, m, None])

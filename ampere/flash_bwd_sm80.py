@@ -1,0 +1,220 @@
+"""Torch-facing sm80 (Ampere / Ada, and Hopper as a fallback) attention backward: config, compile on
+fake tensors, launch. The main kernel is bwd_sm80_kernel.py; D = rowsum(dO * O) and the log2 LSE
+come from the shared preprocess kernel (fa3.hopper.bwd_preprocess, plain SIMT code, built here for
+the sm80 family's arch).
+
+Pipeline of one call (FA2's algorithm):
+  1. preprocess: D, LSE * log2(e) (+inf for fully masked rows), both (b, h, seqlen_q) fp32;
+  2. main kernel, one CTA of 8 warps per (n_block, q head, batch): K/V tile in smem, loop over the
+     Q tiles that see it; dK, dV in registers; dQ partials (already scaled) added with fp32 atomics
+     into a zeroed (b, h, m_blocks * tile_m * d) buffer, thread-interleaved per Q tile;
+  3. dQ -> dtype: a second kernel of the same compiled function. GQA/MQA: dK/dV are written per q
+     head into an expanded buffer and summed over each group in fp32 (what FA2 does), so no
+     atomics touch dK/dV.
+
+Tiles (8 warps, FA2's choices on A100), stages = depth of the Q/dO smem ring:
+* d = 64/96/128: 64 x 128; d = 192/256: 64 x 64;
+* 2 stages where they fit the arch's smem (the next Q/dO tile loads under the whole current
+  iteration), else 1. The tile for d <= 128 on sm_86/sm_89 (99 KB) shrinks to 64 x 64/128.
+Importing this module does not import the CuTe DSL.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from fa3 import _compile
+from fa3.ampere.flash_fwd_sm80 import _SMEM, ARCHS, DTYPES, HEAD_DIMS, _dtype_name, device_arch
+
+NUM_THREADS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdSm80Config:
+    d: int
+    dtype: str  # "bfloat16" | "float16"
+    causal: bool
+    tile_m: int  # query rows per inner-loop step
+    tile_n: int  # keys per CTA
+    stages: int  # Q/dO smem ring depth (1 or 2)
+    warps_m_sdp: int  # warps along M of the S / dP GEMMs (the rest along N)
+    warps_n_dkv: int  # warps along tile_n of the dK / dV GEMMs (the rest along d)
+    warps_m_dq: int  # warps along M of the dQ GEMM (the rest along d)
+    arch: str
+    dq_atomics: bool = True  # False only for timing experiments: dQ is left 0
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype}")
+        if self.d not in HEAD_DIMS:
+            raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {self.d}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch}")
+        if self.stages not in (1, 2):
+            raise ValueError(f"stages must be 1 or 2, got {self.stages}")
+        w = NUM_THREADS // 32
+        for name, rows, cols, wm in (("S/dP", self.tile_m, self.tile_n, self.warps_m_sdp),
+                                     ("dK/dV", self.tile_n, self.d, self.warps_n_dkv),
+                                     ("dQ", self.tile_m, self.d, self.warps_m_dq)):
+            if w % wm or rows % (16 * wm) or cols % (16 * (w // wm)):
+                raise ValueError(f"{name} tile {rows}x{cols} does not split over {wm}x{w // wm} warps")
+        if smem_bytes(self.tile_m, self.tile_n, self.d, self.stages) > _SMEM[self.arch][0]:
+            raise ValueError(f"{self} needs more shared memory than {self.arch} has")
+
+
+def smem_bytes(tile_m: int, tile_n: int, d: int, stages: int) -> int:
+    # Q and dO rings, K and V, P and dS (16-bit)
+    return 2 * (2 * stages * tile_m * d + 2 * tile_n * d + 2 * tile_m * tile_n)
+
+
+def _tiles(d: int, arch: str):
+    small = _SMEM[arch][0] < (160 << 10)  # sm_86 / sm_89: 99 KB
+    if d <= 64:  # not 128 x 128 (FA2's): S and dP alone are 128 registers, it spills, measured slower
+        return 64, 128
+    if d <= 128:
+        return (64, 64) if small else (64, 128)
+    return 64, 64
+
+
+def default_config(d: int, dtype, causal: bool, arch: str, **overrides) -> BwdSm80Config:
+    tile_m, tile_n = overrides.pop("tile_m", None), overrides.pop("tile_n", None)
+    if tile_m is None or tile_n is None:
+        tile_m, tile_n = _tiles(d, arch)
+    stages = 2 if smem_bytes(tile_m, tile_n, d, 2) <= _SMEM[arch][0] else 1
+    # FA2's warp grids: 2 x 4 for S/dP and dQ, 4 x 2 for dK/dV; d = 96 is not a multiple of the
+    # 64 columns that 4 warps of 16 cover, so its dQ uses 4 x 2
+    warps_m_dq = 2 if d % 64 == 0 else 4
+    cfg = dict(d=d, dtype=_dtype_name(dtype), causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
+               stages=stages, warps_m_sdp=2, warps_n_dkv=4,
+               warps_m_dq=warps_m_dq, arch=arch)
+    cfg.update(overrides)
+    return BwdSm80Config(**cfg)
+
+
+def fits(d: int, arch: str) -> bool:
+    """Whether the arch's smem holds the smallest backward tile of head dim d (hd >= 192 needs more
+    than sm_86/sm_89's 99 KB)."""
+    tile_m, tile_n = _tiles(d, arch)
+    return smem_bytes(tile_m, tile_n, d, 1) <= _SMEM[arch][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSm80Config:
+    """The shared preprocess kernel (fa3.hopper.bwd_preprocess) built for an sm80-family arch."""
+    dtype: str  # "bfloat16" | "float16"
+    d: int
+    arch: str
+
+
+def variants(arch: str = "sm_80"):
+    """The shipped configs for one arch: every head dim x dtype x causal that fits it, and the
+    preprocess kernel for each head dim x dtype."""
+    for d in HEAD_DIMS:
+        if not fits(d, arch):
+            continue
+        for dtype in DTYPES:
+            yield PreprocessSm80Config(dtype, d, arch)
+            for causal in (False, True):
+                yield default_config(d, dtype, causal, arch)
+
+
+def build(cfg, extra_options: str = ""):
+    """Compile cfg (a BwdSm80Config or PreprocessSm80Config) for cfg.arch on fake tensors."""
+    if isinstance(cfg, PreprocessSm80Config):
+        from fa3.hopper import bwd_preprocess as pre
+
+        # pre.build targets sm_90a; a later --gpu-arch overrides it (checked by the compile test)
+        pcfg = pre.PreprocessConfig({"bfloat16": "bf16", "float16": "fp16"}[cfg.dtype], cfg.d)
+        return pre.build(pcfg, f"--gpu-arch {cfg.arch} {extra_options}")
+    return _build_main(cfg, extra_options)
+
+
+def _build_main(cfg: BwdSm80Config, extra_options: str = ""):
+    cute = _compile.dsl()
+    import cutlass
+    from cutlass.cute.runtime import make_fake_stream
+
+    from fa3.ampere.bwd_sm80_kernel import FlashBwdSm80
+
+    b, h, hk, sq, sk, acc_len = (cute.sym_int32() for _ in range(6))
+
+    def bshd(s, heads):
+        return _compile.fake_attn_tensor(cfg.dtype, (b, s, heads, cfg.d))
+
+    q, do, dq = bshd(sq, h), bshd(sq, h), bshd(sq, h)
+    k, v = bshd(sk, hk), bshd(sk, hk)
+    dk, dv = bshd(sk, h), bshd(sk, h)  # per q head (expanded for GQA)
+    lse2, dpsum = _compile.fake_lse_tensor((b, h, sq)), _compile.fake_lse_tensor((b, h, sq))
+    dq_acc = _compile.fake_lse_tensor((b, h, acc_len))  # (b, h, m_blocks * tile_m * d)
+    return cute.compile(FlashBwdSm80(cfg), q, k, v, do, lse2, dpsum, dq_acc, dq, dk, dv,
+                        cutlass.Float32(1.0), make_fake_stream(use_tvm_ffi_env_stream=True),
+                        options=_compile.compile_options(arch=cfg.arch, extra=extra_options))
+
+
+def compile_kernel(cfg):
+    return _compile.get_kernel(cfg, build, arch=cfg.arch)
+
+
+def bwd_missing(request) -> str | None:
+    """The forward features whose gradient this backward lacks (the sm80 forward refuses the same
+    ones today, so this only matters once the forward grows them)."""
+    if request.window != (-1, -1) and not (request.causal and request.window[0] == -1):
+        return "sliding-window (local) attention backward"
+    if request.softcap:
+        return "softcap backward"
+    if request.varlen or request.has_seqused:
+        return "varlen / seqused backward"
+    if request.has_sink:
+        return "learnable sink backward"
+    if request.d != request.dv or request.d not in HEAD_DIMS:
+        return f"head dim {request.d}/{request.dv} backward"
+    return None
+
+
+def flash_bwd_sm80(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
+                   deterministic: bool = False, cfg_overrides: dict | None = None, **features):
+    """(dq, dk, dv) of attention, q/out/dout (b, sq, h, d), k/v (b, sk, h_kv, d), lse (b, h, sq).
+    cfg_overrides: BwdSm80Config fields to change (tiling experiments)."""
+    import torch
+
+    if features:
+        raise NotImplementedError(f"fa3: sm80 backward does not implement {sorted(features)} yet")
+    if deterministic:
+        raise NotImplementedError("fa3: deterministic sm80 backward is not implemented yet "
+                                  "(dQ is accumulated with fp32 atomics)")
+    b, sq, h, d = q.shape
+    _, sk, hk, _ = k.shape
+    assert k.shape == v.shape == (b, sk, hk, d) and out.shape == dout.shape == q.shape, "shapes"
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32, "lse must be (b, h, sq) fp32"
+    assert hk > 0 and h % hk == 0, "h must be a multiple of h_kv"
+    assert q.dtype == k.dtype == v.dtype == out.dtype == dout.dtype, "one dtype for all inputs"
+    arch = device_arch(q.device)
+    if not fits(d, arch):
+        raise NotImplementedError(f"fa3: sm80 backward of head dim {d} needs more shared memory "
+                                  f"than {arch} has")
+    cfg = default_config(d, q.dtype, causal, arch, **(cfg_overrides or {}))
+
+    def contig(t):  # 16-byte cp.async / vector stores need a unit last stride and 8-aligned rows
+        ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+        return t if ok else t.contiguous()
+
+    q, k, v, out, dout = (contig(t) for t in (q, k, v, out, dout))
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if b == 0 or h == 0 or sk == 0 or sq == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return dq, dk, dv
+    dpsum = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty_like(dpsum)
+    compile_kernel(PreprocessSm80Config(cfg.dtype, d, arch))(out, dout, lse.contiguous(), dpsum, lse2)
+    dq_acc = torch.zeros(b, h, -(-sq // cfg.tile_m) * cfg.tile_m * d, device=q.device,
+                         dtype=torch.float32)
+    g = h // hk
+    dk_h = dk if g == 1 else torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
+    dv_h = dv if g == 1 else torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
+    compile_kernel(cfg)(q, k, v, dout, lse2, dpsum, dq_acc, dq, dk_h, dv_h, float(softmax_scale))
+    if g > 1:
+        dk.copy_(dk_h.view(b, sk, hk, g, d).sum(3, dtype=torch.float32))
+        dv.copy_(dv_h.view(b, sk, hk, g, d).sum(3, dtype=torch.float32))
+    return dq, dk, dv
