@@ -27,10 +27,14 @@ def jobs():
 def one(job):
     import importlib
     from fa3 import _compile
-    mod = importlib.import_module(job[0])
-    _compile.get_kernel(job[1], mod.build)
-    return str(job[1])[:60]
+    try:
+        mod = importlib.import_module(job[0])
+        _compile.get_kernel(job[1], mod.build)
+        return "ok " + str(job[1])[:70]
+    except Exception as e:  # noqa: BLE001 - report and go on; the caller compiles it on first use
+        return f"FAILED {str(job[1])[:70]}: {type(e).__name__}: {str(e)[:200]}"
+
 if __name__ == "__main__":
     js = jobs(); print(len(js), "jobs", flush=True)
     with concurrent.futures.ProcessPoolExecutor(int(sys.argv[1]) if len(sys.argv) > 1 else 4) as ex:
-        for r in ex.map(one, js): print("ok", r, flush=True)
+        for r in ex.map(one, js): print(r, flush=True)
