@@ -106,3 +106,43 @@ def apply_mask(acc_mn: cute.Tensor, coord_mn: cute.Tensor, seqlen_q: Int32, seql
             limit = cutlass.min(coord_mn[r, 0][0] + diag, col_limit)
             for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
                 acc_mn[r, c] = -Float32.inf if coord_mn[r, c][1] >= limit else acc_mn[r, c]
+
+
+# ---- backward: the query blocks one KV block meets (traced DSL code) ----------------------------
+@cute.jit
+def m_block_min_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32, tile_m: cutlass.Constexpr[int],
+                    tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool]) -> Int32:
+    """First Q block any key of KV block n_block is visible to (causal: the row where the block's
+    first key meets the bottom-right diagonal)."""
+    m_min = Int32(0)
+    if cutlass.const_expr(causal):
+        first_row = n_block * tile_n + seqlen_q - seqlen_k  # row i sees key j iff j <= i + sk - sq
+        m_min = cutlass.max(first_row, 0) // tile_m
+    return m_min
+
+
+@cute.jit
+def m_block_min_no_mask_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32,
+                            tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int]) -> Int32:
+    """Causal: Q blocks from this index on see every key of KV block n_block (no mask needed)."""
+    # the tile's first row sees the block's last key: (n+1)*tile_n - 1 <= m*tile_m + sk - sq
+    need = (n_block + 1) * tile_n - 1 + seqlen_q - seqlen_k
+    return (cutlass.max(need, 0) + (tile_m - 1)) // tile_m
+
+
+@cute.jit
+def apply_mask_bwd(acc_mn: cute.Tensor, coord_mn: cute.Tensor, seqlen_q: Int32, seqlen_k: Int32,
+                   m_block: Int32, n_block: Int32, tile_m: cutlass.Constexpr[int],
+                   tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool],
+                   swap: cutlass.Constexpr[bool]):
+    """Set invisible scores to -inf in a backward S tile. swap: the tile is S^T (rows are keys,
+    columns queries), else S. Keys past seqlen_k are masked too."""
+    for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
+        for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
+            row, col = coord_mn[r, c]
+            q_idx = m_block * tile_m + (col if cutlass.const_expr(swap) else row)
+            k_idx = n_block * tile_n + (row if cutlass.const_expr(swap) else col)
+            hidden = k_idx >= seqlen_k
+            if cutlass.const_expr(causal):
+                hidden = hidden or k_idx > q_idx + seqlen_k - seqlen_q
+            acc_mn[r, c] = -Float32.inf if hidden else acc_mn[r, c]

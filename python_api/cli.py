@@ -98,7 +98,8 @@ def fp8_eval(args) -> int:
 # config carries its own arch). `fa3 cache warm` compiles them all ahead of time, e.g. for an image.
 KERNEL_MODULES = (("fa3.hopper.flash_fwd", "sm_90a"), ("fa3.hopper.flash_fwd_fp8", "sm_90a"),
                   ("fa3.hopper.fp8_vt", "sm_90a"), ("fa3.hopper.hadamard_quant", "sm_90a"),
-                  ("fa3.hopper.bwd_preprocess", "sm_90a"), ("fa3.ampere.flash_fwd_sm80", None),
+                  ("fa3.hopper.bwd_preprocess", "sm_90a"), ("fa3.hopper.flash_bwd", "sm_90a"),
+                  ("fa3.ampere.flash_fwd_sm80", None),
                   ("fa3.ampere.flash_bwd_sm80", None))
 
 

@@ -57,10 +57,6 @@ def test_unbuilt_features_raise_before_launch():
         fa3.flash_attn_func(q, q, q, softcap=30.0)
     with pytest.raises(NotImplementedError, match="sliding-window"):
         fa3.flash_attn_func(q, q, q, window_size=(32, 0))
-    qg = q.clone().requires_grad_()
-    out = fa3.flash_attn_func(qg, q, q)
-    with pytest.raises(NotImplementedError, match="backward"):
-        out.sum().backward()
 
 
 def test_combine_matches_reference():

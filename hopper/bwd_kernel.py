@@ -1,0 +1,496 @@
+"""The Hopper attention backward main kernel (FA3 design), traced with the CuTe DSL.
+
+One CTA per (KV block n, query head, batch); it walks the query blocks m that see block n.
+Threads: warpgroup 0 holds the producer warp (TMA: K_n and V_n once; Q_m + LSE_m and dO_m + D_m
+into a `stages`-deep ring with full/empty mbarriers) and the dQ warp (adds each dQ_m tile to the
+fp32 dQaccum buffer in global memory with a bulk reduce-add, cp.reduce.async.bulk); two consumer
+warpgroups do the five GEMMs per query block:
+  S = Q K^T, dP = dO V^T                        (wgmma SS)
+  P = exp2(S * scale * log2e - LSE_log2),  dS = P * (dP - D)
+  dV += P^T dO,  dK += dS^T Q                    (accumulated in registers across m)
+  dQ_m = dS K                                    (fp32, to smem, bulk-added to dQaccum)
+Two layouts (BwdConfig.swap):
+* swap (hd <= 128, FA3's choice): S^T = K Q^T and dP^T = V dO^T, each warpgroup owning 64 keys;
+  P^T and dS^T are then already the A operands of dV and dK in registers (wgmma RS), and only dS
+  goes through smem (for dQ, whose reduction runs over all keys of the tile).
+* not swap (hd256: dK and dV are too large to keep 64 full rows per warpgroup): S = Q K^T split by
+  key columns, P and dS through smem, dV/dK/dQ split by head-dim columns (wgmma SS).
+The dQ tile goes to smem in register order (16-byte stores, no bank conflicts), and so to
+dQaccum: the postprocess kernel (bwd_postprocess.py) maps it back with the same tiled MMA.
+deterministic: the dQ warp adds tile m only after the CTAs of lower KV blocks have (a semaphore
+per (batch, head, m) counts them), so the fp32 sums run in one order on every run.
+dK (times softmax_scale) and dV are stored from registers once per CTA; with GQA they are per
+query head fp32 partials that the caller sums over the group.
+"""
+import math
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32, const_expr
+from cutlass._mlir.dialects import llvm
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.cutlass_dsl import T, dsl_user_op
+from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
+
+from fa3.hopper import mask as mask_mod
+from fa3.hopper.wgmma_utils import acc_to_mn, gemm, pack_f16x2, smem_layout, transpose_view
+
+# Named barriers (0 is __syncthreads)
+BAR_PDS = 1  # both consumer warpgroups: P / dS tiles complete in smem
+BAR_DQ_EMPTY = 2  # + warpgroup: the dQ warp has read the smem dQ chunk
+BAR_DQ_FULL = 4  # + warpgroup: the chunk holds this m block's dQ
+REGS = (24, 240)  # setmaxnreg: producer warpgroup, consumer warpgroups
+
+MK = cute.nvgpu.OperandMajorMode.K
+MN = cute.nvgpu.OperandMajorMode.MN
+
+
+@dsl_user_op
+def bulk_g2s(smem_ptr: cute.Pointer, gmem_ptr: cute.Pointer, nbytes: int, mbar_ptr: cute.Pointer, *,
+             loc=None, ip=None):
+    """cp.async.bulk global -> shared (no tensor map), completing tx bytes on an mbarrier."""
+    llvm.inline_asm(
+        None, [smem_ptr.toint(loc=loc, ip=ip).ir_value(), gmem_ptr.toint(loc=loc, ip=ip).ir_value(),
+               Int32(nbytes).ir_value(), mbar_ptr.toint(loc=loc, ip=ip).ir_value()],
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+        "r,l,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
+def bulk_reduce_add_f32(gmem_ptr: cute.Pointer, smem_ptr: cute.Pointer, nbytes: int, *, loc=None,
+                        ip=None):
+    """cp.reduce.async.bulk .add.f32 shared -> global (bulk_group completion)."""
+    llvm.inline_asm(
+        None, [gmem_ptr.toint(loc=loc, ip=ip).ir_value(), smem_ptr.toint(loc=loc, ip=ip).ir_value(),
+               Int32(nbytes).ir_value()],
+        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$0], [$1], $2;",
+        "l,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
+def ld_acquire(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
+    return Int32(llvm.inline_asm(
+        T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value()], "ld.global.acquire.gpu.b32 $0, [$1];",
+        "=r,l", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@dsl_user_op
+def red_release_add(ptr: cute.Pointer, val: int, *, loc=None, ip=None):
+    llvm.inline_asm(
+        None, [ptr.toint(loc=loc, ip=ip).ir_value(), Int32(val).ir_value()],
+        "red.release.gpu.global.add.s32 [$0], $1;", "l,r", has_side_effects=True,
+        is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+def tiled_mmas(dtype, cfg):
+    """(SdP, dK/dV, dQ) tiled MMAs, shared with the postprocess kernel (dQ's register order)."""
+    tm, tn, d, dv = cfg.tile_m, cfg.tile_n, cfg.d, cfg.dv
+    assert d == dv
+    if cfg.swap:  # S^T (tile_n x tile_m), 64 keys per warpgroup; dK/dV likewise, A in registers
+        sdp = make_trivial_tiled_mma(dtype, dtype, MK, MK, Float32, (2, 1, 1), (64, tm))
+        dkv = make_trivial_tiled_mma(dtype, dtype, MK, MN, Float32, (2, 1, 1), (64, d),
+                                     warpgroup.OperandSource.RMEM)
+    else:  # S (tile_m x tile_n) split by key columns; dK/dV split by head-dim columns
+        sdp = make_trivial_tiled_mma(dtype, dtype, MK, MK, Float32, (1, 2, 1), (64, tn // 2))
+        dkv = make_trivial_tiled_mma(dtype, dtype, MN, MN, Float32, (1, 2, 1), (64, d // 2))
+    wg_m = tm // 64  # dQ (tile_m x d): split by rows when there are two 64-row halves
+    dq = make_trivial_tiled_mma(dtype, dtype, MN if cfg.swap else MK, MN, Float32,
+                                (wg_m, 2 // wg_m, 1), (64, d // (2 // wg_m)))
+    return sdp, dkv, dq
+
+
+def dq_copy(cfg):
+    """Register <-> flat fp32 dQ chunk copy: thread t of warpgroup w holds 4-float vectors at
+    w * chunk + j * 512 + t * 4 (consumers write smem this way; the postprocess reads gmem)."""
+    atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Float32, num_bits_per_copy=128)
+    return cute.make_tiled_copy_tv(atom, cute.make_layout((128, 2)), cute.make_layout(4))
+
+
+class FlashBwdSm90:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
+        self.d = cfg.d
+        self.causal, self.swap = cfg.causal, cfg.swap
+        self.pds_stages = cfg.stages if cfg.swap else 1
+        if cfg.swap:
+            assert self.tile_n == 128 and self.tile_m in (64, 128)
+        else:
+            assert self.tile_m == 64 and self.tile_n % 32 == 0
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
+                 mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
+                 mdV: cute.Tensor, mSem: cute.Tensor, softmax_scale: Float32, stream):
+        dtype = mQ.element_type
+        self.dtype = dtype
+        # (b, s, h, d) -> (s, d, h, b): TMA/tile modes first
+        mQ, mK, mV, mdO, mdK, mdV = [
+            cute.make_tensor(t.iterator, cute.select(t.layout, mode=[1, 3, 2, 0]))
+            for t in (mQ, mK, mV, mdO, mdK, mdV)]
+        sdp, dkv, dq = tiled_mmas(dtype, self.cfg)
+        tm, tn, d, st = self.tile_m, self.tile_n, self.d, self.stages
+        sQ_layout = smem_layout(dtype, tm, d, st)
+        sdO_layout = smem_layout(dtype, tm, d, st)
+        sK_layout = smem_layout(dtype, tn, d)
+        sV_layout = smem_layout(dtype, tn, d)
+        # P / dS tiles in the SdP accumulator's orientation (S^T: keys x queries when swapped)
+        pds_shape = (tn, tm) if const_expr(self.swap) else (tm, tn)
+        sPdS_layout = smem_layout(dtype, *pds_shape, self.pds_stages)
+        g2s = cpasync.CopyBulkTensorTileG2SOp()
+        tma_Q, tQ = cpasync.make_tiled_tma_atom(g2s, mQ, cute.select(sQ_layout, mode=[0, 1]), (tm, d))
+        tma_dO, tdO = cpasync.make_tiled_tma_atom(g2s, mdO, cute.select(sdO_layout, mode=[0, 1]),
+                                                  (tm, d))
+        tma_K, tK = cpasync.make_tiled_tma_atom(g2s, mK, sK_layout, (tn, d))
+        tma_V, tV = cpasync.make_tiled_tma_atom(g2s, mV, sV_layout, (tn, d))
+        self.bytes_q = cute.size_in_bytes(dtype, cute.select(sQ_layout, mode=[0, 1])) + tm * 4
+        self.bytes_kv = cute.size_in_bytes(dtype, sK_layout) * 2
+        pds_elems = cute.cosize(sPdS_layout)
+        p_elems = 0 if const_expr(self.swap) else pds_elems  # P goes through smem only unswapped
+
+        @cute.struct
+        class SharedStorage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * st]
+            mbar_do: cute.struct.MemRange[cutlass.Int64, 2 * st]
+            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2]
+            sLSE: cute.struct.Align[cute.struct.MemRange[Float32, tm * st], 128]
+            sD: cute.struct.Align[cute.struct.MemRange[Float32, tm * st], 128]
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            sdO: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sdO_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sV_layout)], 1024]
+            sdS: cute.struct.Align[cute.struct.MemRange[dtype, pds_elems], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dtype, p_elems], 1024]
+            sdQ: cute.struct.Align[cute.struct.MemRange[Float32, tm * d], 1024]
+
+        self.shared_storage = SharedStorage
+        num_n_blocks = (mK.shape[0] + (tn - 1)) // tn
+        self.kernel(tQ, tK, tV, tdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, tma_Q, tma_K, tma_V, tma_dO,
+                    sdp, dkv, dq, sQ_layout, sdO_layout, sK_layout, sV_layout, sPdS_layout,
+                    softmax_scale).launch(
+            grid=[num_n_blocks, mQ.shape[2], mQ.shape[3]], block=[384, 1, 1], stream=stream,
+            min_blocks_per_mp=1)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
+               mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
+               mdV: cute.Tensor, mSem: cute.Tensor, tma_Q: cute.CopyAtom, tma_K: cute.CopyAtom,
+               tma_V: cute.CopyAtom, tma_dO: cute.CopyAtom, sdp: cute.TiledMma, dkv: cute.TiledMma,
+               dq: cute.TiledMma, sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout,
+               sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
+               sPdS_layout: cute.ComposedLayout, softmax_scale: Float32):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        if warp_idx == 0:
+            for atom in (tma_Q, tma_K, tma_V, tma_dO):
+                cpasync.prefetch_descriptor(atom)
+        storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
+        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
+        consumers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 8)  # warps
+        pipe_q = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.stages, producer_group=producer,
+            consumer_group=consumers, tx_count=self.bytes_q, defer_sync=True)
+        pipe_do = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_do.data_ptr(), num_stages=self.stages, producer_group=producer,
+            consumer_group=consumers, tx_count=self.bytes_q, defer_sync=True)
+        pipe_kv = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_kv.data_ptr(), num_stages=1, producer_group=producer,
+            consumer_group=consumers, tx_count=self.bytes_kv, defer_sync=True)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sdO = storage.sdO.get_tensor(sdO_layout.outer, swizzle=sdO_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sdS = storage.sdS.get_tensor(sPdS_layout.outer, swizzle=sPdS_layout.inner)
+        sP = sdS
+        if const_expr(not self.swap):
+            sP = storage.sP.get_tensor(sPdS_layout.outer, swizzle=sPdS_layout.inner)
+        sLSE = storage.sLSE.get_tensor(cute.make_layout((self.tile_m, self.stages)))
+        sD = storage.sD.get_tensor(cute.make_layout((self.tile_m, self.stages)))
+        sdQ = storage.sdQ.get_tensor(cute.make_layout((self.tile_m * self.d // 2, 2)))
+
+        n_block, head, batch = cute.arch.block_idx()
+        seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
+        m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m, self.tile_n,
+                                         self.causal)
+        m_max = (seqlen_q + (self.tile_m - 1)) // self.tile_m
+
+        if warp_idx < 4:
+            cute.arch.setmaxregister_decrease(REGS[0])
+            if warp_idx == 0:
+                head_kv = head // (mQ.shape[2] // mK.shape[2])
+                self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K,
+                              tma_V, tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch,
+                              m_min, m_max)
+            if warp_idx == 1:
+                self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, tidx % 32)
+        else:
+            cute.arch.setmaxregister_increase(REGS[1])
+            self.consumer(mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq, pipe_q,
+                          pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch, m_min,
+                          m_max, seqlen_q, seqlen_k)
+
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def producer(self, mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K, tma_V,
+                 tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch, m_min, m_max):
+        one = cute.make_layout(1)
+        gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
+        gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
+        gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (None, 0))
+        gdO = cute.local_tile(mdO[None, None, head, batch], (self.tile_m, self.d), (None, 0))
+        tKs, tKg = cpasync.tma_partition(tma_K, 0, one, cute.group_modes(sK, 0, 2),
+                                         cute.group_modes(gK, 0, 2))
+        tVs, tVg = cpasync.tma_partition(tma_V, 0, one, cute.group_modes(sV, 0, 2),
+                                         cute.group_modes(gV, 0, 2))
+        tQs, tQg = cpasync.tma_partition(tma_Q, 0, one, cute.group_modes(sQ, 0, 2),
+                                         cute.group_modes(gQ, 0, 2))
+        tdOs, tdOg = cpasync.tma_partition(tma_dO, 0, one, cute.group_modes(sdO, 0, 2),
+                                           cute.group_modes(gdO, 0, 2))
+        lse_row = mLSE2[batch, head, None]  # padded to whole tiles by the caller
+        d_row = mD[batch, head, None]
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        pipe_kv.producer_acquire(kv_state)
+        cute.copy(tma_K, tKg, tKs, tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
+        cute.copy(tma_V, tVg, tVs, tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        for m in cutlass.range(m_min, m_max, unroll=1):
+            pipe_q.producer_acquire(state)
+            bar = pipe_q.producer_get_barrier(state)
+            cute.copy(tma_Q, tQg[None, m], tQs[None, state.index], tma_bar_ptr=bar)
+            with cute.arch.elect_one():  # one issue (each would complete tile_m*4 tx bytes)
+                bulk_g2s(sLSE[None, state.index].iterator, lse_row.iterator + m * self.tile_m,
+                         self.tile_m * 4, bar)
+            pipe_do.producer_acquire(state)
+            bar = pipe_do.producer_get_barrier(state)
+            cute.copy(tma_dO, tdOg[None, m], tdOs[None, state.index], tma_bar_ptr=bar)
+            with cute.arch.elect_one():
+                bulk_g2s(sD[None, state.index].iterator, d_row.iterator + m * self.tile_m,
+                         self.tile_m * 4, bar)
+            state.advance()
+
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane):
+        """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum."""
+        chunk = self.tile_m * self.d // 2
+        acc_row = mdQacc[batch, head, None]
+        sem_row = mSem[batch, head, None]
+        for m in cutlass.range(m_min, m_max, unroll=1):
+            for wg in cutlass.range_constexpr(2):
+                if const_expr(not self.cfg.deterministic):
+                    # the previous add from this chunk has read smem (deterministic: waited below)
+                    cute.arch.cp_async_bulk_wait_group(1 - wg, read=True)
+                cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=160)
+            if const_expr(self.cfg.deterministic):
+                # KV blocks 0 .. n_block-1 meet block m (every mask here is a suffix in n), in order
+                if lane == 0:
+                    seen = Int32(-1)
+                    while seen != n_block:
+                        seen = ld_acquire(sem_row.iterator + m)
+                cute.arch.sync_warp()
+            for wg in cutlass.range_constexpr(2):
+                cute.arch.barrier(barrier_id=BAR_DQ_FULL + wg, number_of_threads=160)
+                if lane == 0:
+                    bulk_reduce_add_f32(acc_row.iterator + (m * 2 + wg) * chunk,
+                                        sdQ[None, wg].iterator, chunk * 4)
+                cute.arch.cp_async_bulk_commit_group()
+            if const_expr(self.cfg.deterministic):
+                cute.arch.cp_async_bulk_wait_group(0, read=False)  # the adds are done in L2
+                if lane == 0:
+                    red_release_add(sem_row.iterator + m, 1)
+        cute.arch.cp_async_bulk_wait_group(0, read=True)
+
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def consumer(self, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq, pipe_q,
+                 pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
+                 seqlen_q, seqlen_k):
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        tm, tn, d = self.tile_m, self.tile_n, self.d
+        wg_sdp, wg_dkv, wg_dq = sdp.get_slice(wg * 128), dkv.get_slice(wg * 128), dq.get_slice(wg * 128)
+        thr_sdp = sdp.get_slice(tidx)
+        if const_expr(self.swap):
+            # S^T = K Q^T, dP^T = V dO^T; dV += P^T dO and dK += dS^T Q with A in registers
+            tSrA, tSrB = wg_sdp.make_fragment_A(wg_sdp.partition_A(sK)), wg_sdp.make_fragment_B(
+                wg_sdp.partition_B(sQ))
+            tPrA, tPrB = wg_sdp.make_fragment_A(wg_sdp.partition_A(sV)), wg_sdp.make_fragment_B(
+                wg_sdp.partition_B(sdO))
+            tdVrP = wg_dkv.make_fragment_A(wg_dkv.partition_shape_A((tn, tm)))
+            tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_shape_A((tn, tm)))
+            tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))
+        else:
+            tSrA, tSrB = wg_sdp.make_fragment_A(wg_sdp.partition_A(sQ)), wg_sdp.make_fragment_B(
+                wg_sdp.partition_B(sK))
+            tPrA, tPrB = wg_sdp.make_fragment_A(wg_sdp.partition_A(sdO)), wg_sdp.make_fragment_B(
+                wg_sdp.partition_B(sV))
+            tdVrP = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sP)))
+            tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sdS)))
+            tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(sdS))
+        tdVrdO = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sdO)))
+        tdKrQ = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
+        tdQrK = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
+        pds_shape = (tn, tm) if const_expr(self.swap) else (tm, tn)
+        shape_S = wg_sdp.partition_shape_C(pds_shape)
+        acc_dV = cute.make_rmem_tensor(wg_dkv.partition_shape_C((tn, d)), Float32)
+        acc_dK = cute.make_rmem_tensor(wg_dkv.partition_shape_C((tn, d)), Float32)
+        acc_dV.fill(0.0)
+        acc_dK.fill(0.0)
+        tScS_mn = acc_to_mn(thr_sdp.partition_C(cute.make_identity_tensor(pds_shape)))
+        # P / dS registers -> smem (stmatrix), in the accumulator's own orientation
+        st_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4),
+                                      self.dtype)
+        thr_st = cute.make_tiled_copy_C(st_atom, sdp).get_slice(tidx)
+        thr_dq_copy = dq_copy(self.cfg).get_slice(tidx)
+        tdQsdQ = thr_dq_copy.partition_D(sdQ)
+        scale_log2 = softmax_scale * Float32(math.log2(math.e))
+        bf16 = self.dtype is cutlass.BFloat16
+
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+        pipe_kv.consumer_wait(kv_state)
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        ctx = dict(tSrA=tSrA, tSrB=tSrB, tPrA=tPrA, tPrB=tPrB, tdVrP=tdVrP, tdKrdS=tdKrdS,
+                   tdQrdS=tdQrdS, tdVrdO=tdVrdO, tdKrQ=tdKrQ, tdQrK=tdQrK, shape_S=shape_S,
+                   acc_dV=acc_dV, acc_dK=acc_dK, tScS_mn=tScS_mn, thr_st=thr_st, st_atom=st_atom, tdQsdQ=tdQsdQ,
+                   sP=sP, sdS=sdS, sLSE=sLSE, sD=sD, scale_log2=scale_log2, bf16=bf16, wg=wg,
+                   sdp=sdp, dkv=dkv, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
+                   seqlen_k=seqlen_k, n_block=n_block)
+        # masked: the causal diagonal's blocks, and every block of a KV tile that ends past
+        # seqlen_k (its zero-filled keys would give P = exp2(-LSE), which may overflow)
+        m_nomask = m_min
+        if const_expr(self.causal):
+            m_nomask = cutlass.max(m_min, mask_mod.m_block_min_no_mask_bwd(
+                seqlen_q, seqlen_k, n_block, tm, tn))
+        if (n_block + 1) * tn > seqlen_k:
+            m_nomask = m_max
+        m_nomask = cutlass.min(m_nomask, m_max)
+        for m in cutlass.range(m_min, m_nomask, unroll=1):
+            state = self.one_m_block(ctx, state, m, True)
+        for m in cutlass.range(m_nomask, m_max, unroll=1):
+            state = self.one_m_block(ctx, state, m, False)
+        acc_dK.store(acc_dK.load() * softmax_scale)
+        self.store_rows(acc_dK, mdK, dkv, tidx, n_block, head, batch, seqlen_k)
+        self.store_rows(acc_dV, mdV, dkv, tidx, n_block, head, batch, seqlen_k)
+
+    @cute.jit
+    def one_m_block(self, c, state, m, masked: cutlass.Constexpr[bool]):
+        tm = self.tile_m
+        pds_idx = state.index if const_expr(self.pds_stages > 1) else 0
+        c["pipe_q"].consumer_wait(state)
+        acc_S = cute.make_rmem_tensor(c["shape_S"], Float32)
+        if const_expr(self.swap):
+            gemm(c["sdp"], acc_S, c["tSrA"], c["tSrB"][None, None, None, state.index], True, -1)
+        else:
+            gemm(c["sdp"], acc_S, c["tSrA"][None, None, None, state.index], c["tSrB"], True, -1)
+        c["pipe_do"].consumer_wait(state)
+        acc_dP = cute.make_rmem_tensor(c["shape_S"], Float32)
+        if const_expr(self.swap):
+            gemm(c["sdp"], acc_dP, c["tPrA"], c["tPrB"][None, None, None, state.index], True, 1)
+        else:
+            gemm(c["sdp"], acc_dP, c["tPrA"][None, None, None, state.index], c["tPrB"], True, 1)
+        S_mn = acc_to_mn(acc_S)
+        coord = c["tScS_mn"]
+        if const_expr(masked):
+            mask_mod.apply_mask_bwd(S_mn, coord, c["seqlen_q"], c["seqlen_k"], m, c["n_block"], tm,
+                                    self.tile_n, self.causal, self.swap)
+        sLSE = c["sLSE"][None, state.index]
+        sD = c["sD"][None, state.index]
+        # P = exp2(S * scale*log2e - LSE_log2); LSE rows past seqlen_q are +inf (P = 0)
+        self.pointwise(S_mn, None, coord, sLSE, c["scale_log2"])
+        if const_expr(self.swap):
+            self.pack(c["tdVrP"], acc_S, c["bf16"])
+        else:
+            rP = cute.make_rmem_tensor(acc_S.layout.shape, self.dtype)
+            self.pack(rP, acc_S, c["bf16"])
+            cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)  # last sP / sdS reads
+            thr_st = c["thr_st"]
+            cute.copy(c["st_atom"], thr_st.retile(rP), thr_st.partition_D(c["sP"][None, None, 0]))
+        warpgroup.wait_group(0)
+        # dS = P * (dP - D)
+        self.pointwise(acc_to_mn(acc_dP), S_mn, coord, sD, None)
+        if const_expr(self.swap):
+            self.pack(c["tdKrdS"], acc_dP, c["bf16"])
+            rdS = cute.make_tensor(c["tdKrdS"].iterator, cute.make_layout(acc_dP.layout.shape))
+        else:
+            rdS = cute.make_rmem_tensor(acc_dP.layout.shape, self.dtype)
+            self.pack(rdS, acc_dP, c["bf16"])
+        thr_st = c["thr_st"]
+        cute.copy(c["st_atom"], thr_st.retile(rdS), thr_st.partition_D(c["sdS"][None, None, pds_idx]))
+        if const_expr(self.swap):
+            # dV += P^T dO (P^T in registers) while the other warpgroup finishes its dS
+            gemm(c["dkv"], c["acc_dV"], c["tdVrP"], c["tdVrdO"][None, None, None, state.index],
+                 False, -1)
+        cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> wgmma (async proxy)
+        cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
+        if const_expr(not self.swap):
+            gemm(c["dkv"], c["acc_dV"], c["tdVrP"][None, None, None, 0],
+                 c["tdVrdO"][None, None, None, state.index], False, -1)
+        # dQ = dS K
+        acc_dQ = cute.make_rmem_tensor(c["dq"].get_slice(c["wg"] * 128).partition_shape_C((tm, self.d)),
+                                       Float32)
+        gemm(c["dq"], acc_dQ, c["tdQrdS"][None, None, None, pds_idx], c["tdQrK"], True, 1)
+        c["pipe_do"].consumer_release(state)  # dV is done with dO
+        # dK += dS^T Q
+        if const_expr(self.swap):
+            gemm(c["dkv"], c["acc_dK"], c["tdKrdS"], c["tdKrQ"][None, None, None, state.index],
+                 False, 1)
+        else:
+            gemm(c["dkv"], c["acc_dK"], c["tdKrdS"][None, None, None, 0],
+                 c["tdKrQ"][None, None, None, state.index], False, 1)
+        # dQ -> smem chunk of this warpgroup, once the dQ warp has read the previous one
+        cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + c["wg"], number_of_threads=160)
+        flat = cute.make_tensor(acc_dQ.iterator, cute.make_layout(c["tdQsdQ"].shape))
+        cute.autovec_copy(flat, c["tdQsdQ"])
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier_arrive(barrier_id=BAR_DQ_FULL + c["wg"], number_of_threads=160)
+        warpgroup.wait_group(0)
+        c["pipe_q"].consumer_release(state)
+        state.advance()
+        return state
+
+    @cute.jit
+    def pointwise(self, acc_mn, p_mn, coord, s_vec, scale_log2):
+        """p_mn is None: acc <- exp2(acc * scale_log2 - vec); else acc <- p * (acc - vec). vec is
+        indexed by the query of each element (the column when swapped, else the row)."""
+        if const_expr(self.swap):
+            for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
+                v = s_vec[coord[0, c][1]]
+                for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
+                    if const_expr(p_mn is None):
+                        acc_mn[r, c] = cute.arch.exp2(acc_mn[r, c] * scale_log2 - v)
+                    else:
+                        acc_mn[r, c] = p_mn[r, c] * (acc_mn[r, c] - v)
+        else:
+            for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
+                v = s_vec[coord[r, 0][0]]
+                for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
+                    if const_expr(p_mn is None):
+                        acc_mn[r, c] = cute.arch.exp2(acc_mn[r, c] * scale_log2 - v)
+                    else:
+                        acc_mn[r, c] = p_mn[r, c] * (acc_mn[r, c] - v)
+
+    @cute.jit
+    def pack(self, dst, src, bf16: cutlass.Constexpr[bool]):
+        """fp32 accumulator -> 16-bit registers in the same order (two per 32-bit register), before
+        the next wgmma fence (a late convert makes ptxas serialize RS wgmmas)."""
+        d32 = cute.recast_tensor(dst, Int32)
+        for i in cutlass.range_constexpr(cute.size(d32)):
+            d32[i] = pack_f16x2(src[2 * i], src[2 * i + 1], bf16)
+
+    @cute.jit
+    def store_rows(self, acc, mOut, tiled_mma, tidx, n_block, head, batch, seqlen_k):
+        """dK / dV tile from registers to global memory (rows past seqlen_k skipped)."""
+        r = cute.make_rmem_tensor_like(acc, mOut.element_type)
+        r.store(acc.load().to(mOut.element_type))
+        gO = cute.local_tile(mOut[None, None, head, batch], (self.tile_n, self.d), (n_block, 0))
+        thr = tiled_mma.get_slice(tidx)
+        tg_mn = acc_to_mn(thr.partition_C(gO))
+        tc_mn = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, self.d))))
+        r_mn = acc_to_mn(r)
+        for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
+            if n_block * self.tile_n + tc_mn[i, 0][0] < seqlen_k:
+                for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
+                    tg_mn[i, j] = r_mn[i, j]

@@ -1,0 +1,51 @@
+"""Backward postprocess: dQaccum (fp32, in the main kernel's register order per tile) -> dQ in the
+input dtype, times softmax_scale.
+
+One CTA of 256 threads per (m block, head, batch): thread t reads exactly the 16-byte vectors that
+consumer thread t of the main kernel added (dq_copy), and the dQ tiled MMA tells it which (row,
+column) each value is; rows past seqlen_q are skipped.
+"""
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32
+
+from fa3.hopper.bwd_kernel import dq_copy, tiled_mmas
+from fa3.hopper.wgmma_utils import acc_to_mn
+
+
+class BwdPostprocess:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tile_m, self.d = cfg.tile_m, cfg.d
+
+    @cute.jit
+    def __call__(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, softmax_scale: Float32, stream):
+        dtype = mdQ.element_type
+        mdQ = cute.make_tensor(mdQ.iterator, cute.select(mdQ.layout, mode=[1, 3, 2, 0]))  # (s,d,h,b)
+        _, _, dq = tiled_mmas(dtype, self.cfg)
+        num_m_blocks = (mdQ.shape[0] + (self.tile_m - 1)) // self.tile_m
+        self.kernel(mdQacc, mdQ, dq, softmax_scale).launch(
+            grid=[num_m_blocks, mdQ.shape[2], mdQ.shape[3]], block=[256, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, dq: cute.TiledMma, softmax_scale: Float32):
+        tidx, _, _ = cute.arch.thread_idx()
+        m, head, batch = cute.arch.block_idx()
+        tm, d = self.tile_m, self.d
+        chunk = tm * d // 2
+        gacc = cute.make_tensor(mdQacc[batch, head, None].iterator + m * tm * d,
+                                cute.make_layout((chunk, 2)))
+        tg = dq_copy(self.cfg).get_slice(tidx).partition_S(gacc)
+        thr = dq.get_slice(tidx)
+        tc_mn = acc_to_mn(thr.partition_C(cute.make_identity_tensor((tm, d))))
+        acc = cute.make_rmem_tensor(thr.partition_shape_C((tm, d)), Float32)
+        cute.autovec_copy(tg, cute.make_tensor(acc.iterator, cute.make_layout(tg.shape)))
+        r = cute.make_rmem_tensor_like(acc, mdQ.element_type)
+        r.store((acc.load() * softmax_scale).to(mdQ.element_type))
+        gdQ = cute.local_tile(mdQ[None, None, head, batch], (tm, d), (m, 0))
+        tg_mn = acc_to_mn(thr.partition_C(gdQ))
+        r_mn = acc_to_mn(r)
+        for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
+            if m * tm + tc_mn[i, 0][0] < mdQ.shape[0]:
+                for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
+                    tg_mn[i, j] = r_mn[i, j]

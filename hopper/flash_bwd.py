@@ -1,0 +1,205 @@
+"""Torch-facing Hopper attention backward: configs, compile on fake tensors, launch.
+
+Three kernels: bwd_preprocess (D = rowsum(dO*O), LSE in log2), the main kernel (bwd_kernel.py:
+dK, dV, and dQ added in fp32 to dQaccum), the postprocess (dQaccum -> dQ * scale). Sizes and
+strides are symbolic: one compile per (head dim, dtype, causal, deterministic, GQA) serves every
+batch, seqlen and head count.
+
+GQA/MQA: each CTA works for one query head, so dK/dV are written per query head in fp32 and
+summed over the group here (one torch reduction; deterministic; simplest correct form: no
+cross-CTA accumulation to order). MHA writes dK/dV in the input dtype directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+from fa3 import _compile
+
+DTYPES = ("bfloat16", "float16")
+HEAD_DIMS = (64, 128, 256)
+SMEM_LIMIT = 227 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+    d: int
+    dv: int
+    dtype: str  # "bfloat16" | "float16"
+    causal: bool
+    deterministic: bool
+    gqa: bool  # dK/dV outputs are per-query-head fp32 partials
+    tile_m: int
+    tile_n: int
+    stages: int  # Q / dO (+ LSE / D) ring depth
+    swap: bool  # S^T layout with dK/dV A operands in registers (see bwd_kernel.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class PostConfig:
+    """The postprocess only needs the dQ tile and its tiled MMA (tiled_mmas reads these)."""
+    d: int
+    dv: int
+    dtype: str
+    tile_m: int
+    tile_n: int
+    swap: bool
+
+
+def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2) -> int:
+    pds = tile_m * tile_n * elem * (stages if swap else 2)  # dS ring (swap) or P + dS
+    return (2 * stages * tile_m * d * elem + 2 * tile_n * d * elem + pds + tile_m * d * 4
+            + 2 * stages * tile_m * 4 + 1024)
+
+
+def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overrides) -> BwdConfig:
+    dtype = _dtype_name(dtype)
+    if d <= 64:
+        tile = dict(tile_m=128, tile_n=128, stages=2, swap=True)
+    elif d <= 128:
+        tile = dict(tile_m=64, tile_n=128, stages=2, swap=True)
+    else:  # 64 x 64 tiles, one stage: dK + dV + dQ accumulators fill the registers
+        tile = dict(tile_m=64, tile_n=64, stages=1, swap=False)
+    tile.update(overrides)
+    cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
+    assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap) <= SMEM_LIMIT, cfg
+    return cfg
+
+
+def post_config(cfg: BwdConfig) -> PostConfig:
+    return PostConfig(cfg.d, cfg.dv, cfg.dtype, cfg.tile_m, cfg.tile_n, cfg.swap)
+
+
+def variants() -> Iterator:
+    """Every shipped config (for compile tests and `fa3 cache warm`)."""
+    posts = set()
+    for d in HEAD_DIMS:
+        for dtype in DTYPES:
+            for causal in (False, True):
+                for det in (False, True):
+                    for gqa in (False, True):
+                        cfg = default_config(d, d, dtype, causal, det, gqa)
+                        yield cfg
+                        posts.add(post_config(cfg))
+    yield from sorted(posts, key=repr)
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    assert name in DTYPES, f"fa3 hopper bwd: unsupported dtype {dtype}"
+    return name
+
+
+def build(cfg, extra_options: str = ""):
+    """Compile the main kernel (BwdConfig) or the postprocess (PostConfig) for sm_90a."""
+    cute = _compile.dsl()
+    import cutlass
+    from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+
+    b, h, hk, sq, sk, lq, lacc, nm = (cute.sym_int32() for _ in range(8))
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    opts = _compile.compile_options(extra=extra_options)
+    dqacc = make_fake_tensor(cutlass.Float32, (b, h, lacc), stride=(cute.sym_int64(divisibility=4),
+                             cute.sym_int64(divisibility=4), 1), assumed_align=16)
+    if isinstance(cfg, PostConfig):
+        from fa3.hopper.bwd_postprocess import BwdPostprocess
+
+        dq = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.d))
+        return cute.compile(BwdPostprocess(cfg), dqacc, dq, cutlass.Float32(1.0), stream, options=opts)
+    from fa3.hopper.bwd_kernel import FlashBwdSm90
+
+    q = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.d))
+    k = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.d))
+    v = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.dv))
+    do = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.dv))
+    stat = lambda: make_fake_tensor(cutlass.Float32, (b, h, lq), stride=(
+        cute.sym_int64(divisibility=4), cute.sym_int64(divisibility=4), 1), assumed_align=16)
+    if cfg.gqa:
+        dk = _compile.fake_attn_tensor("float32", (b, sk, h, cfg.d))
+        dv = _compile.fake_attn_tensor("float32", (b, sk, h, cfg.dv))
+    else:
+        dk = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.d))
+        dv = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.dv))
+    # semaphores (b, h, m blocks) when deterministic, else a 1-element dummy: own symbols
+    sem = make_fake_tensor(cutlass.Int32, (cute.sym_int32(), cute.sym_int32(), nm),
+                           stride=(cute.sym_int64(), cute.sym_int64(), 1),
+                           assumed_align=4)
+    return cute.compile(FlashBwdSm90(cfg), q, k, v, do, stat(), stat(), dqacc, dk, dv, sem,
+                        cutlass.Float32(1.0), stream, options=opts)
+
+
+def bwd_missing(r) -> str | None:
+    """The first feature of a forward request (fa3._dispatch.FwdRequest) whose gradient this
+    backward lacks, or None."""
+    import torch
+
+    if r.dtype not in (torch.float16, torch.bfloat16):
+        return f"backward for dtype {r.dtype}"
+    if r.d != r.dv:
+        return f"backward for head dim q/k {r.d} != v {r.dv}"
+    if r.d not in HEAD_DIMS:
+        return f"backward for head dim {r.d} (sm90 supports {', '.join(map(str, HEAD_DIMS))} today)"
+    if r.varlen or r.has_seqused:
+        return "varlen / seqused backward"
+    if r.window != (-1, -1) and not (r.causal and r.window[0] == -1):
+        return "sliding-window (local) attention backward"
+    if r.softcap:
+        return "softcap backward"
+    if r.has_sink:
+        return "learnable sink gradient"
+    return None
+
+
+def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deterministic: bool = False,
+              **features):
+    """Gradients (dq, dk, dv) of attention. q/out/dout (b, sq, h, d), k/v (b, sk, hk, d),
+    lse (b, h, sq) natural-log fp32 from the forward."""
+    import torch
+
+    from fa3.hopper.bwd_preprocess import PreprocessConfig, compile_preprocess
+
+    if features:
+        raise NotImplementedError(f"fa3: sm90 backward does not support {sorted(features)} yet")
+    b, sq, h, d = q.shape
+    _, sk, hk, dv = v.shape
+    if d != dv or d not in HEAD_DIMS:  # the forward takes more head dims than this backward
+        raise NotImplementedError(f"fa3: sm90 backward for head dims q/k {d}, v {dv} is not built "
+                                  f"yet (it supports {', '.join(map(str, HEAD_DIMS))}, q/k = v)")
+    assert k.shape == (b, sk, hk, d) and dout.shape == out.shape == (b, sq, h, dv)
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    assert h % hk == 0 and q.dtype == k.dtype == v.dtype == out.dtype == dout.dtype
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    for t in (q, k, v, out, dout):  # TMA: 16-byte aligned base and strides
+        assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+        assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+    gqa = h != hk
+    cfg = default_config(d, dv, q.dtype, causal, deterministic, gqa)
+    dq = torch.empty_like(q)
+    if b == 0 or h == 0 or sq == 0 or sk == 0:
+        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+    tm = cfg.tile_m
+    nm = -(-sq // tm)
+    # LSE (log2) and D padded to whole query tiles: the kernel bulk-loads tile_m values per
+    # block; padded rows get LSE = +inf so their P is 0
+    lse2 = torch.full((b, h, nm * tm), math.inf, device=q.device, dtype=torch.float32)
+    dsum = torch.zeros((b, h, nm * tm), device=q.device, dtype=torch.float32)
+    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
+    dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
+    compile_preprocess(PreprocessConfig(dt, dv))(out, dout, lse, dsum[:, :, :sq], lse2[:, :, :sq])
+    dqacc = torch.zeros((b, h, nm * tm * d), device=q.device, dtype=torch.float32)
+    sem = torch.zeros((b, h, nm) if deterministic else (1, 1, 1), device=q.device, dtype=torch.int32)
+    if gqa:
+        dk_part = torch.empty((b, sk, h, d), device=q.device, dtype=torch.float32)
+        dv_part = torch.empty((b, sk, h, dv), device=q.device, dtype=torch.float32)
+    else:
+        dk_part, dv_part = torch.empty_like(k), torch.empty_like(v)
+    _compile.get_kernel(cfg, build)(q, k, v, dout, lse2, dsum, dqacc, dk_part, dv_part, sem,
+                                    float(softmax_scale))
+    _compile.get_kernel(post_config(cfg), build)(dqacc, dq, float(softmax_scale))
+    if gqa:
+        g = h // hk
+        dk = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
+        dv_ = dv_part.view(b, sk, hk, g, dv).sum(3).to(q.dtype)
+        return dq, dk, dv_
+    return dq, dk_part, dv_part
