@@ -46,17 +46,22 @@ def load_module(path):
 
 
 def bench_gbps(d, seqlen=16384, hidden=2048, batch=1, block_rows=128, rotate=True, dtype=torch.bfloat16,
-               module=None):
+               module=None, lanes=0):
     """Returns dict(d, ms, gbps, copy_gbps, frac) for one head dim."""
     if module is None:
         from fa3.hopper import hadamard_quant as module
-    hadamard_quant = module.hadamard_quant
+    hadamard_quant = getattr(module, "hadamard_quant", None)
 
     h = hidden // d
     x = torch.randn(batch, seqlen, h, d, device="cuda", dtype=dtype)
     signs = emu.random_signs(d, seed=0, device="cuda")
-    q, sc = hadamard_quant(x, signs, block_rows, rotate)  # compile / load outside the timing
-    ms = do_bench(lambda: hadamard_quant(x, signs, block_rows, rotate, out=q, out_scales=sc))
+    kw = dict(lanes=lanes) if lanes else {}
+    if module == "cast":  # torch's bf16 -> e4m3 cast: the same bytes moved, next to no arithmetic
+        q, sc = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn), x.new_empty(0)
+        ms = do_bench(lambda: q.copy_(x))
+    else:
+        q, sc = hadamard_quant(x, signs, block_rows, rotate, **kw)  # compile / load outside the timing
+        ms = do_bench(lambda: hadamard_quant(x, signs, block_rows, rotate, out=q, out_scales=sc, **kw))
     nbytes = x.numel() * x.element_size() + q.numel() + sc.numel() * 4
     y = torch.empty_like(x)
     copy_ms = do_bench(lambda: y.copy_(x))
@@ -75,17 +80,23 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--before", default=None, help="another hadamard_quant.py to time in the same run")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--lanes", default="0", help="comma list of lanes per row to time (0: default)")
+    p.add_argument("--extras", action="store_true", help="also time the no-rotate path and torch's "
+                   "bf16 -> e4m3 cast (same bytes moved)")
     a = p.parse_args()
     device = torch.cuda.get_device_name()
     print(f"{device}  tokens={a.batch * a.seqlen} hidden={a.hidden} "
           f"block_rows={a.block_rows} rotate={not a.no_rotate} {a.dtype}")
     print(f"{'kernel':>7} {'hd':>4} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8}")
-    impls = [("after", None)] + ([("before", load_module(a.before))] if a.before else [])
+    impls = [(f"after{'-L' + ln if ln != '0' else ''}", None, int(ln), not a.no_rotate)
+             for ln in a.lanes.split(",")]
+    impls += [("before", load_module(a.before), 0, not a.no_rotate)] if a.before else []
+    impls += [("norot", None, 0, False), ("cast", "cast", 0, False)] if a.extras else []
     rows = []
     for d in (64, 128, 256):
-        for name, mod in impls:
-            r = bench_gbps(d, a.seqlen, a.hidden, a.batch, a.block_rows, not a.no_rotate,
-                           getattr(torch, a.dtype), module=mod)
+        for name, mod, lanes, rotate in impls:
+            r = bench_gbps(d, a.seqlen, a.hidden, a.batch, a.block_rows, rotate,
+                           getattr(torch, a.dtype), module=mod, lanes=lanes)
             rows.append(dict(kernel=name, **r))
             print(f"{name:>7} {d:>4} {r['ms']:>8.4f} {r['gbps']:>8.0f} {r['copy_gbps']:>10.0f} "
                   f"{r['frac']:>8.0%}", flush=True)

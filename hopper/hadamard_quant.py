@@ -6,15 +6,23 @@ bit-exact with ``fa3.fp8_emulation.block_quantize`` (its docstring is the op-ord
 The kernel is memory-bound (3 bytes moved per element), so the design is about keeping HBM busy:
 
 * Persistent CTAs (``ctas_per_sm`` per SM, 512 threads per SM in all) walk the tiles (block of
-  ``block_rows`` rows, head, batch), heads fastest so concurrent CTAs read neighbouring rows. A tile's
-  amax never leaves its CTA.
+  ``block_rows`` rows, head, batch), heads fastest so concurrent CTAs read neighbouring rows; the tile
+  coordinates advance by the grid size in mixed radix (no integer division per tile). A tile's amax
+  never leaves its CTA.
+* The rotation is what limits the speed: with no rotation the same pipeline moves 83-87% of the H200's
+  copy rate, with it 69-74% (benchmarks/results/h200-2026-11-22-hadamard-quant.json). The loop is kept
+  lean (full tiles read back with no row checks, only a ragged last tile takes the checked path; bf16
+  widened with one shift / one AND per element pair; the thread's amax as eight independent chains),
+  but trimming ~10% of its instructions changed nothing measurable: the limit looks like latency at
+  16 warps per SM (64 fp32 values per thread under a 128-register cap), not instruction issue.
 * Each thread prefetches its own part of the *next* tile into shared memory with 16-byte ``cp.async``
   while it rotates, reduces and stores the current one (two buffers). A thread reads back only what it
   copied, so the pipeline needs no barrier, only ``cp.async.wait_group``; the smem layout is
   thread-private (chunk-major, thread fastest), so copies and reads are bank-conflict free.
-* Thread mapping (L = 4 lanes per row, K = d / 32 chunks per lane, NP rows per thread, P = T / 4 rows
-  per pass): thread ``tid`` owns row ``p * P + tid // 4`` for p < NP and, in it, the K chunks of 8
-  elements starting at ``8 * (tid % 4) + 32 * j``: the 4 lanes of a row read 64 contiguous bytes per j.
+* Thread mapping (L = 4 lanes per row by default, K = d / (8 L) chunks per lane, NP rows per thread,
+  P = T / L rows per pass): thread ``tid`` owns row ``p * P + tid // L`` for p < NP and, in it, the K
+  chunks of 8 elements starting at ``8 * (tid % L) + 8 * L * j``: the 4 lanes of a row read 64
+  contiguous bytes per j. (Measured on the H200: 2 lanes per row is much slower, 8 no faster.)
 * The Walsh–Hadamard butterfly keeps the standard stage order (stride 1, 2, ..., d/2), so results are
   bit-exact: strides 1, 2, 4 inside a chunk; 8, 16 across lanes (``shfl.sync.bfly`` with lane xor 1, 2);
   32, 64, 128 across the thread's chunks. Four lanes per row (not eight) saves a shuffle stage.
@@ -42,7 +50,8 @@ DTYPES = ("bfloat16", "float16")
 HEAD_DIMS = (64, 128, 256)
 E4M3_MAX = 448.0
 AMAX_FLOOR = 2.0**-64  # same as fp8_emulation.AMAX_FLOOR
-LANES_PER_ROW = 4  # each lane loads 8 elements (16 B) per chunk; a row's chunk j spans 32 elements
+LANES_PER_ROW = 4  # default lanes per row; each lane loads 8 elements (16 B) per chunk
+LANE_CHOICES = (2, 4, 8)  # 2 lanes: one shuffle stage, 16-byte row segments; 8: three stages
 VALUES_PER_THREAD = 64  # fp32 registers holding the tile (at 512 threads a thread has 128 registers)
 THREADS_PER_SM = 512  # resident threads per SM the persistent grid aims at (ctas_per_sm * threads)
 STAGES = 2  # smem tile buffers per CTA: the tile being read back and the next one in flight
@@ -54,37 +63,47 @@ class HadamardQuantConfig:
     head_dim: int  # 64 | 128 | 256
     block_rows: int  # rows of one (batch, head) sharing a scale; a multiple of 8
     rotate: bool = True
+    lanes: int = 0  # lanes per row (0: LANES_PER_ROW)
 
     def __post_init__(self):
+        assert self.lanes in (0,) + LANE_CHOICES, f"hadamard_quant: lanes must be one of {LANE_CHOICES}"
         assert self.dtype in DTYPES, f"hadamard_quant: unsupported dtype {self.dtype}"
         assert self.head_dim in HEAD_DIMS, f"hadamard_quant: head_dim must be one of {HEAD_DIMS}"
         assert self.block_rows % 8 == 0 and self.block_rows >= 8, "block_rows must be a multiple of 8"
         _ = self.passes  # validates that a launch shape exists
 
     @property
+    def lanes_per_row(self) -> int:
+        return self.lanes or LANES_PER_ROW
+
+    @property
     def chunks(self) -> int:  # 16-byte chunks per lane per row
-        return self.head_dim // (8 * LANES_PER_ROW)
+        return self.head_dim // (8 * self.lanes_per_row)
 
     @property
     def passes(self) -> int:
-        """Rows per thread: the most that keeps 64 fp32 values per thread and whole warps (<= 512)."""
-        def fits(n):
-            t = LANES_PER_ROW * self.block_rows // n
-            return (self.block_rows % n == 0 and t % 32 == 0 and t <= 512
-                    and n * 8 * self.chunks <= VALUES_PER_THREAD)
+        """Rows per thread: the most that keeps 64 fp32 values per thread and whole warps (<= 512);
+        a row of 2 lanes at d = 256 (128 values) needs 128, in CTAs of at most 256 threads."""
+        def fits(n, values):
+            t = self.lanes_per_row * self.block_rows // n
+            return (self.block_rows % n == 0 and t % 32 == 0 and t <= (512 if values <= 64 else 256)
+                    and n * 8 * self.chunks <= values)
 
-        ok = [n for n in range(1, self.block_rows + 1) if fits(n)]
+        ok = ([n for n in range(1, self.block_rows + 1) if fits(n, VALUES_PER_THREAD)]
+              or [n for n in range(1, self.block_rows + 1) if fits(n, 2 * VALUES_PER_THREAD)])
         assert ok, (f"hadamard_quant: block_rows={self.block_rows} x head_dim={self.head_dim} does not fit "
                     "in registers; use a smaller block_rows")
         return max(ok)
 
     @property
     def threads(self) -> int:
-        return LANES_PER_ROW * self.block_rows // self.passes
+        return self.lanes_per_row * self.block_rows // self.passes
 
     @property
     def ctas_per_sm(self) -> int:
-        """Resident CTAs per SM of the persistent grid (registers: >= 128 per thread either way)."""
+        """Resident CTAs per SM of the persistent grid (>= 128 registers per thread, 255 above 64 values)."""
+        if self.passes * 8 * self.chunks > VALUES_PER_THREAD:
+            return 1
         return max(1, THREADS_PER_SM // self.threads)
 
 
@@ -98,6 +117,9 @@ def variants():
     yield HadamardQuantConfig("bfloat16", 128, 176, True)  # a K/V-tile-sized, non-power-of-two block
     yield HadamardQuantConfig("float16", 128, 256, True)  # 512 threads
     yield HadamardQuantConfig("float16", 64, 8, True)  # one warp
+    for d in HEAD_DIMS:  # the other lane counts (the benchmark compares them)
+        for lanes in (2, 8):
+            yield HadamardQuantConfig("bfloat16", d, 128, True, lanes)
 
 
 def _kernel_class():
@@ -108,11 +130,10 @@ def _kernel_class():
     from cutlass import Float32, Int32, Uint32
     from cutlass.cute.nvgpu import cpasync
 
-    L = LANES_PER_ROW
-
     class HadamardQuant:
         def __init__(self, cfg: HadamardQuantConfig):
             self.cfg = cfg
+            self.L = L = cfg.lanes_per_row
             self.d = cfg.head_dim
             self.br = cfg.block_rows
             self.K = cfg.chunks
@@ -120,7 +141,8 @@ def _kernel_class():
             self.T = cfg.threads
             self.P = self.T // L  # rows per pass
             self.nwarps = self.T // 32
-            self.in_dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
+            self.bf16 = cfg.dtype == "bfloat16"
+            self.in_dtype = cutlass.BFloat16 if self.bf16 else cutlass.Float16
             # 1/sqrt(d) is 2^-3 / 2^-4 at d = 64 / 256: folded into the quantization multiplier
             self.fold_scale = cfg.rotate and cfg.head_dim in (64, 256)
 
@@ -133,7 +155,7 @@ def _kernel_class():
 
         @cute.kernel
         def kernel(self, mX: cute.Tensor, mSigns: cute.Tensor, mQ: cute.Tensor, mScales: cute.Tensor):
-            d, K, NP, P, T = self.d, self.K, self.NP, self.P, self.T
+            d, K, NP, P, T, L = self.d, self.K, self.NP, self.P, self.T, self.L
             tid, _, _ = cute.arch.thread_idx()
             cta, _, _ = cute.arch.block_idx()
             grid, _, _ = cute.arch.grid_dim()
@@ -150,7 +172,6 @@ def _kernel_class():
             red = smem.allocate_tensor(Float32, cute.make_layout((self.nwarps, 2)), byte_alignment=16)
             g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
                                       self.in_dtype, num_bits_per_copy=128)
-            lds = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.in_dtype, num_bits_per_copy=128)
             store_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), cutlass.Float8E4M3FN,
                                              num_bits_per_copy=64)
 
@@ -167,51 +188,58 @@ def _kernel_class():
                                          | (sgu[2 * w + 1] & Uint32(0x80000000)))
                 cute.arch.sync_threads()
 
+            # Tile t = head + nheads * (blk + nblk * bat), heads fastest. Coordinates advance by the
+            # grid size in mixed radix (no integer division per tile): grid = (gh, gb, gbat).
+            gh = grid % nheads
+            gb = (grid // nheads) % nblk
+            gbat = grid // (nheads * nblk)
+            cur = (cta % nheads, (cta // nheads) % nblk, cta // (nheads * nblk))
+
             # Prologue: the first STAGES tiles of this CTA in flight (one commit group per tile, even
             # when empty, so wait_group(STAGES - 1) always means "this iteration's tile has landed").
+            pre = cur
             for st in cutlass.range_constexpr(STAGES):
-                self.prefetch(mX, sbuf, cta + st * grid, ntiles, nblk, Int32(st), tid, g2s)
+                self.prefetch(mX, sbuf, cta + st * grid, ntiles, pre, Int32(st), tid, g2s)
                 cute.arch.cp_async_commit_group()
+                pre = self.advance(pre, gh, gb, gbat, nheads, nblk)
+            head, blk, bat = cur
 
             niter = (ntiles - cta + grid - 1) // grid
             for it in cutlass.range(niter, unroll=1):
                 tile = cta + it * grid
                 stage = it % STAGES
-                head = tile % nheads
-                blk = (tile // nheads) % nblk
-                bat = tile // (nheads * nblk)
                 row_limit = mX.shape[1] - blk * self.br  # rows of this tile that exist (ragged tail)
 
                 # Read back this thread's chunks, sign-flip, widen to fp32; missing rows are zeros.
                 cute.arch.cp_async_wait_group(STAGES - 1)
                 v = cute.make_rmem_tensor((8, K, NP), Float32)
-                raw = cute.make_rmem_tensor((8,), self.in_dtype)
-                rawu = cute.recast_tensor(raw, Uint32)
-                mk = cute.make_rmem_tensor((4,), Uint32)
-                for j in cutlass.range_constexpr(K):
-                    if cutlass.const_expr(self.cfg.rotate):
-                        cute.autovec_copy(smask[None, lt + L * j], mk)
-                    for p in cutlass.range_constexpr(NP):
-                        raw.fill(0.0)
-                        if p * P + prow < row_limit:
-                            cute.copy(lds, sbuf[None, tid, j, p, stage], raw)
-                        if cutlass.const_expr(self.cfg.rotate):
-                            for w in cutlass.range_constexpr(4):
-                                rawu[w] = rawu[w] ^ mk[w]
-                        v[None, j, p].store(raw.load().to(Float32))
-                # The buffer is consumed (its values are in registers): refill it with tile + STAGES.
-                self.prefetch(mX, sbuf, tile + STAGES * grid, ntiles, nblk, stage, tid, g2s)
+                if row_limit >= self.br:  # all rows exist: no per-row checks, no zero fill
+                    self.read_tile(sbuf, smask, v, stage, tid, row_limit, False)
+                else:
+                    self.read_tile(sbuf, smask, v, stage, tid, row_limit, True)
+                # The buffer is consumed (its values are in registers): refill it with tile + STAGES
+                # (its coordinates recomputed here: cheaper than keeping three more live registers).
+                pre = (head, blk, bat)
+                for _ in cutlass.range_constexpr(STAGES):
+                    pre = self.advance(pre, gh, gb, gbat, nheads, nblk)
+                self.prefetch(mX, sbuf, tile + STAGES * grid, ntiles, pre, stage, tid, g2s)
                 cute.arch.cp_async_commit_group()
 
                 if cutlass.const_expr(self.cfg.rotate):
                     self.fwht(v, lt)
 
                 # amax of this thread, warp, then CTA. fmax(abs=True) keeps max(|a|, |b|) as magnitude.
-                m = Float32(0.0)
-                for r in cutlass.range_constexpr(NP * K):  # nested loops: 8 at a time keeps tracing fast
+                # Eight independent running maxima (not one chain of NP*K*8 dependent FMNMX), then a
+                # tree: max is exact, so any order gives the same amax.
+                mx = cute.make_rmem_tensor((8,), Float32)
+                mx.fill(0.0)
+                for r in cutlass.range_constexpr(NP * K):
                     for e in cutlass.range_constexpr(8):
-                        m = cute.arch.fmax(m, v[8 * r + e], abs=True)
-                m = cute.math.absf(m)
+                        mx[e] = cute.arch.fmax(mx[e], v[8 * r + e], abs=True)
+                for h in cutlass.range_constexpr(3):
+                    for e in cutlass.range_constexpr(8 >> (h + 1)):
+                        mx[e] = cute.arch.fmax(mx[e], mx[e + (8 >> (h + 1))], abs=True)
+                m = cute.math.absf(mx[0])
                 for k in cutlass.range_constexpr(5):
                     m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=1 << k))
                 parity = it % 2  # two reduction slots: a fast warp never overwrites one still read
@@ -244,17 +272,64 @@ def _kernel_class():
                         for j in cutlass.range_constexpr(K):
                             dst = cute.local_tile(gQ, (1, 8), (row, lt + L * j))
                             cute.copy(store_atom, q8[None, j, p], dst[0, None])
+                head, blk, bat = self.advance((head, blk, bat), gh, gb, gbat, nheads, nblk)
 
         @cute.jit
-        def prefetch(self, mX: cute.Tensor, sbuf: cute.Tensor, tile, ntiles, nblk, stage, tid, g2s):
-            """cp.async this thread's chunks of ``tile`` (if it exists) into buffer ``stage``."""
+        def advance(self, hbb, gh, gb, gbat, nheads, nblk):
+            """(head, blk, bat) of tile t -> that of tile t + grid (mixed-radix add with carries)."""
+            head, blk, bat = hbb
+            head = head + gh
+            c = Int32(head >= nheads)
+            head = head - c * nheads
+            blk = blk + gb + c
+            c = Int32(blk >= nblk)
+            return head, blk - c * nblk, bat + gbat + c
+
+        @cute.jit
+        def read_tile(self, sbuf: cute.Tensor, smask: cute.Tensor, v: cute.Tensor, stage, tid, row_limit,
+                      check: cutlass.Constexpr):
+            """This thread's chunks of buffer ``stage`` -> fp32 ``v`` (signs applied); with ``check``,
+            rows at or past ``row_limit`` read as zeros (they do not move the amax)."""
+            K, NP, P, L = self.K, self.NP, self.P, self.L
+            lt, prow = tid % L, tid // L
+            lds = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.in_dtype, num_bits_per_copy=128)
+            raw = cute.make_rmem_tensor((8,), self.in_dtype)
+            rawu = cute.recast_tensor(raw, Uint32)
+            wide = cute.make_rmem_tensor((8,), Uint32)  # bf16 -> fp32 bit patterns
+            widef = cute.recast_tensor(wide, Float32)
+            mk = cute.make_rmem_tensor((4,), Uint32)
+            for j in cutlass.range_constexpr(K):
+                if cutlass.const_expr(self.cfg.rotate):
+                    cute.autovec_copy(smask[None, lt + L * j], mk)
+                for p in cutlass.range_constexpr(NP):
+                    if cutlass.const_expr(check):
+                        raw.fill(0.0)
+                        if p * P + prow < row_limit:
+                            cute.copy(lds, sbuf[None, tid, j, p, stage], raw)
+                    else:
+                        cute.copy(lds, sbuf[None, tid, j, p, stage], raw)
+                    if cutlass.const_expr(self.cfg.rotate):
+                        for w in cutlass.range_constexpr(4):
+                            rawu[w] = rawu[w] ^ mk[w]
+                    if cutlass.const_expr(self.bf16):
+                        # bf16 is the top half of an fp32: widen a packed pair with one shift and one
+                        # AND (the generic conversion spends a PRMT and two shifts).
+                        for w in cutlass.range_constexpr(4):
+                            wide[2 * w] = rawu[w] << Uint32(16)
+                            wide[2 * w + 1] = rawu[w] & Uint32(0xFFFF0000)
+                        v[None, j, p].store(widef.load())
+                    else:
+                        v[None, j, p].store(raw.load().to(Float32))
+
+        @cute.jit
+        def prefetch(self, mX: cute.Tensor, sbuf: cute.Tensor, tile, ntiles, hbb, stage, tid, g2s):
+            """cp.async this thread's chunks of ``tile`` = (head, blk, bat) (if it exists) into buffer
+            ``stage``."""
             if tile < ntiles:
-                nheads = mX.shape[2]
-                head = tile % nheads
-                blk = (tile // nheads) % nblk
-                bat = tile // (nheads * nblk)
+                head, blk, bat = hbb
                 row_limit = mX.shape[1] - blk * self.br
                 gX = cute.local_tile(mX[bat, None, head, None], (self.br, self.d), (blk, 0))
+                L = self.L
                 lt, prow = tid % L, tid // L
                 for p in cutlass.range_constexpr(self.NP):
                     row = p * self.P + prow
@@ -267,7 +342,7 @@ def _kernel_class():
         def fwht(self, v: cute.Tensor, lt):
             """Unnormalized Walsh–Hadamard over d in the standard stage order; then x' = v / sqrt(d)
             unless that factor is folded into the quantization multiplier."""
-            K, NP = self.K, self.NP
+            K, NP, L = self.K, self.NP, self.L
             for h in cutlass.range_constexpr(3):  # strides 1, 2, 4 inside each 8-element chunk
                 hs = 1 << h
                 for p in cutlass.range_constexpr(NP):
@@ -339,7 +414,7 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, out_scales=None):
+def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, out_scales=None, lanes=0):
     """x (b, s, h, d) bf16/fp16, last dim contiguous -> (x_fp8 (b, s, h, d) e4m3, scales (b, h, nblk) fp32).
 
     ``signs``: float32 (d,) ±1 on x's device (``fp8_emulation.random_signs``); only its sign bits are
@@ -350,7 +425,7 @@ def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, 
 
     assert x.is_cuda and x.dim() == 4, "x must be a 4-D CUDA tensor (batch, seqlen, heads, head_dim)"
     bsz, seqlen, nheads, d = x.shape
-    cfg = HadamardQuantConfig(str(x.dtype).replace("torch.", ""), d, block_rows, bool(rotate))
+    cfg = HadamardQuantConfig(str(x.dtype).replace("torch.", ""), d, block_rows, bool(rotate), int(lanes))
     assert x.stride(3) == 1, "x's last dim must be contiguous"
     assert all(st % 8 == 0 for st in x.stride()[:3]), "x's strides must be multiples of 8 elements"
     assert x.data_ptr() % 16 == 0, "x must be 16-byte aligned"

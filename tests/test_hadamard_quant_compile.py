@@ -32,16 +32,16 @@ def test_ptx(cfg, dump_dir):
     ptx = _ptx(cfg, dump_dir)
     K, NP = cfg.chunks, cfg.passes
     values = NP * K * 8  # fp32 values of the tile per thread
-    lane_stages = hq.LANES_PER_ROW.bit_length() - 1
+    lane_stages = cfg.lanes_per_row.bit_length() - 1
     # tiles arrive by 16-byte cp.async into smem (prologue: STAGES tiles, then one refill per tile);
     # the only global loads left are the float32 signs (2 per chunk of 8, once per CTA)
     assert _count(ptx, "cp.async.cg.shared.global") == (hq.STAGES + 1) * NP * K
     assert _count(ptx, "cp.async.commit_group") == hq.STAGES + 1
     assert _count(ptx, "cp.async.wait_group") == 1
     assert _count(ptx, "ld.global.v4.b32") == (2 if cfg.rotate else 0)
-    assert _count(ptx, "st.global.v2.b32") == NP * K  # 8-byte fp8 stores, a row's 4 lanes = 32 bytes
+    assert _count(ptx, "st.global.v2.b32") == NP * K  # 8-byte fp8 stores, 8 * lanes bytes per row
     assert _count(ptx, "cvt.rn.satfinite.e4m3x2.f32") == values // 2
-    assert _count(ptx, "max.xorsign.abs.f32") == values  # one FMNMX per element for the amax
+    assert _count(ptx, "max.xorsign.abs.f32") == values + 7  # one per element, 8 lanes, then a tree
     # butterflies: lane_stages cross-lane stages per value, 5 for the warp amax
     assert _count(ptx, "shfl.sync.bfly.b32") == 5 + (lane_stages * values if cfg.rotate else 0)
     if cfg.rotate:
@@ -56,8 +56,11 @@ def test_ptx(cfg, dump_dir):
     assert ".ftz" not in ptx  # denormals behave as in torch's CPU emulation
     assert "ld.local" not in ptx and "st.local" not in ptx  # the block fits in registers
     assert _count(ptx, "bar.sync") == (2 if cfg.rotate else 1)  # sign-mask table, then one per tile
-    cvt_in = "cvt.f32.bf16" if cfg.dtype == "bfloat16" else "cvt.f32.f16"
-    assert _count(ptx, cvt_in) == values
+    # bf16 widens with a shift and an AND; fp16 converts (the full-tile and ragged-tile read-backs
+    # may share the conversions)
+    assert _count(ptx, "cvt.f32.bf16") == 0
+    n_f16 = _count(ptx, "cvt.f32.f16")
+    assert (values <= n_f16 <= 2 * values) if cfg.dtype == "float16" else n_f16 == 0
 
 
 def test_compile_cache_roundtrip(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ def make_x(shape, dtype, kind, seed, layout="contiguous"):
     return x
 
 
-def run_and_check(x, block_rows, rotate, seed=0):
+def run_and_check(x, block_rows, rotate, seed=0, lanes=0):
     from fa3.hopper.hadamard_quant import hadamard_quant
 
     b, s, h, d = x.shape
@@ -42,7 +42,8 @@ def run_and_check(x, block_rows, rotate, seed=0):
     out = torch.empty(b, s, h, d, device="cuda", dtype=torch.float8_e4m3fn)
     out.view(torch.uint8).fill_(0x7F)  # NaN bytes: anything left unwritten shows up
     out_scales = torch.full((b, h, nblk), float("nan"), device="cuda")
-    q, sc = hadamard_quant(x, signs if rotate else None, block_rows, rotate, out=out, out_scales=out_scales)
+    q, sc = hadamard_quant(x, signs if rotate else None, block_rows, rotate, out=out, out_scales=out_scales,
+                           lanes=lanes)
     torch.cuda.synchronize()
     assert q.data_ptr() == out.data_ptr() and sc.data_ptr() == out_scales.data_ptr()
     ref_q, ref_sc = emu.block_quantize(x.cpu(), block_rows, signs.cpu() if rotate else None)
@@ -72,9 +73,10 @@ DTYPES = (torch.bfloat16, torch.float16)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rotate", [True, False], ids=["rot", "norot"])
 @pytest.mark.parametrize("kind", ["normal", "outliers", "wide"])
-def test_matches_emulation(d, dtype, rotate, kind):
+@pytest.mark.parametrize("lanes", [2, 4, 8])
+def test_matches_emulation(d, dtype, rotate, kind, lanes):
     x = make_x((2, 1000, 3, d), dtype, kind, seed=d)  # 1000 = 7 full blocks of 128 + a ragged 104
-    run_and_check(x, 128, rotate, seed=d + 1)
+    run_and_check(x, 128, rotate, seed=d + 1, lanes=lanes)
 
 
 @pytest.mark.parametrize("d", DIMS)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from fa3 import fp8_emulation as emu
-from fa3.hopper.hadamard_quant import LANES_PER_ROW, HadamardQuantConfig
+from fa3.hopper.hadamard_quant import HadamardQuantConfig
 
 
 def simulate_block(xb: torch.Tensor, signs, cfg: HadamardQuantConfig):
     """xb (rows <= block_rows, d) bf16/fp16 of one (batch, head) block -> (fp8 (rows, d), scale, fp32 x')."""
-    d, br, K, NP, T, L = cfg.head_dim, cfg.block_rows, cfg.chunks, cfg.passes, cfg.threads, LANES_PER_ROW
+    d, br, K, NP, T, L = cfg.head_dim, cfg.block_rows, cfg.chunks, cfg.passes, cfg.threads, cfg.lanes_per_row
     P = T // L
     rows = xb.shape[0]
     tid = torch.arange(T)
@@ -82,6 +82,11 @@ CASES = [
     HadamardQuantConfig("bfloat16", 128, 176, True),
     HadamardQuantConfig("float16", 128, 64, False),
     HadamardQuantConfig("float16", 64, 8, True),  # one warp, one row per thread
+    HadamardQuantConfig("bfloat16", 64, 128, True, lanes=2),
+    HadamardQuantConfig("float16", 128, 64, True, lanes=2),
+    HadamardQuantConfig("bfloat16", 256, 128, True, lanes=2),  # 128 values per thread
+    HadamardQuantConfig("bfloat16", 256, 64, True, lanes=8),
+    HadamardQuantConfig("float16", 64, 128, True, lanes=8),
 ]
 
 
@@ -112,8 +117,9 @@ def test_launch_shapes():
     for cfg in CASES:
         T, NP = cfg.threads, cfg.passes
         assert T % 32 == 0 and 32 <= T <= 512
-        assert (T // LANES_PER_ROW) * NP == cfg.block_rows
-        assert NP * cfg.chunks * 8 <= 64  # fp32 registers holding the block
+        assert (T // cfg.lanes_per_row) * NP == cfg.block_rows
+        values = NP * cfg.chunks * 8  # fp32 registers holding the block
+        assert values <= 64 or (values <= 128 and T <= 256 and cfg.ctas_per_sm == 1)
         assert cfg.ctas_per_sm * T <= 512 or cfg.ctas_per_sm == 1  # >= 128 registers per thread
     with pytest.raises(AssertionError):
         HadamardQuantConfig("bfloat16", 128, 12, True)  # not a multiple of 8
