@@ -18,7 +18,9 @@ Two layouts (BwdConfig.swap):
 The dQ tile goes to smem in register order (16-byte stores, no bank conflicts), and so to
 dQaccum: the postprocess kernel (bwd_postprocess.py) maps it back with the same tiled MMA.
 deterministic: the dQ warp adds tile m only after the CTAs of lower KV blocks have (a semaphore
-per (batch, head, m) counts them), so the fp32 sums run in one order on every run.
+per (batch, head, m) counts them), so the fp32 sums run in one order on every run. With `spt`
+(causal only) KV blocks launch and add from the last one down: a CTA then waits on one that started
+before it and is ahead in m, instead of on block 0, which reaches m last.
 dK (times softmax_scale) and dV are stored from registers once per CTA; with GQA they are per
 query head fp32 partials that the caller sums over the group.
 """
@@ -34,6 +36,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
+from fa3.hopper import softmax as sm
 from fa3.hopper.wgmma_utils import acc_to_mn, gemm, pack_f16x2, smem_layout, transpose_view
 
 # Named barriers (0 is __syncthreads)
@@ -122,7 +125,8 @@ class FlashBwdSm90:
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
                  mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
-                 mdV: cute.Tensor, mSem: cute.Tensor, softmax_scale: Float32, stream):
+                 mdV: cute.Tensor, mSem: cute.Tensor, softmax_scale: Float32, window_left: Int32,
+                 window_right: Int32, softcap: Float32, stream):
         dtype = mQ.element_type
         self.dtype = dtype
         # (b, s, h, d) -> (s, d, h, b): TMA/tile modes first
@@ -168,7 +172,7 @@ class FlashBwdSm90:
         num_n_blocks = (mK.shape[0] + (tn - 1)) // tn
         self.kernel(tQ, tK, tV, tdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, tma_Q, tma_K, tma_V, tma_dO,
                     sdp, dkv, dq, sQ_layout, sdO_layout, sK_layout, sV_layout, sPdS_layout,
-                    softmax_scale).launch(
+                    softmax_scale, window_left, window_right, softcap).launch(
             grid=[num_n_blocks, mQ.shape[2], mQ.shape[3]], block=[384, 1, 1], stream=stream,
             min_blocks_per_mp=1)
 
@@ -179,7 +183,8 @@ class FlashBwdSm90:
                tma_V: cute.CopyAtom, tma_dO: cute.CopyAtom, sdp: cute.TiledMma, dkv: cute.TiledMma,
                dq: cute.TiledMma, sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout,
                sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
-               sPdS_layout: cute.ComposedLayout, softmax_scale: Float32):
+               sPdS_layout: cute.ComposedLayout, softmax_scale: Float32, window_left: Int32,
+               window_right: Int32, softcap: Float32):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
         if warp_idx == 0:
@@ -213,10 +218,16 @@ class FlashBwdSm90:
         sdQ = storage.sdQ.get_tensor(cute.make_layout((self.tile_m * self.d // 2, 2)))
 
         n_block, head, batch = cute.arch.block_idx()
+        if const_expr(self.cfg.spt):
+            n_block = cute.arch.grid_dim()[0] - 1 - n_block
         seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
-        m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m, self.tile_n,
-                                         self.causal)
-        m_max = (seqlen_q + (self.tile_m - 1)) // self.tile_m
+        if const_expr(self.cfg.local):
+            m_min, m_max = mask_mod.m_block_range_local_bwd(seqlen_q, seqlen_k, n_block, self.tile_m,
+                                                            self.tile_n, window_left, window_right)
+        else:
+            m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m, self.tile_n,
+                                             self.causal)
+            m_max = (seqlen_q + (self.tile_m - 1)) // self.tile_m
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[0])
@@ -226,12 +237,13 @@ class FlashBwdSm90:
                               tma_V, tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch,
                               m_min, m_max)
             if warp_idx == 1:
-                self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, tidx % 32)
+                self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, tidx % 32,
+                               seqlen_q, seqlen_k, window_left)
         else:
             cute.arch.setmaxregister_increase(REGS[1])
             self.consumer(mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq, pipe_q,
                           pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch, m_min,
-                          m_max, seqlen_q, seqlen_k)
+                          m_max, seqlen_q, seqlen_k, window_left, window_right, softcap)
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
@@ -274,7 +286,8 @@ class FlashBwdSm90:
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
-    def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane):
+    def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane, seqlen_q,
+                  seqlen_k, window_left):
         """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum."""
         chunk = self.tile_m * self.d // 2
         acc_row = mdQacc[batch, head, None]
@@ -286,10 +299,18 @@ class FlashBwdSm90:
                     cute.arch.cp_async_bulk_wait_group(1 - wg, read=True)
                 cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=160)
             if const_expr(self.cfg.deterministic):
-                # KV blocks 0 .. n_block-1 meet block m (every mask here is a suffix in n), in order
+                # KV blocks 0 .. n_max(m)-1 meet block m (every mask here is a suffix in n); they
+                # add in order n = 0, 1, ... (spt: n_max(m)-1 down to 0; local: n_min(m) up)
+                turn = n_block
+                if const_expr(self.cfg.local):
+                    turn = n_block - mask_mod.n_block_min_local_bwd(
+                        seqlen_q, seqlen_k, m, self.tile_m, self.tile_n, window_left)
+                if const_expr(self.cfg.spt):
+                    turn = mask_mod.n_block_max(seqlen_q, seqlen_k, m, self.tile_m, self.tile_n,
+                                                True) - 1 - n_block
                 if lane == 0:
                     seen = Int32(-1)
-                    while seen != n_block:
+                    while seen != turn:
                         seen = ld_acquire(sem_row.iterator + m)
                 cute.arch.sync_warp()
             for wg in cutlass.range_constexpr(2):
@@ -308,7 +329,7 @@ class FlashBwdSm90:
     @cute.jit
     def consumer(self, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq, pipe_q,
                  pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
-                 seqlen_q, seqlen_k):
+                 seqlen_q, seqlen_k, window_left, window_right, softcap):
         wg = cute.arch.make_warp_uniform(tidx // 128)
         tm, tn, d = self.tile_m, self.tile_n, self.d
         wg_sdp, wg_dkv, wg_dq = sdp.get_slice(wg * 128), dkv.get_slice(wg * 128), dq.get_slice(wg * 128)
@@ -347,6 +368,11 @@ class FlashBwdSm90:
         thr_dq_copy = dq_copy(self.cfg).get_slice(tidx)
         tdQsdQ = thr_dq_copy.partition_D(sdQ)
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
+        softcap_pre = Float32(0.0)
+        if const_expr(self.cfg.softcap):
+            # S_cap = cap * tanh(S * scale / cap): P = exp2(tanh(..) * cap * log2e - LSE_log2)
+            softcap_pre = softmax_scale / softcap
+            scale_log2 = softcap * Float32(math.log2(math.e))
         bf16 = self.dtype is cutlass.BFloat16
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
@@ -357,7 +383,8 @@ class FlashBwdSm90:
                    acc_dV=acc_dV, acc_dK=acc_dK, tScS_mn=tScS_mn, thr_st=thr_st, st_atom=st_atom, tdQsdQ=tdQsdQ,
                    sP=sP, sdS=sdS, sLSE=sLSE, sD=sD, scale_log2=scale_log2, bf16=bf16, wg=wg,
                    sdp=sdp, dkv=dkv, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
-                   seqlen_k=seqlen_k, n_block=n_block)
+                   seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
+                   window_right=window_right, softcap_pre=softcap_pre)
         # masked: the causal diagonal's blocks, and every block of a KV tile that ends past
         # seqlen_k (its zero-filled keys would give P = exp2(-LSE), which may overflow)
         m_nomask = m_min
@@ -366,6 +393,8 @@ class FlashBwdSm90:
                 seqlen_q, seqlen_k, n_block, tm, tn))
         if (n_block + 1) * tn > seqlen_k:
             m_nomask = m_max
+        if const_expr(self.cfg.local):
+            m_nomask = m_max  # sliding window: every block masked (simple; not yet tuned)
         m_nomask = cutlass.min(m_nomask, m_max)
         for m in cutlass.range(m_min, m_nomask, unroll=1):
             state = self.one_m_block(ctx, state, m, True)
@@ -393,9 +422,20 @@ class FlashBwdSm90:
             gemm(c["sdp"], acc_dP, c["tPrA"][None, None, None, state.index], c["tPrB"], True, 1)
         S_mn = acc_to_mn(acc_S)
         coord = c["tScS_mn"]
+        if const_expr(self.cfg.softcap):
+            # S <- tanh(S * scale / cap) before the mask (a masked -inf must stay -inf); keep
+            # 1 - tanh^2 for dS (the scale is applied to dQ and dK later, as without softcap)
+            dtanh = cute.make_rmem_tensor(c["shape_S"], Float32)
+            dt_mn = acc_to_mn(dtanh)
+            for r in cutlass.range_constexpr(cute.size(S_mn, mode=[0])):
+                for j in cutlass.range_constexpr(cute.size(S_mn, mode=[1])):
+                    t = sm.tanh_approx(S_mn[r, j] * c["softcap_pre"])
+                    S_mn[r, j] = t
+                    dt_mn[r, j] = Float32(1.0) - t * t
         if const_expr(masked):
             mask_mod.apply_mask_bwd(S_mn, coord, c["seqlen_q"], c["seqlen_k"], m, c["n_block"], tm,
-                                    self.tile_n, self.causal, self.swap)
+                                    self.tile_n, self.causal, self.swap, self.cfg.local,
+                                    c["window_left"], c["window_right"])
         sLSE = c["sLSE"][None, state.index]
         sD = c["sD"][None, state.index]
         # P = exp2(S * scale*log2e - LSE_log2); LSE rows past seqlen_q are +inf (P = 0)
@@ -409,8 +449,13 @@ class FlashBwdSm90:
             thr_st = c["thr_st"]
             cute.copy(c["st_atom"], thr_st.retile(rP), thr_st.partition_D(c["sP"][None, None, 0]))
         warpgroup.wait_group(0)
-        # dS = P * (dP - D)
-        self.pointwise(acc_to_mn(acc_dP), S_mn, coord, sD, None)
+        # dS = P * (dP - D)  (softcap: times d tanh)
+        dP_mn = acc_to_mn(acc_dP)
+        self.pointwise(dP_mn, S_mn, coord, sD, None)
+        if const_expr(self.cfg.softcap):
+            for r in cutlass.range_constexpr(cute.size(dP_mn, mode=[0])):
+                for j in cutlass.range_constexpr(cute.size(dP_mn, mode=[1])):
+                    dP_mn[r, j] = dP_mn[r, j] * dt_mn[r, j]
         if const_expr(self.swap):
             self.pack(c["tdKrdS"], acc_dP, c["bf16"])
             rdS = cute.make_tensor(c["tdKrdS"].iterator, cute.make_layout(acc_dP.layout.shape))

@@ -18,6 +18,11 @@ from typing import Iterator
 from fa3 import _compile
 
 DTYPES = ("bfloat16", "float16")
+# Optional features (by API name) this backward implements, and those whose gradients have passed
+# the GPU tests; an implemented but unverified one is refused unless allow_unverified=True (the GPU
+# tests pass it), so no user gets an untested gradient.
+IMPLEMENTED_FEATURES = frozenset({"window", "softcap"})
+VERIFIED_FEATURES = frozenset()
 HEAD_DIMS = (64, 128, 256)
 SMEM_LIMIT = 227 * 1024
 
@@ -34,6 +39,12 @@ class BwdConfig:
     tile_n: int
     stages: int  # Q / dO (+ LSE / D) ring depth
     swap: bool  # S^T layout with dK/dV A operands in registers (see bwd_kernel.py)
+    # deterministic causal: KV blocks launch and add to dQ from the last one down (bwd_kernel.py).
+    # Compile-tested only, so off by default: its H200 cost vs the ascending order (+57% time at
+    # hd128 s16k causal) is still to be measured.
+    spt: bool = False
+    local: bool = False  # sliding window given at run time (causal is then False)
+    softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +72,12 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
         tile = dict(tile_m=64, tile_n=128, stages=2, swap=True)
     else:  # 64 x 64 tiles, one stage: dK + dV + dQ accumulators fill the registers
         tile = dict(tile_m=64, tile_n=64, stages=1, swap=False)
+    if d <= 64 and overrides.get("softcap"):
+        tile["tile_m"] = 64  # 1 - tanh^2 of a 128-query S^T tile would not fit in registers
     tile.update(overrides)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
+    assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
+    assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap) <= SMEM_LIMIT, cfg
     return cfg
 
@@ -82,6 +97,12 @@ def variants() -> Iterator:
                         cfg = default_config(d, d, dtype, causal, det, gqa)
                         yield cfg
                         posts.add(post_config(cfg))
+    yield default_config(128, 128, "bfloat16", True, True, False, spt=True)
+    for d in HEAD_DIMS:  # sliding window (not yet GPU-verified: see VERIFIED_FEATURES)
+        yield default_config(d, d, "bfloat16", False, False, False, local=True)
+        yield default_config(d, d, "float16", False, True, True, local=True)
+        yield default_config(d, d, "bfloat16", True, False, False, softcap=True)
+        yield default_config(d, d, "bfloat16", False, False, True, softcap=True, local=True)
     yield from sorted(posts, key=repr)
 
 
@@ -126,7 +147,8 @@ def build(cfg, extra_options: str = ""):
                            stride=(cute.sym_int64(), cute.sym_int64(), 1),
                            assumed_align=4)
     return cute.compile(FlashBwdSm90(cfg), q, k, v, do, stat(), stat(), dqacc, dk, dv, sem,
-                        cutlass.Float32(1.0), stream, options=opts)
+                        cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(0), cutlass.Float32(0.0),
+                        stream, options=opts)
 
 
 def bwd_missing(r) -> str | None:
@@ -142,9 +164,9 @@ def bwd_missing(r) -> str | None:
         return f"backward for head dim {r.d} (sm90 supports {', '.join(map(str, HEAD_DIMS))} today)"
     if r.varlen or r.has_seqused:
         return "varlen / seqused backward"
-    if r.window != (-1, -1) and not (r.causal and r.window[0] == -1):
+    if r.window != (-1, -1) and not (r.causal and r.window[0] == -1) and "window" not in VERIFIED_FEATURES:
         return "sliding-window (local) attention backward"
-    if r.softcap:
+    if r.softcap and "softcap" not in VERIFIED_FEATURES:
         return "softcap backward"
     if r.has_sink:
         return "learnable sink gradient"
@@ -152,15 +174,23 @@ def bwd_missing(r) -> str | None:
 
 
 def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deterministic: bool = False,
-              **features):
+              *, cfg_overrides: dict | None = None, allow_unverified: bool = False, **features):
     """Gradients (dq, dk, dv) of attention. q/out/dout (b, sq, h, d), k/v (b, sk, hk, d),
-    lse (b, h, sq) natural-log fp32 from the forward."""
+    lse (b, h, sq) natural-log fp32 from the forward. cfg_overrides: BwdConfig fields (tests,
+    tuning); features: the API's optional inputs (window (left, right), -1 unbounded; softcap)."""
     import torch
 
     from fa3.hopper.bwd_preprocess import PreprocessConfig, compile_preprocess
 
-    if features:
-        raise NotImplementedError(f"fa3: sm90 backward does not support {sorted(features)} yet")
+    from fa3.hopper.flash_fwd import _window
+
+    missing = sorted(set(features) - IMPLEMENTED_FEATURES)
+    if missing:
+        raise NotImplementedError(f"fa3: sm90 backward does not support {missing} yet")
+    unverified = sorted(set(features) - VERIFIED_FEATURES)
+    if unverified and not allow_unverified:
+        raise NotImplementedError(f"fa3: sm90 backward of {unverified} is not GPU-verified yet")
+    causal, local, left, right = _window(causal, features.get("window"))
     b, sq, h, d = q.shape
     _, sk, hk, dv = v.shape
     if d != dv or d not in HEAD_DIMS:  # the forward takes more head dims than this backward
@@ -174,7 +204,9 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
         assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
     gqa = h != hk
-    cfg = default_config(d, dv, q.dtype, causal, deterministic, gqa)
+    softcap = float(features.get("softcap", 0.0))
+    cfg = default_config(d, dv, q.dtype, causal, deterministic, gqa, local=local,
+                         softcap=softcap > 0, **(cfg_overrides or {}))
     dq = torch.empty_like(q)
     if b == 0 or h == 0 or sq == 0 or sk == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
@@ -195,7 +227,7 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     else:
         dk_part, dv_part = torch.empty_like(k), torch.empty_like(v)
     _compile.get_kernel(cfg, build)(q, k, v, dout, lse2, dsum, dqacc, dk_part, dv_part, sem,
-                                    float(softmax_scale))
+                                    float(softmax_scale), left, right, softcap)
     _compile.get_kernel(post_config(cfg), build)(dqacc, dq, float(softmax_scale))
     if gqa:
         g = h // hk

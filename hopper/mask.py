@@ -134,9 +134,11 @@ def m_block_min_no_mask_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32,
 def apply_mask_bwd(acc_mn: cute.Tensor, coord_mn: cute.Tensor, seqlen_q: Int32, seqlen_k: Int32,
                    m_block: Int32, n_block: Int32, tile_m: cutlass.Constexpr[int],
                    tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool],
-                   swap: cutlass.Constexpr[bool]):
+                   swap: cutlass.Constexpr[bool], local: cutlass.Constexpr[bool] = False,
+                   window_left=0, window_right=0):
     """Set invisible scores to -inf in a backward S tile. swap: the tile is S^T (rows are keys,
-    columns queries), else S. Keys past seqlen_k are masked too."""
+    columns queries), else S. Keys past seqlen_k are masked too; local: keys outside the window
+    [q + sk - sq - left, q + sk - sq + right]."""
     for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
         for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
             row, col = coord_mn[r, c]
@@ -145,4 +147,30 @@ def apply_mask_bwd(acc_mn: cute.Tensor, coord_mn: cute.Tensor, seqlen_q: Int32, 
             hidden = k_idx >= seqlen_k
             if cutlass.const_expr(causal):
                 hidden = hidden or k_idx > q_idx + seqlen_k - seqlen_q
+            if cutlass.const_expr(local):
+                diag = q_idx + seqlen_k - seqlen_q
+                hidden = hidden or k_idx > diag + window_right or k_idx < diag - window_left
             acc_mn[r, c] = -Float32.inf if hidden else acc_mn[r, c]
+
+
+@cute.jit
+def m_block_range_local_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32,
+                            tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int],
+                            window_left, window_right):
+    """Sliding window: the Q blocks [m_min, m_max) whose rows see a key of KV block n_block
+    (row q sees key k iff q + sk - sq - left <= k <= q + sk - sq + right); may be empty."""
+    diag = seqlen_k - seqlen_q
+    m_min = cutlass.max(n_block * tile_n - diag - window_right, 0) // tile_m
+    k_last = cutlass.min((n_block + 1) * tile_n, seqlen_k) - 1
+    last_row = k_last + window_left - diag  # rows above it see no key of the block
+    m_max = cutlass.min((seqlen_q + tile_m - 1) // tile_m, (cutlass.max(last_row, -1) + tile_m) // tile_m)
+    return m_min, m_max
+
+
+@cute.jit
+def n_block_min_local_bwd(seqlen_q: Int32, seqlen_k: Int32, m_block: Int32,
+                          tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int],
+                          window_left) -> Int32:
+    """Sliding window: the lowest KV block any row of Q block m_block sees (the KV blocks meeting
+    m_block are contiguous from here)."""
+    return cutlass.max(m_block * tile_m + seqlen_k - seqlen_q - window_left, 0) // tile_n

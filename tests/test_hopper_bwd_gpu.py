@@ -31,22 +31,28 @@ def _poison_allocator():
     del x
 
 
-def grads_ref(q, k, v, do, causal, upcast):
+def grads_ref(q, k, v, do, causal, upcast, window=(-1, -1), softcap=0.0):
     qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out, _ = attention_ref(qr, kr, vr, causal=causal, upcast=upcast)
+    out, _ = attention_ref(qr, kr, vr, causal=causal, upcast=upcast, window_size=window,
+                           softcap=softcap)
     out.backward(do)
     return qr.grad, kr.grad, vr.grad
 
 
-def run_bwd(q, k, v, do, causal, deterministic=False):
+def run_bwd(q, k, v, do, causal, deterministic=False, window=None, softcap=0.0, **cfg):
     """The backward kernels alone: out and LSE come from the oracle (rounded to the dtype), so a
     forward bug cannot mask or fake a backward one (the API test covers the pair)."""
     from fa3.hopper.flash_bwd import flash_bwd
 
-    out, lse = attention_ref(q, k, v, causal=causal)
+    out, lse = attention_ref(q, k, v, causal=causal, window_size=window or (-1, -1), softcap=softcap)
     scale = 1.0 / math.sqrt(q.shape[-1])
     _poison_allocator()
-    return flash_bwd(do, q, k, v, out, lse, scale, causal, deterministic)
+    feats = {}
+    if window is not None:
+        feats.update(window=window, allow_unverified=True)
+    if softcap:
+        feats.update(softcap=softcap, allow_unverified=True)
+    return flash_bwd(do, q, k, v, out, lse, scale, causal, deterministic, cfg_overrides=cfg, **feats)
 
 
 def make(b, h, hk, sq, sk, d, dtype):
@@ -58,11 +64,11 @@ def make(b, h, hk, sq, sk, d, dtype):
     return q, k, v, do
 
 
-def check(b, h, hk, sq, sk, d, dtype, causal, deterministic=False):
+def check(b, h, hk, sq, sk, d, dtype, causal, deterministic=False, window=None, softcap=0.0, **cfg):
     q, k, v, do = make(b, h, hk, sq, sk, d, dtype)
-    got = run_bwd(q, k, v, do, causal, deterministic)
-    ref = grads_ref(q, k, v, do, causal, True)
-    pt = grads_ref(q, k, v, do, causal, False)
+    got = run_bwd(q, k, v, do, causal, deterministic, window, softcap, **cfg)
+    ref = grads_ref(q, k, v, do, causal, True, window or (-1, -1), softcap)
+    pt = grads_ref(q, k, v, do, causal, False, window or (-1, -1), softcap)
     for name, g, r, p in zip(("dq", "dk", "dv"), got, ref, pt):
         assert g.dtype == q.dtype and g.shape == r.shape
         assert_fa_close(g, r, p, atol=rounding_atol(dtype), name=name)
@@ -89,6 +95,55 @@ def test_bwd_deterministic(d, causal, bhs):
         again = run_bwd(q, k, v, do, causal, deterministic=True)
         for a, g in zip(first, again):
             assert torch.equal(a, g), "deterministic backward differs between runs"
+
+
+@pytest.mark.parametrize("sq,sk", [(1000, 1357), (4224, 4224), (1357, 1000)])
+def test_bwd_deterministic_spt(sq, sk):
+    """spt (causal, KV blocks added last-first) is deterministic and correct too."""
+    q, k, v, do, first = check(2, 4, 4, sq, sk, 128, torch.bfloat16, True, deterministic=True,
+                               spt=True)
+    for _ in range(10):
+        again = run_bwd(q, k, v, do, True, deterministic=True, spt=True)
+        for a, g in zip(first, again):
+            assert torch.equal(a, g), "deterministic backward differs between runs"
+
+
+WINDOWS = [(64, 0), (100, 50), (-1, 32), (0, 0), (256, -1)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: "w%d_%d" % w)
+@pytest.mark.parametrize("sq,sk", [(113, 203), (799, 3), (3, 1100), (1000, 1357), (1024, 1024)])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bwd_window(d, sq, sk, window):
+    """Sliding window (implemented, refused to users until these pass: VERIFIED_FEATURES)."""
+    check(1, 6, 2, sq, sk, d, torch.bfloat16, False, window=window)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bwd_window_deterministic(d):
+    q, k, v, do, first = check(2, 4, 4, 1000, 1357, d, torch.bfloat16, False, deterministic=True,
+                               window=(200, 100))
+    for _ in range(10):
+        again = run_bwd(q, k, v, do, False, deterministic=True, window=(200, 100))
+        for a, g in zip(first, again):
+            assert torch.equal(a, g), "deterministic backward differs between runs"
+
+
+@pytest.mark.parametrize("window", [None, (100, 50)], ids=["nowin", "win"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1000, 1357), (3, 1100)])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bwd_softcap(d, sq, sk, causal, window):
+    """softcap 30 on scores scaled up 3x (so tanh saturates for some), GQA; implemented, refused to
+    users until these pass (VERIFIED_FEATURES)."""
+    if causal and window is not None:
+        pytest.skip("causal + window is the window (left, 0), covered by test_bwd_window")
+    q, k, v, do = make(1, 6, 2, sq, sk, d, torch.bfloat16)
+    got = run_bwd(q * 3, k, v, do, causal, window=window, softcap=30.0)
+    for name, g, r, p in zip(("dq", "dk", "dv"), got,
+                             grads_ref(q * 3, k, v, do, causal, True, window or (-1, -1), 30.0),
+                             grads_ref(q * 3, k, v, do, causal, False, window or (-1, -1), 30.0)):
+        assert_fa_close(g, r, p, atol=rounding_atol(torch.bfloat16), name=name)
 
 
 @pytest.mark.parametrize("causal", [False, True])
