@@ -44,6 +44,9 @@ class FwdConfig:
     varlen: bool = False  # cu_seqlens_q/k: packed sequences (always persistent)
     seqused_q: bool = False  # valid rows per sequence (rows past it: O = 0, LSE = -inf/sink)
     seqused_k: bool = False  # valid keys per sequence
+    # pack_gqa: query heads per kv head folded into one Q tile's rows (1 = off); compile-time, so
+    # the row -> (position, head) split is a division by a constant
+    pack_gqa: int = 1
 
 
 FEATURES = ("local", "softcap", "sink", "varlen", "seqused_q", "seqused_k")
@@ -51,12 +54,20 @@ FEATURES = ("local", "softcap", "sink", "varlen", "seqused_q", "seqused_k")
 
 def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = None,
                    seqlen_k: int | None = None, features: dict | None = None,
-                   **overrides) -> FwdConfig:
-    """features: {name: True} for FEATURES; overrides: any FwdConfig field (tiles, switches)."""
+                   qhead_per_kvhead: int = 1, **overrides) -> FwdConfig:
+    """features: {name: True} for FEATURES; qhead_per_kvhead: the GQA ratio (pack_gqa heuristic);
+    overrides: any FwdConfig field (tiles, switches, pack_gqa=1 to turn packing off)."""
     features = {k: bool(v) for k, v in (features or {}).items()}
     assert set(features) <= set(FEATURES), features
     dtype = _dtype_name(dtype)
-    tile_m, tile_n, stages = tile_size(d, dv, causal, seqlen_q, local=features.get("local", False))
+    qpk = qhead_per_kvhead if qhead_per_kvhead > 1 else 1
+    rows_q = seqlen_q * qpk if seqlen_q is not None else None
+    tile_m, tile_n, stages = tile_size(d, dv, causal, rows_q, local=features.get("local", False))
+    # Pack the heads of a GQA group into the tile's rows (FA4 does by default): K/V are read once
+    # per group instead of once per query head, short sequences fill the tile, and a causal tile
+    # spans fewer positions, so fewer blocks cross the diagonal.
+    # Ratios 2/4/8 (GPU-tested on the H200); others keep one head per tile.
+    pack = qpk if qpk in (2, 4, 8) and tile_m % qpk == 0 else 1
     # Pingpong needs the second S tile's registers to fit beside O: FA3 turns it off above hd128.
     pingpong = max(d, dv) <= 128
     # Without pingpong nothing hides a large O's rescale: move it under the next S GEMM.
@@ -76,10 +87,11 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     if features.get("varlen"):  # tiles are only known on the device: persistent walk, O from
         persistent, o_in_q = True, False  # registers (a TMA store cannot stop at a sequence end)
     cfg = FwdConfig(d, dv, dtype, bool(causal), tile_m, tile_n, stages, True, pingpong, persistent,
-                    rescale_early, o_in_q, **features)
+                    rescale_early, o_in_q, **features, pack_gqa=pack)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert not (cfg.causal and cfg.local), cfg
     assert cfg.persistent or not cfg.varlen, cfg
+    assert cfg.tile_m % cfg.pack_gqa == 0 and cfg.pack_gqa in (1, qpk), cfg
     assert cfg.tile_m in (128, 192) and cfg.tile_n % 16 == 0, cfg
     assert cfg.overlap or not cfg.rescale_early, cfg
     assert not cfg.o_in_q or d >= dv, cfg
@@ -106,6 +118,17 @@ def variants() -> Iterator[FwdConfig]:
     yield default_config(96, 96, "bfloat16", False, features=dict(varlen=True, local=True))
     yield dataclasses.replace(default_config(128, 128, "bfloat16", False, features=dict(local=True)),
                               overlap=False)
+    for qpk in (2, 4, 8):  # pack_gqa
+        yield default_config(128, 128, "bfloat16", True, qhead_per_kvhead=qpk)
+        yield default_config(128, 128, "bfloat16", False, qhead_per_kvhead=qpk)
+    yield default_config(128, 128, "bfloat16", True, features=dict(varlen=True), qhead_per_kvhead=4)
+    yield default_config(64, 64, "float16", False, features=dict(
+        local=True, softcap=True, sink=True, varlen=True, seqused_q=True, seqused_k=True),
+        qhead_per_kvhead=2)
+    yield default_config(256, 256, "bfloat16", False, features=dict(sink=True, local=True),
+                         qhead_per_kvhead=4)
+    yield default_config(192, 128, "bfloat16", False, features=dict(seqused_q=True),
+                         qhead_per_kvhead=8)
     for causal in (False, True):  # ablations at hd128 bf16
         base = default_config(128, 128, "bfloat16", causal)
         yield dataclasses.replace(base, overlap=False)
@@ -212,7 +235,7 @@ def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, *, window=N
     cfg = default_config(d, dv, q.dtype, causal,
                          seqlen_q=max_seqlen_q if varlen else sq,
                          seqlen_k=max_seqlen_k if varlen else sk,
-                         features=features, **(config_overrides or {}))
+                         features=features, qhead_per_kvhead=h // hk, **(config_overrides or {}))
     fn = _compile.get_kernel(cfg, build)
     if sink is not None:
         sink = sink.float().contiguous()
@@ -228,7 +251,7 @@ def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, *, window=N
     if varlen:
         grid = _num_sms(q.device)  # the tile count is known only on the device
     else:
-        tiles = num_tiles(sq, cfg.tile_m, h, b)
+        tiles = num_tiles(sq * cfg.pack_gqa, cfg.tile_m, h // cfg.pack_gqa, b)
         grid = grid_size(tiles, _num_sms(q.device), cfg.persistent)
     scale, softcap_pre = float(softmax_scale), None
     if softcap > 0:  # tanh(S * scale / cap), then the softmax runs with scale cap

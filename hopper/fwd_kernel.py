@@ -18,7 +18,7 @@ runtime (left, right)), `softcap` (S <- tanh(S * scale / cap), scale becomes cap
 logit in the denominator), `varlen` (cu_seqlens: per-sequence row offsets into packed tensors,
 tiles walked by the varlen scheduler, O stored from registers with row predicates since a TMA
 store cannot clip at a sequence's end), `seqused_q/k` (valid lengths; rows past seqused_q are
-fully masked rows).
+fully masked rows), `pack_gqa` (qpk > 1 query heads per kv head share a Q tile).
 Epilogue: O /= l; O -> its own smem buffer -> TMA store (clips rows past seqlen_q) where that fits,
 else (hd256) with `o_in_q` O -> Q's smem buffer -> TMA store (Q released after the store when
 persistent), or O straight from registers to global memory; LSE from registers.
@@ -56,6 +56,11 @@ class FlashFwdSm90:
         self.local = cfg.local
         assert not (self.causal and self.local), "causal with a window is local with right = 0"
         self.lpt = self.causal  # heaviest tiles first (and snake rounds) where tiles differ in cost
+        # pack_gqa: the qpk query heads of a kv head are folded into the rows of one Q tile (row r =
+        # position r // qpk, head r % qpk), so K/V are loaded once per group and short sequences
+        # fill the tile; Q/O/LSE are viewed as ((qpk, seqlen), ..., kv heads, batch)
+        self.qpk = cfg.pack_gqa
+        assert self.tile_m % self.qpk == 0
         self.num_consumers = cfg.tile_m // 64  # each consumer warpgroup owns 64 query rows
         self.num_threads = 128 * (1 + self.num_consumers)
         assert self.tile_m == 64 * self.num_consumers
@@ -77,6 +82,11 @@ class FlashFwdSm90:
         mQ, mK, mV, mO = [cute.make_tensor(t.iterator, cute.select(t.layout, mode=[1, 3, 2, 0]))
                           for t in (mQ, mK, mV, mO)]
         mLSE = cute.make_tensor(mLSE.iterator, cute.select(mLSE.layout, mode=[2, 1, 0]))
+        tiler_q, tiler_o = (self.tile_m, self.d), (self.tile_m, self.dv)
+        if const_expr(self.qpk > 1):
+            mQ, mO, mLSE = self.pack_heads(mQ, 2), self.pack_heads(mO, 2), self.pack_heads(mLSE, 1)
+            rows = (self.qpk, self.tile_m // self.qpk)
+            tiler_q, tiler_o = (rows, self.d), (rows, self.dv)
 
         tiled_mma_qk = make_trivial_tiled_mma(
             dtype, dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K, Float32,
@@ -103,13 +113,13 @@ class FlashFwdSm90:
         sO_elems = cute.cosize(sO_layout) if const_expr(self.separate_o) else 0
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
-        tma_Q, tQ = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (self.tile_m, self.d))
+        tma_Q, tQ = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, tiler_q)
         tma_K, tK = cpasync.make_tiled_tma_atom(
             g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.d))
         tma_V, tV = cpasync.make_tiled_tma_atom(
             g2s, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.dv))
         tma_O, tO = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileS2GOp(), mO, sO_layout, (self.tile_m, self.dv))
+            cpasync.CopyBulkTensorTileS2GOp(), mO, sO_layout, tiler_o)
         self.bytes_q = cute.size_in_bytes(dtype, sQ_layout)
         self.bytes_k = cute.size_in_bytes(dtype, cute.select(sK_layout, mode=[0, 1]))
         self.bytes_v = cute.size_in_bytes(dtype, cute.select(sV_layout, mode=[0, 1]))
@@ -137,13 +147,22 @@ class FlashFwdSm90:
 
         self.shared_storage = SharedStorageWithO if const_expr(self.separate_o) else SharedStorage
 
-        num_m_blocks = (mQ.shape[0] + (self.tile_m - 1)) // self.tile_m
+        num_m_blocks = (cute.size(mQ, mode=[0]) + (self.tile_m - 1)) // self.tile_m
         self.kernel(tQ, tK, tV, tO, mO, mLSE, tma_Q, tma_K, tma_V, tma_O, tiled_mma_qk, tiled_mma_pv,
                     sQ_layout, sK_layout, sV_layout, sO_layout, softmax_scale, num_m_blocks,
                     mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mSink, softcap_pre,
                     window_left, window_right).launch(
             grid=[grid_ctas, 1, 1], block=[self.num_threads, 1, 1], stream=stream,
             min_blocks_per_mp=1)
+
+    def pack_heads(self, t: cute.Tensor, head_mode: int) -> cute.Tensor:
+        """(seqlen, ..., heads, batch) -> ((qpk, seqlen), ..., heads / qpk, batch): query head
+        kv_head * qpk + g at position i becomes row g + qpk * i of kv head kv_head."""
+        qpk, sh = self.qpk, t.stride[head_mode]
+        shape = [(qpk, t.shape[0])] + [t.shape[i] for i in range(1, cute.rank(t))]
+        stride = [(sh, t.stride[0])] + [t.stride[i] for i in range(1, cute.rank(t))]
+        shape[head_mode], stride[head_mode] = t.shape[head_mode] // qpk, sh * qpk
+        return cute.make_tensor(t.iterator, cute.make_layout(tuple(shape), stride=tuple(stride)))
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor,
@@ -190,6 +209,8 @@ class FlashFwdSm90:
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
 
         seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
+        if const_expr(self.qpk > 1):
+            seqlen_q = mQ.shape[0][1]
         num_heads, num_hb = mQ.shape[2], mQ.shape[2] * mQ.shape[3]
         qhead_per_kvhead = mQ.shape[2] // mK.shape[2]
         total_tiles = num_m_blocks * num_hb
@@ -217,7 +238,7 @@ class FlashFwdSm90:
         tile = cute.arch.block_idx()[0]
         c_b, c_t, c_incl = Int32(0), Int32(0), Int32(0)
         if const_expr(self.cfg.varlen):
-            c_incl = varlen_window(c_b, feat.cu_q, self.tile_m, feat.num_heads)
+            c_incl = varlen_window(c_b, feat.cu_q, self.tile_m, feat.num_heads, self.qpk)
         return tile, c_b, c_t, c_incl
 
     @cute.jit
@@ -226,7 +247,7 @@ class FlashFwdSm90:
         scheduler's window from tile to tile (unused otherwise)."""
         if const_expr(self.cfg.varlen):
             return varlen_decode(tile, c_b, c_t, c_incl, feat.cu_q, self.tile_m, feat.num_heads,
-                                 self.lpt)
+                                 self.lpt, self.qpk)
         m_block, head, batch = decode_tile(tile, feat.num_m_blocks, feat.num_heads, feat.num_hb,
                                            self.lpt)
         return m_block, head, batch, tile < feat.total_tiles, c_b, c_t, c_incl
@@ -248,10 +269,21 @@ class FlashFwdSm90:
             seqlen_k = cutlass.min(feat.used_k[batch], seqlen_k)
         return offset_q, offset_k, seqlen_q, store_q, seqlen_k, bidx
 
+    def rows_tiler(self, cols: int):
+        """Tile shape of Q/O rows x cols (pack_gqa: rows as (qpk heads, positions))."""
+        if self.qpk > 1:
+            return ((self.qpk, self.tile_m // self.qpk), cols)
+        return (self.tile_m, cols)
+
+    def row_offset(self, offset_q):
+        """Domain offset of a varlen sequence's first row in the (packed) row mode."""
+        return (0, offset_q) if self.qpk > 1 else offset_q
+
     @cute.jit
     def kv_range(self, seqlen_q, seqlen_k, m_block, feat):
         return mask_mod.kv_block_range(seqlen_q, seqlen_k, m_block, self.tile_m, self.tile_n,
-                                       self.causal, self.local, feat.window_left, feat.window_right)
+                                       self.causal, self.local, feat.window_left, feat.window_right,
+                                       self.qpk)
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
@@ -269,10 +301,10 @@ class FlashFwdSm90:
             head_kv = head // qhead_per_kvhead
             mQ_cur, mK_cur, mV_cur = mQ[None, None, head, bidx], mK[None, None, head_kv, bidx], mV[None, None, head_kv, bidx]
             if const_expr(self.cfg.varlen):  # the sequence's rows start at its cu_seqlens offset
-                mQ_cur = cute.domain_offset((offset_q, 0), mQ_cur)
+                mQ_cur = cute.domain_offset((self.row_offset(offset_q), 0), mQ_cur)
                 mK_cur = cute.domain_offset((offset_k, 0), mK_cur)
                 mV_cur = cute.domain_offset((offset_k, 0), mV_cur)
-            gQ = cute.local_tile(mQ_cur, (self.tile_m, self.d), (m_block, 0))
+            gQ = cute.local_tile(mQ_cur, self.rows_tiler(self.d), (m_block, 0))
             gK = cute.local_tile(mK_cur, (self.tile_n, self.d), (None, 0))
             gV = cute.local_tile(mV_cur, (self.tile_n, self.dv), (None, 0))
             one = cute.make_layout(1)
@@ -439,12 +471,16 @@ class FlashFwdSm90:
             if const_expr(self.cfg.seqused_q):
                 # rows past seqused_q (but inside the output) are fully masked rows
                 for r in cutlass.range_constexpr(n_rows):
-                    if m_block * self.tile_m + tOcO_mn[r, 0][0] >= seqlen_q:
+                    if (m_block * self.tile_m + tOcO_mn[r, 0][0]) // self.qpk >= seqlen_q:
                         row_max[r] = -Float32.inf
                         row_sum[r] = Float32(0.0)
             sink = None
-            if const_expr(self.cfg.sink):
+            if const_expr(self.cfg.sink and self.qpk == 1):
                 sink = Float32(feat.sink[head])
+            elif const_expr(self.cfg.sink):  # one query head per row
+                sink = [Float32(feat.sink[head * self.qpk
+                                          + (m_block * self.tile_m + tOcO_mn[r, 0][0]) % self.qpk])
+                        for r in range(n_rows)]
             sm.finalize(row_max, row_sum, row_scale, lse, softmax_scale, sink)
             sm.rescale_o(acc_O_mn, row_scale)
             self.epilogue(acc_O, lse, mO, mO_raw, mLSE, sO, tOcO_mn, tma_O, tiled_mma_pv, tidx, m_block,
@@ -470,7 +506,7 @@ class FlashFwdSm90:
         if const_expr(masked):
             mask_mod.apply_mask(acc_S_mn, ctx.tScS_mn, ctx.seqlen_q, ctx.seqlen_k, m_block, n,
                                 self.tile_m, self.tile_n, self.causal, self.local,
-                                ctx.feat.window_left, ctx.feat.window_right)
+                                ctx.feat.window_left, ctx.feat.window_right, self.qpk)
         sm.online_softmax(acc_S_mn, ctx.row_max, ctx.row_sum, ctx.row_scale, ctx.scale_log2)
 
     @cute.jit
@@ -549,7 +585,7 @@ class FlashFwdSm90:
             cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> TMA (async proxy)
             cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=self.num_consumers * 128)
             if tidx < 32:
-                gO = cute.local_tile(mO[None, None, head, batch], (self.tile_m, self.dv), (m_block, 0))
+                gO = cute.local_tile(mO[None, None, head, batch], self.rows_tiler(self.dv), (m_block, 0))
                 tOs, tOg = cpasync.tma_partition(tma_O, 0, cute.make_layout(1),
                                                  cute.group_modes(sO, 0, 2), cute.group_modes(gO, 0, 2))
                 cute.copy(tma_O, tOs, tOg)  # rows past seqlen_q are clipped by the TMA unit
@@ -558,17 +594,17 @@ class FlashFwdSm90:
             # straight from registers (pairs of 16-bit values), rows past seqlen_q skipped
             mO_cur = mO_raw[None, None, head, bidx]
             if const_expr(self.cfg.varlen):
-                mO_cur = cute.domain_offset((offset_q, 0), mO_cur)
-            gO = cute.local_tile(mO_cur, (self.tile_m, self.dv), (m_block, 0))
+                mO_cur = cute.domain_offset((self.row_offset(offset_q), 0), mO_cur)
+            gO = cute.local_tile(mO_cur, self.rows_tiler(self.dv), (m_block, 0))
             tOgO_mn = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(gO))
             rO_mn = acc_to_mn(rO)
             for r in cutlass.range_constexpr(cute.size(rO_mn, mode=[0])):
-                if m_block * self.tile_m + tOcO_mn[r, 0][0] < store_q:
+                if m_block * self.tile_m + tOcO_mn[r, 0][0] < store_q * self.qpk:
                     for c in cutlass.range_constexpr(cute.size(rO_mn, mode=[1])):
                         tOgO_mn[r, c] = rO_mn[r, c]
         # LSE: the thread holding column 0 of a row writes it (rows past seqlen_q are dropped)
         if tOcO_mn[0, 0][1] == 0:
             for r in cutlass.range_constexpr(cute.size(lse)):
                 row = m_block * self.tile_m + tOcO_mn[r, 0][0]
-                if row < store_q:
-                    mLSE[offset_q + row, head, bidx] = lse[r]
+                if row < store_q * self.qpk:
+                    mLSE[offset_q * self.qpk + row, head, bidx] = lse[r]

@@ -47,17 +47,21 @@ def n_block_min_causal_mask(seqlen_q: Int32, seqlen_k: Int32, m_block: Int32,
 @cute.jit
 def kv_block_range(seqlen_q: Int32, seqlen_k: Int32, m_block: Int32, tile_m: cutlass.Constexpr[int],
                    tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool],
-                   local: cutlass.Constexpr[bool], window_left, window_right):
+                   local: cutlass.Constexpr[bool], window_left, window_right,
+                   qpk: cutlass.Constexpr[int] = 1):
     """(n_min, n_max, n_hi, n_lo) for one Q tile: blocks [n_min, n_max) are visible to some row;
     [n_hi, n_max) need the right-edge/tail mask (never empty when the range is not), [n_lo, n_hi)
     no mask, [n_min, n_lo) the left-edge mask (local only). n_max <= n_min: the tile sees no key.
-    Causal is the window (UNBOUNDED, 0); window_left/right are ignored unless `local`."""
+    Causal is the window (UNBOUNDED, 0); window_left/right are ignored unless `local`.
+    qpk > 1 (pack_gqa): tile row r is query position r // qpk."""
     if cutlass.const_expr(not (causal or local)):
         n_max = n_block_max(seqlen_q, seqlen_k, m_block, tile_m, tile_n, False)
         return 0, n_max, n_max - 1, 0
     right = 0 if cutlass.const_expr(causal) else window_right
     row_lo = m_block * tile_m
-    row_hi = cutlass.min(row_lo + tile_m, seqlen_q) - 1  # last valid row of the tile
+    row_hi = cutlass.min(row_lo + tile_m, seqlen_q * qpk) - 1  # last valid row of the tile
+    if cutlass.const_expr(qpk > 1):
+        row_lo, row_hi = row_lo // qpk, row_hi // qpk  # query positions
     diag = seqlen_k - seqlen_q
     end = cutlass.min(row_hi + diag + right + 1, seqlen_k)
     n_max = (cutlass.max(end, 0) + (tile_n - 1)) // tile_n
@@ -79,12 +83,24 @@ def kv_block_range(seqlen_q: Int32, seqlen_k: Int32, m_block: Int32, tile_m: cut
 def apply_mask(acc_mn: cute.Tensor, coord_mn: cute.Tensor, seqlen_q: Int32, seqlen_k: Int32,
                m_block: Int32, n_block: Int32, tile_m: cutlass.Constexpr[int],
                tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool],
-               local: cutlass.Constexpr[bool] = False, window_left=None, window_right=None):
+               local: cutlass.Constexpr[bool] = False, window_left=None, window_right=None,
+               qpk: cutlass.Constexpr[int] = 1):
     """Set masked scores to -inf. acc_mn / coord_mn: (rows, cols) views of this thread's accumulators
     and of their (row, col) coordinates inside the tile. `local`: window (window_left, window_right)
-    (causal must then be False; causal with a left window is local with right = 0)."""
+    (causal must then be False; causal with a left window is local with right = 0).
+    qpk > 1 (pack_gqa): tile row r is query position (m_block * tile_m + r) // qpk."""
     col_limit = seqlen_k - n_block * tile_n  # tile columns >= this are past seqlen_k
-    if cutlass.const_expr(local):
+    if cutlass.const_expr(qpk > 1 and (causal or local)):
+        # the position-based limits below, in absolute query positions
+        diag = seqlen_k - seqlen_q - n_block * tile_n
+        for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
+            row = (m_block * tile_m + coord_mn[r, 0][0]) // qpk + diag
+            hi = cutlass.min(row + (0 if cutlass.const_expr(causal) else window_right) + 1, col_limit)
+            lo = row - window_left if cutlass.const_expr(local) else -UNBOUNDED
+            for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
+                col = coord_mn[r, c][1]
+                acc_mn[r, c] = -Float32.inf if (col >= hi or col < lo) else acc_mn[r, c]
+    elif cutlass.const_expr(local):
         # visible iff row + diag - left <= col <= row + diag + right, col < col_limit
         diag = m_block * tile_m - n_block * tile_n + seqlen_k - seqlen_q
         for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):

@@ -96,9 +96,11 @@ def finalize(row_max: cute.Tensor, row_sum: cute.Tensor, row_scale: cute.Tensor,
     """row_scale <- 1/l (0 for an empty row); lse <- m*scale + ln(l) (-inf for an empty row).
     With `sink` (Float32 logit, natural log): the denominator gains exp(sink), so with
     M = max(m*scale, sink): l' = l*exp(m*scale - M) + exp(sink - M), O *= exp(m*scale - M)/l',
-    lse = M + ln(l'); an empty row gets O = 0 and lse = sink (FA4's and fa3.reference's rule)."""
+    lse = M + ln(l'); an empty row gets O = 0 and lse = sink (FA4's and fa3.reference's rule).
+    `sink` may be a list with one value per row (pack_gqa: rows of several heads)."""
     for r in cutlass.range_constexpr(cute.size(row_sum)):
         l = quad_sum(row_sum[r])
+        sink_r = sink[r] if isinstance(sink, list) else sink
         if cutlass.const_expr(sink is None):
             empty = l == Float32(0.0) or l != l
             row_scale[r] = Float32(0.0) if empty else cute.arch.rcp_approx(l)
@@ -106,8 +108,8 @@ def finalize(row_max: cute.Tensor, row_sum: cute.Tensor, row_scale: cute.Tensor,
                       else row_max[r] * softmax_scale + cute.math.log2(l, fastmath=True) * math.log(2.0))
         else:
             ms = row_max[r] * (softmax_scale * LOG2_E)  # log2 units; -inf for an empty row
-            mx = cute.arch.fmax(ms, sink * LOG2_E)
+            mx = cute.arch.fmax(ms, sink_r * LOG2_E)
             w = cute.arch.exp2(ms - mx)
-            l_tot = l * w + cute.arch.exp2(sink * LOG2_E - mx)
+            l_tot = l * w + cute.arch.exp2(sink_r * LOG2_E - mx)
             row_scale[r] = w * cute.arch.rcp_approx(l_tot)
             lse[r] = (mx + cute.math.log2(l_tot, fastmath=True)) * math.log(2.0)

@@ -55,15 +55,15 @@ def tile_index(rnd, cta, grid, snake: bool):
 
 @cute.jit
 def varlen_window(base_b: Int32, mCuSeqlensQ: cute.Tensor, tile_m: cutlass.Constexpr[int],
-                  num_heads: Int32) -> Int32:
+                  num_heads: Int32, qpk: cutlass.Constexpr[int] = 1) -> Int32:
     """Inclusive prefix sum, over lanes, of the tile counts of sequences base_b + lane (0 past the
-    last sequence)."""
+    last sequence). qpk > 1 (pack_gqa): a sequence has len * qpk rows, heads are kv heads."""
     lane = cute.arch.lane_idx()
     b = base_b + lane
     cnt = Int32(0)
     if b < mCuSeqlensQ.shape[0] - 1:
         seqlen = mCuSeqlensQ[b + 1] - mCuSeqlensQ[b]
-        cnt = (seqlen + (tile_m - 1)) // tile_m * num_heads
+        cnt = (seqlen * qpk + (tile_m - 1)) // tile_m * num_heads
     for i in cutlass.range_constexpr(5):
         up = cute.arch.shuffle_sync_up(cnt, 1 << i)
         if lane >= (1 << i):
@@ -74,7 +74,7 @@ def varlen_window(base_b: Int32, mCuSeqlensQ: cute.Tensor, tile_m: cutlass.Const
 @cute.jit
 def varlen_decode(tile: Int32, base_b: Int32, base_tiles: Int32, incl: Int32,
                   mCuSeqlensQ: cute.Tensor, tile_m: cutlass.Constexpr[int], num_heads: Int32,
-                  lpt: cutlass.Constexpr[bool]):
+                  lpt: cutlass.Constexpr[bool], qpk: cutlass.Constexpr[int] = 1):
     """Tile -> (m_block, head, batch, valid, base_b, base_tiles, incl): the last three are the
     32-sequence window (loop-carried by the caller; start with base_b = base_tiles = 0 and
     incl = varlen_window(0, ...)). Whole warp, uniform result."""
@@ -82,7 +82,7 @@ def varlen_decode(tile: Int32, base_b: Int32, base_tiles: Int32, incl: Int32,
     while base_b < num_batch and tile >= base_tiles + cute.arch.shuffle_sync(incl, 31):
         base_tiles = base_tiles + cute.arch.shuffle_sync(incl, 31)
         base_b = base_b + 32
-        incl = varlen_window(base_b, mCuSeqlensQ, tile_m, num_heads)
+        incl = varlen_window(base_b, mCuSeqlensQ, tile_m, num_heads, qpk)
     valid = base_b < num_batch
     # lanes whose sequences end at or before the tile: the tile is in the next one
     lane = cute.arch.popc(cute.arch.vote_ballot_sync(base_tiles + incl <= tile))
@@ -92,7 +92,7 @@ def varlen_decode(tile: Int32, base_b: Int32, base_tiles: Int32, incl: Int32,
     seqlen = Int32(0)
     if valid:
         seqlen = mCuSeqlensQ[batch + 1] - mCuSeqlensQ[batch]
-    num_m = cutlass.max((seqlen + (tile_m - 1)) // tile_m, 1)
+    num_m = cutlass.max((seqlen * qpk + (tile_m - 1)) // tile_m, 1)
     local = tile - start
     m_block = local % num_m
     head = local // num_m

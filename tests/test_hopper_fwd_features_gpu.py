@@ -189,3 +189,36 @@ def test_fwd_kvcache_seqused_k(name):
     out_ref, lse_ref = attention_ref(q, kc, vc, **kw)
     out_pt, _ = attention_ref(q, kc, vc, upcast=False, **kw)
     _check(out, lse, out_ref, lse_ref, out_pt, torch.bfloat16)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_pack_gqa_matches_unpacked(varlen):
+    """pack_gqa (chosen by default for GQA) and the unpacked kernel (config override) agree with
+    the oracle on the same inputs; both run with a causal window, softcap and sink."""
+    from fa3.hopper.flash_fwd import flash_fwd
+
+    torch.manual_seed(11)
+    h, hk, d = 8, 2, 128
+    lens = [0, 37, 300, 1]
+    cu = _cu(lens)
+    shape = (sum(lens),) if varlen else (2, 300)
+    q = torch.randn(*shape, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(*shape, hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    sink = torch.randn(h, device="cuda")
+    kw = dict(window=(64, 0), softcap=20.0, sink=sink)
+    if varlen:
+        kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=300, max_seqlen_k=300)
+    ref_kw = dict(causal=True, window_size=(64, 0), softcap=20.0, sink=sink)
+    if varlen:
+        out_ref, lse_ref = attention_varlen_ref(q, k, v, cu, cu, **ref_kw)
+        out_pt, _ = attention_varlen_ref(q, k, v, cu, cu, upcast=False, **ref_kw)
+    else:
+        out_ref, lse_ref = attention_ref(q, k, v, **ref_kw)
+        out_pt, _ = attention_ref(q, k, v, upcast=False, **ref_kw)
+    for over in (None, dict(pack_gqa=1)):
+        out = torch.full((*shape, h, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+        lse_shape = (h, shape[0]) if varlen else (2, h, 300)
+        lse = torch.full(lse_shape, float("nan"), device="cuda")
+        flash_fwd(q, k, v, out, lse, d ** -0.5, True, config_overrides=over, **kw)
+        _check(out, lse, out_ref, lse_ref, out_pt, torch.bfloat16)
