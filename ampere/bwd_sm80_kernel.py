@@ -21,6 +21,10 @@ Q/dO ring (`stages` deep, one cp.async group per Q tile, K/V in the group before
 Rows past seqlen_q read as zeros with lse2 = +inf, so their P, dS, and dQ rows are 0; columns past
 seqlen_k and above the causal diagonal are masked to -inf before the exp2 (fa3.hopper.mask).
 Epilogue: dK * scale, dV -> dtype -> smem (K/V's buffers) -> 16-byte coalesced stores.
+
+Compile-time features, as in the sm80 forward: `softcap` (t = tanh(S * scale / cap) replaces S,
+P = exp2(t * cap * log2 e - lse2), and dS gains the factor 1 - t^2), `local` (sliding window: only
+the Q tiles of rows that see a key of this tile, every one masked).
 """
 
 from types import SimpleNamespace
@@ -32,6 +36,7 @@ from cutlass.cute.nvgpu import cpasync, warp
 
 from fa3.ampere import sm80_utils as su
 from fa3.hopper import mask as mask_mod
+from fa3.hopper import softmax as sm
 
 NUM_THREADS = 256
 LOG2_E = 1.4426950408889634
@@ -43,6 +48,8 @@ class FlashBwdSm80:
         self.cfg = cfg
         self.tile_m, self.tile_n, self.d, self.stages = cfg.tile_m, cfg.tile_n, cfg.d, cfg.stages
         self.causal = cfg.causal
+        self.local, self.softcap = cfg.local, cfg.softcap
+        assert not (self.causal and self.local), "causal with a window is local with right = 0"
 
     def _mma(self, dtype, warps_m: int):
         w = NUM_THREADS // 32
@@ -53,7 +60,8 @@ class FlashBwdSm80:
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
                  mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdQ: cute.Tensor,
-                 mdK: cute.Tensor, mdV: cute.Tensor, softmax_scale: Float32, stream):
+                 mdK: cute.Tensor, mdV: cute.Tensor, softmax_scale: Float32, exp_scale: Float32,
+                 softcap_pre: Float32, window_left: Int32, window_right: Int32, stream):
         dtype = mQ.element_type
         self.dtype = dtype
         tile_m, tile_n, d, stages = self.tile_m, self.tile_n, self.d, self.stages
@@ -87,7 +95,8 @@ class FlashBwdSm80:
         mma_dkv = self._mma(dtype, self.cfg.warps_n_dkv)
         mma_dq = self._mma(dtype, self.cfg.warps_m_dq)
 
-        self.kernel(mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, softmax_scale, sQ_layout,
+        self.kernel(mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, softmax_scale, exp_scale,
+                    softcap_pre, window_left, window_right, sQ_layout,
                     sK_layout, sP_layout, gmem_copy_in, gmem_copy_out, mma_sdp, mma_dkv, mma_dq,
                     SharedStorage).launch(
             grid=[cute.ceil_div(mK.shape[1], tile_n), cute.size(mQ.shape[2]), cute.size(mQ.shape[0])],
@@ -106,7 +115,8 @@ class FlashBwdSm80:
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
                mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
-               mdV: cute.Tensor, softmax_scale: Float32, sQ_layout: cute.ComposedLayout,
+               mdV: cute.Tensor, softmax_scale: Float32, exp_scale: Float32, softcap_pre: Float32,
+               window_left: Int32, window_right: Int32, sQ_layout: cute.ComposedLayout,
                sK_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
                gmem_copy_in: cute.TiledCopy, gmem_copy_out: cute.TiledCopy,
                mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma,
@@ -188,7 +198,8 @@ class FlashBwdSm80:
             seqlen_q_mask=seqlen_q - tScS_mn[0, 0][0], seqlen_k_mask=seqlen_k - tScS_mn[0, 0][1],
             seqlen_q=seqlen_q, seqlen_k=seqlen_k, n_block=n_block, batch=batch, head=head,
             mLSE2=mLSE2, mD=mD, mdQacc=mdQacc, softmax_scale=softmax_scale,
-            scale_log2=softmax_scale * Float32(LOG2_E))
+            scale_log2=exp_scale * Float32(LOG2_E), softcap_pre=softcap_pre,
+            window_left=window_left, window_right=window_right)
 
         # the Q tiles that see this key tile, and how many of them need the mask
         m_block_max = (seqlen_q + tile_m - 1) // tile_m
@@ -200,6 +211,13 @@ class FlashBwdSm80:
             # tile m is fully visible iff its first row sees the last key of this tile
             first_full = cutlass.max((n_block + 1) * tile_n - 1 - seqlen_k + seqlen_q, 0)
             m_mask_end = (first_full + tile_m - 1) // tile_m
+        if const_expr(self.local):
+            # rows q that see a key of this tile: n*tn - diag - right <= q <= (n+1)*tn-1 - diag + left
+            diag = seqlen_k - seqlen_q
+            m_block_min = cutlass.max(n_block * tile_n - diag - window_right, 0) // tile_m
+            last_row = (n_block + 1) * tile_n - 1 - diag + window_left
+            m_block_max = cutlass.min(m_block_max, (cutlass.max(last_row, -1) + tile_m) // tile_m)
+            m_mask_end = m_block_max  # every tile masked (the window path is not tuned)
         if (n_block + 1) * tile_n > seqlen_k:  # the seqlen_k tail: every tile masks columns
             m_mask_end = m_block_max
         m_mask_end = cutlass.max(cutlass.min(m_mask_end, m_block_max), m_block_min)
@@ -279,15 +297,21 @@ class FlashBwdSm80:
 
         S = su.acc_to_mn(acc_S)
         dP = su.acc_to_mn(acc_dP)
+        if const_expr(self.softcap):  # t = tanh(S * scale / cap), before the mask
+            sm.apply_softcap(S, st.softcap_pre)
         if const_expr(masked):
             mask_mod.apply_mask(S, st.t0ScS_mn, st.seqlen_q_mask, st.seqlen_k_mask,
-                                m_block, st.n_block, self.tile_m, self.tile_n, self.causal)
+                                m_block, st.n_block, self.tile_m, self.tile_n, self.causal,
+                                self.local, st.window_left, st.window_right)
         c = st.scale_log2
         for r in cutlass.range_constexpr(n_rows):
             for j in cutlass.range_constexpr(cute.size(S, mode=[1])):
                 p = cute.arch.exp2(S[r, j] * c - lse2[r])  # FFMA + EX2
+                ds = p * (dP[r, j] - dpsum[r])
+                if const_expr(self.softcap):  # d(cap * t)/d(S * scale) = 1 - t^2 (t = -inf: p = 0)
+                    ds = ds * (Float32(1.0) - S[r, j] * S[r, j]) if p != Float32(0.0) else Float32(0.0)
                 S[r, j] = p
-                dP[r, j] = p * (dP[r, j] - dpsum[r])
+                dP[r, j] = ds
         rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
         rP.store(acc_S.load().to(self.dtype))
         rdS = cute.make_rmem_tensor_like(acc_dP, self.dtype)
@@ -301,31 +325,46 @@ class FlashBwdSm80:
         su.gemm(st.mma_dkv, st.acc_dV, st.tdVrPt, st.tdVrdOt, st.tdVsPt,
                 st.tdVsdOt[None, None, None, slot], st.cpy_a_dkv, st.cpy_b_dkv, False,
                 LOOKAHEAD)
+        # FA2's order: dQ (and its atomics, which drain under the dK GEMM) before dK
+        if const_expr(self.cfg.dq_first):
+            self.dq_gemm_atomics(st, m_block)
         su.gemm(st.mma_dkv, st.acc_dK, st.tdKrdSt, st.tdKrQt, st.tdKsdSt,
                 st.tdKsQt[None, None, None, slot], st.cpy_a_dkv, st.cpy_b_dkv, False,
                 LOOKAHEAD)
+        if const_expr(not self.cfg.dq_first):
+            self.dq_gemm_atomics(st, m_block)
 
-        thr_dq = st.thr_dq
-        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((self.tile_m, self.d)), Float32)
+    @cute.jit
+    def dq_gemm_atomics(self, st, m_block: Int32):
+        acc_dQ = cute.make_rmem_tensor(st.thr_dq.partition_shape_C((self.tile_m, self.d)), Float32)
         acc_dQ.fill(0.0)
         su.gemm(st.mma_dq, acc_dQ, st.tdQrdS, st.tdQrKt, st.tdQsdS, st.tdQsKt,
                 st.cpy_a_dq, st.cpy_b_dq, False, LOOKAHEAD)
         tdQgdQ = self.dq_acc_view(st.mdQacc, acc_dQ, m_block, st.head, st.batch)
         scale = st.softmax_scale
-        for i in cutlass.range_constexpr(cute.size(acc_dQ) if self.cfg.dq_atomics else 0):
-            cute.arch.atomic_add((tdQgdQ.iterator + cute.crd2idx(i, tdQgdQ.layout)).llvm_ptr,
-                                 acc_dQ[i] * scale)
+        vec = self.cfg.dq_vec
+        for i in cutlass.range_constexpr(0, cute.size(acc_dQ) if self.cfg.dq_atomics else 0, vec):
+            ptr = (tdQgdQ.iterator + cute.crd2idx(i, tdQgdQ.layout)).llvm_ptr
+            if const_expr(vec == 1):
+                cute.arch.atomic_add(ptr, acc_dQ[i] * scale)
+            else:  # red.global.add.v4.f32 (sm_90): a quarter of the atomic instructions
+                v = cute.make_rmem_tensor((vec,), Float32)
+                for j in cutlass.range_constexpr(vec):
+                    v[j] = acc_dQ[i + j] * scale
+                cute.arch.atomic_add(ptr, v.load())
 
     @cute.jit
     def dq_acc_view(self, mdQacc: cute.Tensor, acc_dQ: cute.Tensor, m_block: Int32, head: Int32,
                     batch: Int32) -> cute.Tensor:
-        """This thread's slots of one Q tile's dQ partials: value i of thread t at i * threads + t,
-        so each warp-wide atomic covers 32 consecutive floats (one 128-byte line, FA2's layout)
-        instead of 8 rows of the MMA layout; dq_kernel reads it back with the same mapping."""
+        """This thread's slots of one Q tile's dQ partials: with v = dq_vec, value i of thread t at
+        (i // v) * threads * v + t * v + i % v, so each warp-wide atomic covers 32 * v consecutive
+        floats (v = 1: one 128-byte line, FA2's layout) instead of 8 rows of the MMA layout;
+        dq_kernel reads it back with the same mapping."""
         tidx, _, _ = cute.arch.thread_idx()
+        v = self.cfg.dq_vec
         g = cute.local_tile(mdQacc[batch, head, None], (self.tile_m * self.d,), (m_block,))
-        return cute.make_tensor(g.iterator + tidx,
-                                cute.make_layout(cute.size(acc_dQ), stride=NUM_THREADS))
+        return cute.make_tensor(g.iterator + tidx * v, cute.make_layout(
+            (v, cute.size(acc_dQ) // v), stride=(1, NUM_THREADS * v)))
 
     @cute.kernel
     def dq_kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, sdQ_layout: cute.ComposedLayout,

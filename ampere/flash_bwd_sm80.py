@@ -40,6 +40,10 @@ class BwdSm80Config:
     warps_n_dkv: int  # warps along tile_n of the dK / dV GEMMs (the rest along d)
     warps_m_dq: int  # warps along M of the dQ GEMM (the rest along d)
     arch: str
+    local: bool = False  # sliding window (left, right) given at run time; causal is then False
+    softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
+    dq_vec: int = 1  # floats per dQ atomic: 4 (red.global.add.v4.f32) needs sm_90
+    dq_first: bool = True  # dQ GEMM + atomics before the dK GEMM (FA2's order)
     dq_atomics: bool = True  # False only for timing experiments: dQ is left 0
 
     def __post_init__(self):
@@ -49,6 +53,10 @@ class BwdSm80Config:
             raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {self.d}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch}")
+        if self.causal and self.local:
+            raise ValueError("causal with a window is local with right = 0 (causal=False)")
+        if self.dq_vec not in (1, 4) or (self.dq_vec == 4 and self.arch != "sm_90"):
+            raise ValueError(f"dq_vec must be 1, or 4 on sm_90; got {self.dq_vec} on {self.arch}")
         if self.stages not in (1, 2):
             raise ValueError(f"stages must be 1 or 2, got {self.stages}")
         w = NUM_THREADS // 32
@@ -85,7 +93,7 @@ def default_config(d: int, dtype, causal: bool, arch: str, **overrides) -> BwdSm
     warps_m_dq = 2 if d % 64 == 0 else 4
     cfg = dict(d=d, dtype=_dtype_name(dtype), causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
                stages=stages, warps_m_sdp=2, warps_n_dkv=4,
-               warps_m_dq=warps_m_dq, arch=arch)
+               warps_m_dq=warps_m_dq, arch=arch, dq_vec=4 if arch == "sm_90" else 1)
     cfg.update(overrides)
     return BwdSm80Config(**cfg)
 
@@ -145,8 +153,9 @@ def _build_main(cfg: BwdSm80Config, extra_options: str = ""):
     dk, dv = bshd(sk, h), bshd(sk, h)  # per q head (expanded for GQA)
     lse2, dpsum = _compile.fake_lse_tensor((b, h, sq)), _compile.fake_lse_tensor((b, h, sq))
     dq_acc = _compile.fake_lse_tensor((b, h, acc_len))  # (b, h, m_blocks * tile_m * d)
+    f32, i32 = cutlass.Float32(1.0), cutlass.Int32(0)
     return cute.compile(FlashBwdSm80(cfg), q, k, v, do, lse2, dpsum, dq_acc, dq, dk, dv,
-                        cutlass.Float32(1.0), make_fake_stream(use_tvm_ffi_env_stream=True),
+                        f32, f32, f32, i32, i32, make_fake_stream(use_tvm_ffi_env_stream=True),
                         options=_compile.compile_options(arch=cfg.arch, extra=extra_options))
 
 
@@ -155,12 +164,7 @@ def compile_kernel(cfg):
 
 
 def bwd_missing(request) -> str | None:
-    """The forward features whose gradient this backward lacks (the sm80 forward refuses the same
-    ones today, so this only matters once the forward grows them)."""
-    if request.window != (-1, -1) and not (request.causal and request.window[0] == -1):
-        return "sliding-window (local) attention backward"
-    if request.softcap:
-        return "softcap backward"
+    """The forward features whose gradient this backward lacks (window and softcap it has)."""
     if request.varlen or request.has_seqused:
         return "varlen / seqused backward"
     if request.has_sink:
@@ -171,10 +175,14 @@ def bwd_missing(request) -> str | None:
 
 
 def flash_bwd_sm80(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
-                   deterministic: bool = False, cfg_overrides: dict | None = None, **features):
+                   deterministic: bool = False, cfg_overrides: dict | None = None, window=None,
+                   softcap: float = 0.0, **features):
     """(dq, dk, dv) of attention, q/out/dout (b, sq, h, d), k/v (b, sk, h_kv, d), lse (b, h, sq).
+    window (left, right) and softcap as in FA3's API (the forward's values);
     cfg_overrides: BwdSm80Config fields to change (tiling experiments)."""
     import torch
+
+    from fa3.ampere.flash_fwd_sm80 import kernel_scales
 
     if features:
         raise NotImplementedError(f"fa3: sm80 backward does not implement {sorted(features)} yet")
@@ -191,7 +199,9 @@ def flash_bwd_sm80(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     if not fits(d, arch):
         raise NotImplementedError(f"fa3: sm80 backward of head dim {d} needs more shared memory "
                                   f"than {arch} has")
-    cfg = default_config(d, q.dtype, causal, arch, **(cfg_overrides or {}))
+    causal, local, left, right, exp_scale, pre = kernel_scales(causal, window, softcap, softmax_scale)
+    cfg = default_config(d, q.dtype, causal, arch, local=local, softcap=bool(softcap and softcap > 0),
+                         **(cfg_overrides or {}))
 
     def contig(t):  # 16-byte cp.async / vector stores need a unit last stride and 8-aligned rows
         ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
@@ -213,7 +223,8 @@ def flash_bwd_sm80(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     g = h // hk
     dk_h = dk if g == 1 else torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
     dv_h = dv if g == 1 else torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
-    compile_kernel(cfg)(q, k, v, dout, lse2, dpsum, dq_acc, dq, dk_h, dv_h, float(softmax_scale))
+    compile_kernel(cfg)(q, k, v, dout, lse2, dpsum, dq_acc, dq, dk_h, dv_h, float(softmax_scale),
+                        exp_scale, pre, left, right)
     if g > 1:
         dk.copy_(dk_h.view(b, sk, hk, g, d).sum(3, dtype=torch.float32))
         dv.copy_(dv_h.view(b, sk, hk, g, d).sum(3, dtype=torch.float32))

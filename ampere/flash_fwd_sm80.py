@@ -44,6 +44,8 @@ class FwdSm80Config:
     tile_n: int
     stages: int
     arch: str  # "sm_80", "sm_86", "sm_87", "sm_89" or "sm_90": the cubin's target
+    local: bool = False  # sliding window (left, right) given at run time; causal is then False
+    softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -52,6 +54,8 @@ class FwdSm80Config:
             raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {self.d}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch}")
+        if self.causal and self.local:
+            raise ValueError("causal with a window is local with right = 0 (causal=False)")
         if self.tile_m % 64 or self.tile_n % 16 or self.stages < 1:
             raise ValueError(f"bad tiling {self.tile_m}x{self.tile_n}, {self.stages} stages")
         if smem_bytes(self.tile_m, self.tile_n, self.d, self.stages) > _SMEM[self.arch][0]:
@@ -106,7 +110,8 @@ def build(cfg: FwdSm80Config, extra_options: str = ""):
 
     lse = _compile.fake_lse_tensor((b, h, sq))
     return cute.compile(FlashFwdSm80(cfg), bshd(sq, h), bshd(sk, hk), bshd(sk, hk), bshd(sq, h), lse,
-                        cutlass.Float32(1.0), make_fake_stream(use_tvm_ffi_env_stream=True),
+                        cutlass.Float32(1.0), cutlass.Float32(1.0), cutlass.Int32(0),
+                        cutlass.Int32(0), make_fake_stream(use_tvm_ffi_env_stream=True),
                         options=_compile.compile_options(arch=cfg.arch, extra=extra_options))
 
 
@@ -123,9 +128,24 @@ def device_arch(device) -> str:
     return arch
 
 
-def flash_fwd_sm80(q, k, v, out, lse, softmax_scale: float, causal: bool, **cfg_overrides) -> None:
+def kernel_scales(causal: bool, window, softcap: float, softmax_scale: float):
+    """FA's (window, softcap) -> (causal, local, left, right, scale, softcap_pre) as the sm80
+    kernels take them (window: fa3.hopper.flash_fwd's rules; softcap: scale becomes cap and S is
+    first multiplied by scale / cap)."""
+    from fa3.hopper.flash_fwd import _window
+
+    causal, local, left, right = _window(causal, window)
+    scale, pre = float(softmax_scale), 1.0
+    if softcap and softcap > 0:
+        scale, pre = float(softcap), float(softmax_scale) / float(softcap)
+    return causal, local, left, right, scale, pre
+
+
+def flash_fwd_sm80(q, k, v, out, lse, softmax_scale: float, causal: bool, window=None,
+                   softcap: float = 0.0, **cfg_overrides) -> None:
     """out (b, sq, h, d) and lse (b, h, sq) fp32 are written in place.
-    q (b, sq, h, d), k and v (b, sk, h_kv, d); last dims contiguous, other strides multiples of 8."""
+    q (b, sq, h, d), k and v (b, sk, h_kv, d); last dims contiguous, other strides multiples of 8.
+    window (left, right) and softcap as in FA3's API."""
     b, sq, h, d = q.shape
     _, sk, hk, _ = k.shape
     assert k.shape == v.shape == (b, sk, hk, d) and out.shape == (b, sq, h, d), "shapes"
@@ -137,11 +157,13 @@ def flash_fwd_sm80(q, k, v, out, lse, softmax_scale: float, causal: bool, **cfg_
     for t in (q, k, v, out):  # 16-byte cp.async / vector stores
         assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
         assert all(s % 8 == 0 for s in t.stride()[:-1]), "strides must be multiples of 8 elements"
-    cfg = default_config(d, q.dtype, causal, device_arch(q.device), **cfg_overrides)
+    causal, local, left, right, scale, pre = kernel_scales(causal, window, softcap, softmax_scale)
+    cfg = default_config(d, q.dtype, causal, device_arch(q.device), local=local,
+                         softcap=bool(softcap and softcap > 0), **cfg_overrides)
     if b == 0 or sq == 0 or h == 0:
         return
     if sk == 0:  # no keys: every row is empty
         out.zero_()
         lse.fill_(-math.inf)
         return
-    compile_fwd(cfg)(q, k, v, out, lse, float(softmax_scale))
+    compile_fwd(cfg)(q, k, v, out, lse, scale, pre, left, right)

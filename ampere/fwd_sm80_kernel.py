@@ -15,6 +15,11 @@ and "V_i landed" (before PV); each wait is followed by a CTA barrier, which also
 warp is done with the slot about to be refilled. Blocks below 0 commit empty groups to keep
 that count.
 Epilogue: O /= l, O -> smem (Q's buffer) -> 16-byte coalesced stores of the valid rows; LSE.
+
+Compile-time features: `softcap` (S <- tanh(S * scale / cap) before the mask; the host passes cap
+as the softmax scale, fa3.hopper.softmax), `local` (sliding window, runtime left/right with
+mask.UNBOUNDED for -1: only the blocks [n_min, n_max) of fa3.hopper.mask.kv_block_range are walked,
+every one masked; loads stop at n_min instead of 0).
 """
 
 from types import SimpleNamespace
@@ -39,11 +44,14 @@ class FlashFwdSm80:
         self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
         self.d = cfg.d
         self.causal = cfg.causal
+        self.local, self.softcap = cfg.local, cfg.softcap
+        assert not (self.causal and self.local), "causal with a window is local with right = 0"
         assert self.tile_m % (16 * 4) == 0 and self.tile_n % 16 == 0 and self.d % 32 == 0
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor,
-                 mLSE: cute.Tensor, softmax_scale: Float32, stream):
+                 mLSE: cute.Tensor, softmax_scale: Float32, softcap_pre: Float32,
+                 window_left: Int32, window_right: Int32, stream):
         dtype = mQ.element_type
         self.dtype = dtype
         atom = su.smem_layout_atom(dtype, self.d)
@@ -75,14 +83,16 @@ class FlashFwdSm80:
                                         permutation_mnk=(NUM_THREADS // 32 * 16, 16, 16))
 
         num_m_blocks = cute.ceil_div(mQ.shape[1], self.tile_m)
-        self.kernel(mQ, mK, mV, mO, mLSE, softmax_scale, sQ_layout, sKV_layout, gmem_copy_in,
+        self.kernel(mQ, mK, mV, mO, mLSE, softmax_scale, softcap_pre, window_left, window_right,
+                    sQ_layout, sKV_layout, gmem_copy_in,
                     gmem_copy_out, tiled_mma, SharedStorage).launch(
             grid=[num_m_blocks, cute.size(mQ.shape[2]), cute.size(mQ.shape[0])],
             block=[NUM_THREADS, 1, 1], smem=SharedStorage.size_in_bytes(), stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor,
-               mLSE: cute.Tensor, softmax_scale: Float32, sQ_layout: cute.ComposedLayout,
+               mLSE: cute.Tensor, softmax_scale: Float32, softcap_pre: Float32,
+               window_left: Int32, window_right: Int32, sQ_layout: cute.ComposedLayout,
                sKV_layout: cute.ComposedLayout, gmem_copy_in: cute.TiledCopy,
                gmem_copy_out: cute.TiledCopy, tiled_mma: cute.TiledMma,
                SharedStorage: cutlass.Constexpr):
@@ -150,22 +160,27 @@ class FlashFwdSm80:
             seqlen_k_mask=seqlen_k - tScS_mn[0, 0][1],
             row_max=row_max, row_sum=row_sum, row_scale=row_scale,
             scale_log2=softmax_scale * Float32(LOG2_E), seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-            m_block=m_block)
+            m_block=m_block, softcap_pre=softcap_pre, window_left=window_left,
+            window_right=window_right, n_min=Int32(0))
 
         n_max = mask_mod.n_block_max(seqlen_q, seqlen_k, m_block, tile_m, tile_n, self.causal)
-        if n_max > 0:  # else every row of the tile is fully masked: O = 0, LSE = -inf
+        if const_expr(self.local):  # the window's blocks [n_min, n_max), every one masked
+            n_min, n_max, _, _ = mask_mod.kv_block_range(seqlen_q, seqlen_k, m_block, tile_m, tile_n,
+                                                         False, True, window_left, window_right)
+            ctx.n_min = n_min
+        if n_max > ctx.n_min:  # else every row of the tile is fully masked: O = 0, LSE = -inf
             su.copy_rows(gmem_copy_in, tQgQ, tQsQ, tQcQ, seqlen_q - m_block * tile_m, True)
             cute.arch.cp_async_commit_group()
             for s in cutlass.range_constexpr(stages):
                 if const_expr(s == 0):
                     self.load_kv(ctx, ctx.tKgK, ctx.tKsK, n_max - 1, 0, True)
-                elif n_max - 1 - s >= 0:
+                elif n_max - 1 - s >= ctx.n_min:
                     self.load_kv(ctx, ctx.tKgK, ctx.tKsK, n_max - 1 - s, s, False)
                 cute.arch.cp_async_commit_group()
                 if const_expr(s < stages - 1):
                     if const_expr(s == 0):
                         self.load_kv(ctx, ctx.tVgV, ctx.tVsV, n_max - 1, 0, True)
-                    elif n_max - 1 - s >= 0:
+                    elif n_max - 1 - s >= ctx.n_min:
                         self.load_kv(ctx, ctx.tVgV, ctx.tVsV, n_max - 1 - s, s, False)
                     cute.arch.cp_async_commit_group()
 
@@ -174,11 +189,13 @@ class FlashFwdSm80:
                 n_mask_min = cutlass.min(n_mask_min, mask_mod.n_block_min_causal_mask(
                     seqlen_q, seqlen_k, m_block, tile_m, tile_n))
             slot = Int32(0)
+            if const_expr(self.local):
+                n_mask_min = ctx.n_min
             slot = self.kv_block(ctx, n_max - 1, slot, True, True)
-            if const_expr(self.causal):
+            if const_expr(self.causal or self.local):
                 for i in cutlass.range(n_max - 1 - n_mask_min, unroll=1):
                     slot = self.kv_block(ctx, n_max - 2 - i, slot, False, True)
-            for i in cutlass.range(n_mask_min, unroll=1):
+            for i in cutlass.range(n_mask_min - ctx.n_min, unroll=1):
                 slot = self.kv_block(ctx, n_mask_min - 1 - i, slot, False, False)
 
         sm.finalize(row_max, row_sum, row_scale, lse, softmax_scale)
@@ -198,7 +215,7 @@ class FlashFwdSm80:
     def refill_k_single(self, ctx, n_block: Int32):
         cute.arch.cp_async_wait_group(0)  # V_i landed
         cute.arch.barrier()  # ... for every thread, and every warp is done reading K_i
-        if n_block - 1 >= 0:
+        if n_block - 1 >= ctx.n_min:
             self.load_kv(ctx, ctx.tKgK, ctx.tKsK, n_block - 1, 0, False)
         cute.arch.cp_async_commit_group()
 
@@ -219,7 +236,7 @@ class FlashFwdSm80:
         cute.arch.barrier()  # ... for every thread; and everyone is done with V_{i-1}'s slot
         if const_expr(s == 1):
             self.load_kv(ctx, ctx.tVgV, ctx.tVsV, n_block, 0, first)
-        elif n_block - (s - 1) >= 0:
+        elif n_block - (s - 1) >= ctx.n_min:
             self.load_kv(ctx, ctx.tVgV, ctx.tVsV, n_block - (s - 1), prev, False)
         cute.arch.cp_async_commit_group()
 
@@ -235,9 +252,12 @@ class FlashFwdSm80:
             self.refill_k_single(ctx, n_block)
 
         acc_S_mn = su.acc_to_mn(acc_S)
+        if const_expr(self.softcap):  # before the mask: tanh(-inf) would be -1
+            sm.apply_softcap(acc_S_mn, ctx.softcap_pre)
         if const_expr(masked):
             mask_mod.apply_mask(acc_S_mn, ctx.t0ScS_mn, ctx.seqlen_q_mask, ctx.seqlen_k_mask,
-                                ctx.m_block, n_block, self.tile_m, self.tile_n, self.causal)
+                                ctx.m_block, n_block, self.tile_m, self.tile_n, self.causal,
+                                self.local, ctx.window_left, ctx.window_right)
         sm.online_softmax(acc_S_mn, ctx.row_max, ctx.row_sum, ctx.row_scale, ctx.scale_log2)
         if const_expr(not first):  # O is still 0 before the first block
             sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
@@ -249,7 +269,7 @@ class FlashFwdSm80:
         if const_expr(s > 1):  # as late as possible: V_i had the whole S GEMM + softmax to land
             cute.arch.cp_async_wait_group(pending)
             cute.arch.barrier()  # ... and every warp is done reading K_i's slot
-            if n_block - s >= 0:
+            if n_block - s >= ctx.n_min:
                 self.load_kv(ctx, ctx.tKgK, ctx.tKsK, n_block - s, slot, False)
             cute.arch.cp_async_commit_group()
 

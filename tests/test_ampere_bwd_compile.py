@@ -24,9 +24,24 @@ def _ptx(cfg, tmp_path):
 def test_main_kernel_compiles(cfg, tmp_path):
     ptx = _ptx(cfg, tmp_path)
     for needle in ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned.m8n8.x4.trans", "cp.async",
-                   "cp.async.wait_group", "ex2.approx", "atom.global.add.f32"):
+                   "cp.async.wait_group", "ex2.approx", "atom.global.add"):
         assert needle in ptx, needle
     assert ".local" not in ptx
+    # dQ atomics: 4 floats per instruction where the arch has it (sm_90), else 1
+    assert ("atom.global.add.v4.f32" in ptx) == (cfg.arch == "sm_90")
+
+
+FEATURES = [f.default_config(64, "bfloat16", False, "sm_80", local=True),
+            f.default_config(128, "float16", True, "sm_80", softcap=True),
+            f.default_config(256, "bfloat16", False, "sm_80", local=True, softcap=True),
+            f.default_config(128, "bfloat16", False, "sm_90", local=True, softcap=True)]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("cfg", FEATURES, ids=str)
+def test_window_softcap_variants_compile(cfg, tmp_path):
+    ptx = _ptx(cfg, tmp_path)
+    assert ("tanh.approx" in ptx) == cfg.softcap
 
 
 @pytest.mark.compile
@@ -64,6 +79,10 @@ def test_config_rejects_bad_input():
         f.BwdSm80Config(**{**base, "arch": "sm_86"})
     with pytest.raises(ValueError, match="stages"):
         f.BwdSm80Config(**{**base, "stages": 3})
+    with pytest.raises(ValueError, match="dq_vec"):
+        f.BwdSm80Config(**{**base, "dq_vec": 4})  # vector fp32 atomics are sm_90 only
+    with pytest.raises(ValueError, match="causal with a window"):
+        f.BwdSm80Config(**{**base, "causal": True, "local": True})
 
 
 def test_bwd_missing_names_features():
@@ -73,10 +92,12 @@ def test_bwd_missing_names_features():
 
     r = FwdRequest(torch.bfloat16, 128, 128, True, (-1, 0), 0.0, False, False, False, False)
     assert f.bwd_missing(r) is None
-    assert "softcap" in f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, False, (-1, -1), 5.0,
-                                                  False, False, False, False))
-    assert "window" in f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, False, (8, 8), 0.0,
-                                                 False, False, False, False))
+    assert f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, False, (8, 8), 5.0,
+                                    False, False, False, False)) is None  # window + softcap
+    assert "varlen" in f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, False, (-1, -1), 0.0,
+                                                 True, False, False, False))
+    assert "sink" in f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, False, (-1, -1), 0.0,
+                                               False, True, False, False))
 
 
 def test_import_does_not_load_dsl():

@@ -43,7 +43,10 @@ def grads(fn, q, k, v, g):
     return out, q.grad, k.grad, v.grad
 
 
-def check(b, h, hk, sq, sk, d, dtype, causal, make=None):
+def check(b, h, hk, sq, sk, d, dtype, causal, make=None, window_size=(-1, -1), softcap=0.0,
+          bwd_overrides=None):
+    """bwd_overrides: call flash_fwd_sm80 / flash_bwd_sm80 directly with these BwdSm80Config
+    fields (e.g. the sm_80 build's scalar dQ atomics on the Hopper GPU), else the public API."""
     torch.manual_seed(sq * 7 + sk + d + h + causal)
     if make is None:
         q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
@@ -52,16 +55,34 @@ def check(b, h, hk, sq, sk, d, dtype, causal, make=None):
     else:
         q, k, v = make(b, h, hk, sq, sk, d, dtype)
     g = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+    feat = dict(window_size=window_size, softcap=softcap)
     poison_allocator()
-    out, dq, dk, dv = grads(lambda q, k, v: fa3.flash_attn_func(q, k, v, causal=causal, backend="sm80"),
-                            q, k, v, g)
-    _, *ref = grads(lambda q, k, v: attention_ref(q, k, v, causal=causal)[0], q, k, v, g)
-    _, *pt = grads(lambda q, k, v: attention_ref(q, k, v, causal=causal, upcast=False,
-                                                 reorder_ops=True)[0], q, k, v, g)
+    if bwd_overrides is None:
+        out, dq, dk, dv = grads(lambda q, k, v: fa3.flash_attn_func(q, k, v, causal=causal,
+                                                                    backend="sm80", **feat), q, k, v, g)
+    else:
+        out, dq, dk, dv = direct(q, k, v, g, causal, bwd_overrides)
+    out_ref, *ref = grads(lambda q, k, v: attention_ref(q, k, v, causal=causal, **feat)[0], q, k, v, g)
+    out_pt, *pt = grads(lambda q, k, v: attention_ref(q, k, v, causal=causal, upcast=False,
+                                                      reorder_ops=True, **feat)[0], q, k, v, g)
+    assert_fa_close(out, out_ref, out_pt, atol=rounding_atol(dtype))
     for name, x, x_ref, x_pt in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, pt):
         assert not torch.isnan(x).any(), f"{name} has NaN (unwritten or bad math)"
         assert_fa_close(x, x_ref, x_pt, atol=grad_atol(x_ref, dtype), name=name)
     return dq, dk, dv
+
+
+def direct(q, k, v, g, causal, overrides):
+    from fa3.ampere.flash_bwd_sm80 import flash_bwd_sm80
+    from fa3.ampere.flash_fwd_sm80 import flash_fwd_sm80
+
+    b, sq, h, d = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, sq, device=q.device)
+    flash_fwd_sm80(q, k, v, out, lse, 1 / math.sqrt(d), causal)
+    poison_allocator()
+    return (out, *flash_bwd_sm80(g, q, k, v, out, lse, 1 / math.sqrt(d), causal,
+                                 cfg_overrides=overrides))
 
 
 @pytest.mark.parametrize("bhs", BHS, ids=lambda x: "b%dh%dhk%d" % x)
@@ -114,3 +135,34 @@ def test_direct_call_reruns_equal_dkdv():
     assert max_err(r1[0], r2[0]) <= 2 * rounding_atol(torch.bfloat16) * r1[0].abs().max().item()
     with pytest.raises(NotImplementedError, match="deterministic"):
         flash_bwd_sm80(do, q, k, v, out, lse, 1 / math.sqrt(d), True, deterministic=True)
+
+
+# The sm_80 build's dQ path (scalar atomics; the sm_90 build defaults to 4-wide ones) and the
+# dQ-after-dK order, run on this GPU by overriding the config.
+@pytest.mark.parametrize("over", [dict(dq_vec=1), dict(dq_first=False), dict(tile_m=128, tile_n=128)],
+                         ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk,d", [(113, 203, 64), (799, 640, 128), (257, 1100, 256)])
+def test_bwd_config_paths(sq, sk, d, causal, over):
+    if "tile_m" in over and d != 64:
+        pytest.skip("128 x 128 is a hd64 experiment")
+    check(2, 4, 2, sq, sk, d, torch.bfloat16, causal, bwd_overrides=over)
+
+
+FEATURES = [dict(window_size=(64, 0)), dict(window_size=(64, 0), causal=True),
+            dict(window_size=(32, 48)), dict(window_size=(-1, 16)), dict(window_size=(100, -1)),
+            dict(softcap=15.0), dict(softcap=15.0, causal=True),
+            dict(window_size=(100, 7), softcap=30.0)]
+
+
+@pytest.mark.parametrize("feat", FEATURES, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
+@pytest.mark.parametrize("sq,sk", [(113, 203), (799, 640), (1024, 1024), (3, 1100)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_bwd_window_softcap(d, sq, sk, feat):
+    feat = dict(feat)
+    causal = feat.pop("causal", False)
+    check(1, 4, 2, sq, sk, d, torch.bfloat16, causal, **feat)
+
+
+def test_window_softcap_fp16_hd256():
+    check(1, 2, 1, 300, 517, 256, torch.float16, False, window_size=(50, 20), softcap=20.0)

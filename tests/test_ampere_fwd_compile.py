@@ -32,6 +32,26 @@ def test_compiles_for_other_archs(cfg, tmp_path):
     _check_ptx(cfg, tmp_path)
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("cfg", [f.default_config(64, "bfloat16", False, "sm_80", local=True),
+                                 f.default_config(128, "float16", True, "sm_80", softcap=True),
+                                 f.default_config(192, "bfloat16", False, "sm_80", local=True,
+                                                  softcap=True)], ids=str)
+def test_window_softcap_variants_compile(cfg, tmp_path):
+    ptx = f.build(cfg, f"--keep-ptx --dump-dir {tmp_path}").__ptx__
+    assert ("tanh.approx" in ptx) == cfg.softcap
+
+
+def test_window_and_softcap_scales():
+    from fa3.hopper.mask import UNBOUNDED
+
+    assert f.kernel_scales(True, None, 0.0, 0.1) == (True, False, 0, 0, 0.1, 1.0)
+    assert f.kernel_scales(True, (64, -1), 0.0, 0.1)[:4] == (False, True, 64, 0)  # causal: right 0
+    assert f.kernel_scales(False, (-1, 16), 0.0, 0.1)[:4] == (False, True, UNBOUNDED, 16)
+    causal, local, _, _, scale, pre = f.kernel_scales(False, None, 20.0, 0.1)
+    assert (causal, local, scale) == (False, False, 20.0) and abs(pre - 0.1 / 20.0) < 1e-12
+
+
 def test_shipped_tiles():
     for cfg in SM80:
         assert (cfg.tile_m, cfg.tile_n) == ((128, 64) if cfg.d <= 128 else (64, 64))
