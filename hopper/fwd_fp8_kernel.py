@@ -3,7 +3,8 @@
 Same warp-specialized FA3 design as the bf16 kernel (fwd_kernel.py; producer warpgroup issuing TMA,
 2-3 consumer warpgroups, intra-warpgroup overlap of S_{j-1} = Q K^T with softmax_j, optional
 pingpong), written separately so the fp8 parts stay readable. It imports no code from fwd_kernel.py;
-it shares softmax.py (row reductions, O rescale), mask.py, wgmma_utils.py and tile_scheduler.py.
+it shares fwd_common.py (pipelines, TMA producer steps, pingpong, consumer fragments), softmax.py
+(row reductions, O rescale), mask.py, wgmma_utils.py and tile_scheduler.py.
 
 What differs from bf16:
 
@@ -43,11 +44,11 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
+from fa3.hopper.fwd_common import (REGS, PingpongMixin, consumer_fragments, make_qkv_pipes, store_lse,
+                                   store_o_rows, tma_load, tma_load_block, tma_tiles)
 from fa3.hopper.tile_scheduler import decode_tile, tile_index
 from fa3.hopper.wgmma_utils import acc_to_mn, gemm, smem_layout
 
-BAR_PINGPONG = 2  # 2 + consumer warpgroup index
-REGS = {2: (24, 240), 3: (32, 160)}  # setmaxnreg (producer, consumer) by number of consumers
 P_EXP_OFFSET = 8.0  # P is computed as 2^8 * softmax numerator (uses e4m3's range; exact power of 2
 
 # Register layouts this kernel's P packing relies on (checked at trace time): the fp32 accumulator
@@ -83,7 +84,7 @@ def p_pack_sources(n_regs: int):
     return out
 
 
-class FlashFwdFp8Sm90:
+class FlashFwdFp8Sm90(PingpongMixin):
     def __init__(self, cfg):
         self.cfg = cfg
         self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
@@ -161,17 +162,8 @@ class FlashFwdFp8Sm90:
                 cpasync.prefetch_descriptor(atom)
 
         storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
-        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
-        consumers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * self.num_consumers)
-        pipes = []
-        for bar, n, nbytes in ((storage.mbar_q, 1, self.bytes_q), (storage.mbar_k, self.stages, self.bytes_k),
-                               (storage.mbar_v, self.stages, self.bytes_v)):
-            pipes.append(pipeline.PipelineTmaAsync.create(
-                barrier_storage=bar.data_ptr(), num_stages=n, producer_group=producer,
-                consumer_group=consumers, tx_count=nbytes, defer_sync=True))
-        pipe_q, pipe_k, pipe_v = pipes
-        cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
+        pipe_q, pipe_k, pipe_v = make_qkv_pipes(storage, self.num_consumers, self.stages,
+                                                self.bytes_q, self.bytes_k, self.bytes_v)
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
@@ -205,7 +197,6 @@ class FlashFwdFp8Sm90:
         grid = cute.arch.grid_dim()[0]
         rnd = Int32(0)
         tile = cta
-        one = cute.make_layout(1)
         while tile < dims.total_tiles:
             m_block, head, batch = decode_tile(tile, dims.num_m_blocks, dims.num_heads, dims.num_hb,
                                                self.causal)
@@ -213,77 +204,39 @@ class FlashFwdFp8Sm90:
             gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (m_block, 0))
             gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (None, 0))
             gV = cute.local_tile(mVt[None, None, head_kv, batch], (self.dv, self.tile_n), (0, None))
-            tQs, tQg = cpasync.tma_partition(tma_Q, 0, one, cute.group_modes(sQ, 0, 2),
-                                             cute.group_modes(gQ, 0, 2))
-            tKs, tKg = cpasync.tma_partition(tma_K, 0, one, cute.group_modes(sK, 0, 2),
-                                             cute.group_modes(gK, 0, 2))
-            tVs, tVg = cpasync.tma_partition(tma_V, 0, one, cute.group_modes(sVt, 0, 2),
-                                             cute.group_modes(gV, 0, 2))
+            tQs, tQg = tma_tiles(tma_Q, sQ, gQ)
+            tKs, tKg = tma_tiles(tma_K, sK, gK)
+            tVs, tVg = tma_tiles(tma_V, sVt, gV)
             n_max = mask_mod.n_block_max(dims.seqlen_q, dims.seqlen_k, m_block, self.tile_m,
                                          self.tile_n, self.causal)
-            pipe_q.producer_acquire(q_state)
-            cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+            tma_load(tma_Q, tQg, tQs, pipe_q, q_state)
             q_state.advance()
             if n_max > 0:
-                pipe_k.producer_acquire(kv_state)
-                cute.copy(tma_K, tKg[None, n_max - 1], tKs[None, kv_state.index],
-                          tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
+                tma_load_block(tma_K, tKg, tKs, n_max - 1, pipe_k, kv_state)
                 for i in cutlass.range(n_max - 1, unroll=1):
                     n = n_max - 2 - i
                     v_state = kv_state.clone()
                     kv_state.advance()
-                    pipe_k.producer_acquire(kv_state)
-                    cute.copy(tma_K, tKg[None, n], tKs[None, kv_state.index],
-                              tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
-                    pipe_v.producer_acquire(v_state)
-                    cute.copy(tma_V, tVg[None, n + 1], tVs[None, v_state.index],
-                              tma_bar_ptr=pipe_v.producer_get_barrier(v_state))
-                pipe_v.producer_acquire(kv_state)
-                cute.copy(tma_V, tVg[None, 0], tVs[None, kv_state.index],
-                          tma_bar_ptr=pipe_v.producer_get_barrier(kv_state))
+                    tma_load_block(tma_K, tKg, tKs, n, pipe_k, kv_state)
+                    tma_load_block(tma_V, tVg, tVs, n + 1, pipe_v, v_state)
+                tma_load_block(tma_V, tVg, tVs, 0, pipe_v, kv_state)
                 kv_state.advance()
             rnd += 1
             tile = tile_index(rnd, cta, grid, self.causal)
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
-    def pingpong_sync(self, wg: Int32):
-        if const_expr(self.cfg.pingpong):
-            cute.arch.barrier(barrier_id=BAR_PINGPONG + wg, number_of_threads=256)
-
-    @cute.jit
-    def pingpong_arrive(self, wg: Int32):
-        if const_expr(self.cfg.pingpong):
-            cute.arch.barrier_arrive(barrier_id=BAR_PINGPONG + (wg + 1) % self.num_consumers,
-                                    number_of_threads=256)
-
-    @cute.jit
     def consumer(self, mO, mLSE, mQs, mKs, mVs, sQ, sK, sVt, tiled_mma_qk, tiled_mma_pv, pipe_q,
                  pipe_k, pipe_v, softmax_scale, tidx, dims):
-        wg = cute.arch.make_warp_uniform(tidx // 128)
-        wg_mma_qk = tiled_mma_qk.get_slice(wg * 128)
-        wg_mma_pv = tiled_mma_pv.get_slice(wg * 128)
-        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
-        thr_mma_pv = tiled_mma_pv.get_slice(tidx)
-        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
-        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
-        tOrV = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sVt))
-        tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)))
-        shape_S = wg_mma_qk.partition_shape_C((self.tile_m, self.tile_n))
-        acc_O = cute.make_rmem_tensor(wg_mma_pv.partition_shape_C((self.tile_m, self.dv)), Float32)
-        acc_O_mn = acc_to_mn(acc_O)
-        tScS_mn = acc_to_mn(thr_mma_qk.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n))))
-        tOcO_mn = acc_to_mn(thr_mma_pv.partition_C(cute.make_identity_tensor((self.tile_m, self.dv))))
-        n_rows = cute.size(acc_O_mn, mode=[0])
-        row_max = cute.make_rmem_tensor((n_rows,), Float32)
-        row_sum = cute.make_rmem_tensor((n_rows,), Float32)
-        row_scale = cute.make_rmem_tensor((n_rows,), Float32)
+        f = consumer_fragments(tiled_mma_qk, tiled_mma_pv, sQ, sK, sVt, tidx, self.tile_m,
+                               self.tile_n, self.dv)
+        wg, tSrQ, tSrK, tOrV, tOrP, shape_S = f.wg, f.tSrQ, f.tSrK, f.tOrV, f.tOrP, f.shape_S
+        acc_O, acc_O_mn, tScS_mn, tOcO_mn = f.acc_O, f.acc_O_mn, f.tScS_mn, f.tOcO_mn
+        n_rows, row_max, row_sum, row_scale = f.n_rows, f.row_max, f.row_sum, f.row_scale
         sv_cur = cute.make_rmem_tensor((1,), Float32)  # V scale of the block O is expressed in
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
 
-        if const_expr(self.cfg.pingpong):
-            if wg == 0:
-                cute.arch.barrier_arrive(barrier_id=BAR_PINGPONG, number_of_threads=256)
+        self.pingpong_start(wg)
 
         ctx = SimpleNamespace(
             tiled_mma_qk=tiled_mma_qk, tiled_mma_pv=tiled_mma_pv, tSrQ=tSrQ, tSrK=tSrK, tOrP=tOrP,
@@ -428,14 +381,5 @@ class FlashFwdFp8Sm90:
         rO = cute.make_rmem_tensor_like(acc_O, self.out_dtype)
         rO.store(acc_O.load().to(self.out_dtype))
         gO = cute.local_tile(mO[None, None, head, batch], (self.tile_m, self.dv), (m_block, 0))
-        tOgO_mn = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(gO))
-        rO_mn = acc_to_mn(rO)
-        for r in cutlass.range_constexpr(cute.size(rO_mn, mode=[0])):
-            if m_block * self.tile_m + tOcO_mn[r, 0][0] < seqlen_q:
-                for c in cutlass.range_constexpr(cute.size(rO_mn, mode=[1])):
-                    tOgO_mn[r, c] = rO_mn[r, c]
-        if tOcO_mn[0, 0][1] == 0:
-            for r in cutlass.range_constexpr(cute.size(lse)):
-                row = m_block * self.tile_m + tOcO_mn[r, 0][0]
-                if row < seqlen_q:
-                    mLSE[row, head, batch] = lse[r]
+        store_o_rows(rO, gO, tOcO_mn, tiled_mma_pv, tidx, m_block, self.tile_m, seqlen_q, 1)
+        store_lse(lse, mLSE, tOcO_mn, m_block, self.tile_m, seqlen_q, 1, 0, head, batch)

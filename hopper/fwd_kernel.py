@@ -35,19 +35,19 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
+from fa3.hopper.fwd_common import (BAR_PINGPONG, REGS, PingpongMixin, consumer_fragments,
+                                   make_qkv_pipes, store_lse, store_o_rows, tma_load, tma_load_block,
+                                   tma_tiles)
 from fa3.hopper.tile_scheduler import decode_tile, tile_index, varlen_decode, varlen_window
 from fa3.hopper.tile_size import separate_o_fits
 from fa3.hopper.wgmma_utils import acc_to_frag_a, acc_to_mn, gemm, pack_f16x2, smem_layout, transpose_view
 
-# Named barriers (0 is __syncthreads).
+# Named barriers (0 is __syncthreads; BAR_PINGPONG.. in fwd_common).
 BAR_EPILOGUE = 1
-BAR_PINGPONG = 2  # 2 + consumer warpgroup index (0, 1[, 2])
-
-# setmaxnreg per role, by number of consumer warpgroups (FA3's split; 64K registers per SM in all)
-REGS = {2: (24, 240), 3: (32, 160)}  # consumers: (producer, consumer)
+assert BAR_EPILOGUE < BAR_PINGPONG
 
 
-class FlashFwdSm90:
+class FlashFwdSm90(PingpongMixin):
     def __init__(self, cfg):
         self.cfg = cfg
         self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
@@ -182,21 +182,8 @@ class FlashFwdSm90:
                 cpasync.prefetch_descriptor(atom)
 
         storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
-        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
-        consumers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * self.num_consumers)  # warps
-        pipe_q = pipeline.PipelineTmaAsync.create(
-            barrier_storage=storage.mbar_q.data_ptr(), num_stages=1, producer_group=producer,
-            consumer_group=consumers, tx_count=self.bytes_q, defer_sync=True)
-        pipe_k = pipeline.PipelineTmaAsync.create(
-            barrier_storage=storage.mbar_k.data_ptr(), num_stages=self.stages,
-            producer_group=producer, consumer_group=consumers, tx_count=self.bytes_k,
-            defer_sync=True)
-        pipe_v = pipeline.PipelineTmaAsync.create(
-            barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.stages,
-            producer_group=producer, consumer_group=consumers, tx_count=self.bytes_v,
-            defer_sync=True)
-        cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
+        pipe_q, pipe_k, pipe_v = make_qkv_pipes(storage, self.num_consumers, self.stages,
+                                                self.bytes_q, self.bytes_k, self.bytes_v)
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         if const_expr(self.separate_o):
@@ -307,60 +294,45 @@ class FlashFwdSm90:
             gQ = cute.local_tile(mQ_cur, self.rows_tiler(self.d), (m_block, 0))
             gK = cute.local_tile(mK_cur, (self.tile_n, self.d), (None, 0))
             gV = cute.local_tile(mV_cur, (self.tile_n, self.dv), (None, 0))
-            one = cute.make_layout(1)
-            tQs, tQg = cpasync.tma_partition(tma_Q, 0, one, cute.group_modes(sQ, 0, 2),
-                                             cute.group_modes(gQ, 0, 2))
-            tKs, tKg = cpasync.tma_partition(tma_K, 0, one, cute.group_modes(sK, 0, 2),
-                                             cute.group_modes(gK, 0, 2))
-            tVs, tVg = cpasync.tma_partition(tma_V, 0, one, cute.group_modes(sV, 0, 2),
-                                             cute.group_modes(gV, 0, 2))
+            tQs, tQg = tma_tiles(tma_Q, sQ, gQ)
+            tKs, tKg = tma_tiles(tma_K, sK, gK)
+            tVs, tVg = tma_tiles(tma_V, sV, gV)
             n_min, n_max, _, _ = self.kv_range(seqlen_q, seqlen_k, m_block, feat)
             # Q is loaded even for a tile that sees no key: the consumers always wait for it,
             # which keeps the Q ring's phases simple. When Q's buffer is freed only after the
             # previous tile's O store (o_in_q, persistent), the first K goes ahead of Q.
             k_first = const_expr(self.o_in_q and self.cfg.persistent and self.cfg.overlap)
             if const_expr(not k_first):
-                pipe_q.producer_acquire(q_state)
-                cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+                tma_load(tma_Q, tQg, tQs, pipe_q, q_state)
                 q_state.advance()
             else:
                 if n_max <= n_min:
-                    pipe_q.producer_acquire(q_state)
-                    cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+                    tma_load(tma_Q, tQg, tQs, pipe_q, q_state)
                     q_state.advance()
             if n_max > n_min:
                 if const_expr(not self.cfg.overlap):
                     for i in cutlass.range(n_max - n_min, unroll=1):
                         n = n_max - 1 - i
-                        pipe_k.producer_acquire(kv_state)
-                        cute.copy(tma_K, tKg[None, n], tKs[None, kv_state.index],
-                                  tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
-                        pipe_v.producer_acquire(kv_state)
-                        cute.copy(tma_V, tVg[None, n], tVs[None, kv_state.index],
-                                  tma_bar_ptr=pipe_v.producer_get_barrier(kv_state))
+                        tma_load_block(tma_K, tKg, tKs, n, pipe_k, kv_state)
+                        tma_load_block(tma_V, tVg, tVs, n, pipe_v, kv_state)
                         kv_state.advance()
                 else:
                     # consumers need K_{j+1} before V_j: load in that order
+                    # written out, not tma_load_block: passing n_max - 1 as an argument changes
+                    # the varlen variants' address arithmetic (PTX differs, checked)
                     pipe_k.producer_acquire(kv_state)
                     cute.copy(tma_K, tKg[None, n_max - 1], tKs[None, kv_state.index],
                               tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
                     if const_expr(k_first):
-                        pipe_q.producer_acquire(q_state)
-                        cute.copy(tma_Q, tQg, tQs, tma_bar_ptr=pipe_q.producer_get_barrier(q_state))
+                        tma_load(tma_Q, tQg, tQs, pipe_q, q_state)
                         q_state.advance()
                     for i in cutlass.range(n_max - 1 - n_min, unroll=1):
                         n = n_max - 2 - i
                         v_state = kv_state.clone()
                         kv_state.advance()
-                        pipe_k.producer_acquire(kv_state)
-                        cute.copy(tma_K, tKg[None, n], tKs[None, kv_state.index],
-                                  tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
-                        pipe_v.producer_acquire(v_state)
-                        cute.copy(tma_V, tVg[None, n + 1], tVs[None, v_state.index],
-                                  tma_bar_ptr=pipe_v.producer_get_barrier(v_state))
-                    pipe_v.producer_acquire(kv_state)
-                    cute.copy(tma_V, tVg[None, n_min], tVs[None, kv_state.index],
-                              tma_bar_ptr=pipe_v.producer_get_barrier(kv_state))
+                        tma_load_block(tma_K, tKg, tKs, n, pipe_k, kv_state)
+                        tma_load_block(tma_V, tVg, tVs, n + 1, pipe_v, v_state)
+                    tma_load_block(tma_V, tVg, tVs, n_min, pipe_v, kv_state)
                     kv_state.advance()
             rnd += 1
             tile = tile_index(rnd, cta, grid, self.lpt)
@@ -368,44 +340,17 @@ class FlashFwdSm90:
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
-    def pingpong_sync(self, wg: Int32):
-        if const_expr(self.cfg.pingpong):
-            cute.arch.barrier(barrier_id=BAR_PINGPONG + wg, number_of_threads=256)
-
-    @cute.jit
-    def pingpong_arrive(self, wg: Int32):
-        if const_expr(self.cfg.pingpong):
-            cute.arch.barrier_arrive(barrier_id=BAR_PINGPONG + (wg + 1) % self.num_consumers,
-                                    number_of_threads=256)
-
-    @cute.jit
     def consumer(self, mO, mO_raw, mLSE, sQ, sK, sV, sO, tma_O, tiled_mma_qk, tiled_mma_pv, pipe_q, pipe_k,
                  pipe_v, softmax_scale, tidx, feat):
-        wg = cute.arch.make_warp_uniform(tidx // 128)
-        wg_mma_qk = tiled_mma_qk.get_slice(wg * 128)
-        wg_mma_pv = tiled_mma_pv.get_slice(wg * 128)
-        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
-        thr_mma_pv = tiled_mma_pv.get_slice(tidx)
-        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
-        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
-        tOrV = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
-        tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)))
-        shape_S = wg_mma_qk.partition_shape_C((self.tile_m, self.tile_n))
-        acc_O = cute.make_rmem_tensor(wg_mma_pv.partition_shape_C((self.tile_m, self.dv)), Float32)
-        acc_O_mn = acc_to_mn(acc_O)
-        # (row, col) tile coordinates of this thread's S and O accumulators
-        tScS_mn = acc_to_mn(thr_mma_qk.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n))))
-        tOcO_mn = acc_to_mn(thr_mma_pv.partition_C(cute.make_identity_tensor((self.tile_m, self.dv))))
-        n_rows = cute.size(acc_O_mn, mode=[0])
-        row_max = cute.make_rmem_tensor((n_rows,), Float32)
-        row_sum = cute.make_rmem_tensor((n_rows,), Float32)
-        row_scale = cute.make_rmem_tensor((n_rows,), Float32)
+        f = consumer_fragments(tiled_mma_qk, tiled_mma_pv, sQ, sK, transpose_view(sV), tidx,
+                               self.tile_m, self.tile_n, self.dv)
+        wg, tSrQ, tSrK, tOrV, tOrP, shape_S = f.wg, f.tSrQ, f.tSrK, f.tOrV, f.tOrP, f.shape_S
+        acc_O, acc_O_mn, tScS_mn, tOcO_mn = f.acc_O, f.acc_O_mn, f.tScS_mn, f.tOcO_mn
+        n_rows, row_max, row_sum, row_scale = f.n_rows, f.row_max, f.row_sum, f.row_scale
         lse = cute.make_rmem_tensor((n_rows,), Float32)
         scale_log2 = softmax_scale * Float32(1.4426950408889634)
 
-        if const_expr(self.cfg.pingpong):
-            if wg == 0:  # warpgroup 0 issues its GEMMs first
-                cute.arch.barrier_arrive(barrier_id=BAR_PINGPONG, number_of_threads=256)
+        self.pingpong_start(wg)
 
         ctx = SimpleNamespace(
             tiled_mma_qk=tiled_mma_qk, tiled_mma_pv=tiled_mma_pv, tSrQ=tSrQ, tSrK=tSrK, tOrP=tOrP,
@@ -596,15 +541,7 @@ class FlashFwdSm90:
             if const_expr(self.cfg.varlen):
                 mO_cur = cute.domain_offset((self.row_offset(offset_q), 0), mO_cur)
             gO = cute.local_tile(mO_cur, self.rows_tiler(self.dv), (m_block, 0))
-            tOgO_mn = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(gO))
-            rO_mn = acc_to_mn(rO)
-            for r in cutlass.range_constexpr(cute.size(rO_mn, mode=[0])):
-                if m_block * self.tile_m + tOcO_mn[r, 0][0] < store_q * self.qpk:
-                    for c in cutlass.range_constexpr(cute.size(rO_mn, mode=[1])):
-                        tOgO_mn[r, c] = rO_mn[r, c]
-        # LSE: the thread holding column 0 of a row writes it (rows past seqlen_q are dropped)
-        if tOcO_mn[0, 0][1] == 0:
-            for r in cutlass.range_constexpr(cute.size(lse)):
-                row = m_block * self.tile_m + tOcO_mn[r, 0][0]
-                if row < store_q * self.qpk:
-                    mLSE[offset_q * self.qpk + row, head, bidx] = lse[r]
+            store_o_rows(rO, gO, tOcO_mn, tiled_mma_pv, tidx, m_block, self.tile_m, store_q,
+                         self.qpk)
+        store_lse(lse, mLSE, tOcO_mn, m_block, self.tile_m, store_q, self.qpk, offset_q, head,
+                  bidx)
