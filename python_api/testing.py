@@ -42,6 +42,17 @@ def rounding_atol(dtype: torch.dtype) -> float:
     return {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}.get(dtype, 1e-5)
 
 
+def random_qkv(b: int, h: int, hk: int, sq: int, sk: int, d: int, dtype: torch.dtype,
+               device: str = "cuda"):
+    """Fresh N(0, 1) q (b, sq, h, d), k and v (b, sk, hk, d), seeded from the shape so that a
+    failing case reproduces alone; the generator is left where the next draw (e.g. dO) continues."""
+    torch.manual_seed(sq * 7 + sk + d + h)
+    q = torch.randn(b, sq, h, d, device=device, dtype=dtype)
+    k = torch.randn(b, sk, hk, d, device=device, dtype=dtype)
+    v = torch.randn(b, sk, hk, d, device=device, dtype=dtype)
+    return q, k, v
+
+
 def hopper_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 

@@ -3,10 +3,9 @@ e4m3 wgmma for both GEMMs (PV with P from registers), the e4m3x2 cvt packing P, 
 mbarriers; no local memory; ptxas (when on PATH): no spills, no serialized wgmma."""
 import glob
 import re
-import shutil
-import subprocess
 
 import pytest
+from _compile_check import check_ptx, compile_ptx
 
 from fa3.hopper.flash_fwd_fp8 import build, variants
 
@@ -22,27 +21,12 @@ def _id(cfg):
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=_id)
 def test_compile_fp8_fwd(cfg, tmp_path):
-    compiled = build(cfg, extra_options=f"--keep-ptx --dump-dir {tmp_path}")
-    assert compiled is not None
-    ptx_files = glob.glob(str(tmp_path / "*.ptx"))
-    assert ptx_files, "no PTX kept"
-    ptx = open(ptx_files[0]).read()
+    _, ptx_path, ptx = compile_ptx(build, cfg, tmp_path)
     qk = f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_n}k32.f32.e4m3.e4m3"
     pv = re.compile(rf"wgmma\.mma_async\.sync\.aligned\.m64n{cfg.dv}k32\.f32\.e4m3\.e4m3 \{{[^}}]*\}}, \{{%r")
-    assert qk in ptx, f"{qk} missing"
     assert pv.search(ptx), "PV wgmma with P (A) from registers missing"
-    for needle in ("cvt.rn.satfinite.e4m3x2.f32", "cp.async.bulk.tensor", "setmaxnreg", "mbarrier"):
-        assert needle in ptx, f"{needle} missing from the PTX"
-    assert "ld.local" not in ptx and "st.local" not in ptx
-    ptxas = shutil.which("ptxas")
-    if ptxas:
-        rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx_files[0], "-o", str(tmp_path / "k.cubin")],
-                             capture_output=True, text=True)
-        assert rep.returncode == 0, rep.stderr[-2000:]
-        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", rep.stderr)
-        assert spills and all(int(st) == 0 and int(ld) == 0 for st, ld in spills), rep.stderr[-2000:]
-        assert "C7519" not in rep.stderr, "ptxas serialized wgmmas (register operand defined late)"
-        assert "C7508" not in rep.stderr, "setmaxnreg ignored"
+    check_ptx(ptx_path, ptx, tmp_path, (qk, "cvt.rn.satfinite.e4m3x2.f32", "cp.async.bulk.tensor",
+                                        "setmaxnreg", "mbarrier"))
 
 
 from fa3.hopper import fp8_vt  # noqa: E402

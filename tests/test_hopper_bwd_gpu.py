@@ -12,13 +12,10 @@ import pytest
 import torch
 
 from fa3.reference import attention_ref
-from fa3.testing import assert_fa_close, rounding_atol
+from fa3.testing import assert_fa_close, hopper_available, random_qkv, rounding_atol
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-                       reason="needs a Hopper (sm_90) GPU"),
-]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not hopper_available(), reason="needs a Hopper (sm_90) GPU")]
 
 SEQLENS = [(1, 1), (113, 203), (799, 3), (3, 1100), (1024, 1024), (1000, 1357)]
 BHS = [(2, 4, 4), (1, 6, 2)]  # (batch, heads, kv heads): MHA and GQA
@@ -56,10 +53,7 @@ def run_bwd(q, k, v, do, causal, deterministic=False, window=None, softcap=0.0, 
 
 
 def make(b, h, hk, sq, sk, d, dtype):
-    torch.manual_seed(sq * 7 + sk + d + h)
-    q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
-    k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
-    v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+    q, k, v = random_qkv(b, h, hk, sq, sk, d, dtype)
     do = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
     return q, k, v, do
 

@@ -9,13 +9,10 @@ import pytest
 import torch
 
 from fa3.reference import attention_ref
-from fa3.testing import assert_fa_close, max_err, poison_, rounding_atol
+from fa3.testing import assert_fa_close, hopper_available, max_err, poison_, random_qkv, rounding_atol
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-                       reason="needs a Hopper (sm_90) GPU"),
-]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not hopper_available(), reason="needs a Hopper (sm_90) GPU")]
 
 SEQLENS = [(1, 1), (113, 203), (799, 3), (1024, 1024), (4224, 4224), (3, 1100)]
 BHS = [(2, 4, 4), (1, 6, 2)]  # (batch, heads, kv heads): MHA and GQA
@@ -32,10 +29,7 @@ def run_fwd(q, k, v, causal, **cfg):
 
 
 def check(b, h, hk, sq, sk, d, dtype, causal, **cfg):
-    torch.manual_seed(sq * 7 + sk + d + h)
-    q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
-    k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
-    v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+    q, k, v = random_qkv(b, h, hk, sq, sk, d, dtype)
     out, lse = run_fwd(q, k, v, causal, **cfg)
     out_ref, lse_ref = attention_ref(q, k, v, causal=causal)
     out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)

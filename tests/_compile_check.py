@@ -1,0 +1,35 @@
+"""The check the CPU compile tests share: build a config with the PTX kept, look for the
+instructions the kernel must contain, and (when ptxas is on PATH) assemble it for sm_90a and read
+its report: spills within a limit, no serialized wgmma (C7519), no ignored setmaxnreg (C7508)."""
+import glob
+import re
+import shutil
+import subprocess
+
+
+def compile_ptx(build, cfg, tmp_path):
+    """(compiled, path of the kept PTX, its text)."""
+    compiled = build(cfg, extra_options=f"--keep-ptx --dump-dir {tmp_path}")
+    assert compiled is not None
+    ptx_files = glob.glob(str(tmp_path / "*.ptx"))
+    assert ptx_files, "no PTX kept"
+    return compiled, ptx_files[0], open(ptx_files[0]).read()
+
+
+def check_ptx(ptx_path, ptx, tmp_path, needles=(), spill_limit=0):
+    """Every needle in the PTX, no local memory in it, and ptxas's checks (spills <= spill_limit
+    bytes per kernel, stores and loads)."""
+    for needle in needles:
+        assert needle in ptx, f"{needle} missing from the PTX"
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    ptxas = shutil.which("ptxas")
+    if not ptxas:
+        return
+    rep = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx_path, "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", rep.stderr)
+    assert spills and all(int(st) <= spill_limit and int(ld) <= spill_limit for st, ld in spills), \
+        rep.stderr[-2000:]
+    assert "C7519" not in rep.stderr, "ptxas serialized wgmmas (register operand defined late)"
+    assert "C7508" not in rep.stderr, "setmaxnreg ignored"
