@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 from fa3 import _compile
-from fa3.ampere.flash_fwd_sm80 import _SMEM, ARCHS, DTYPES, HEAD_DIMS, _dtype_name, device_arch
+from fa3.ampere.flash_fwd_sm80 import (_SMEM, ARCHS, DTYPES, HEAD_DIMS, _dtype_name, check_common,  # noqa: F401 (ARCHS re-exported)
+                                       device_arch)
 
 NUM_THREADS = 256
 
@@ -47,14 +48,7 @@ class BwdSm80Config:
     dq_atomics: bool = True  # False only for timing experiments: dQ is left 0
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype}")
-        if self.d not in HEAD_DIMS:
-            raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {self.d}")
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch}")
-        if self.causal and self.local:
-            raise ValueError("causal with a window is local with right = 0 (causal=False)")
+        check_common(self)
         if self.dq_vec not in (1, 4) or (self.dq_vec == 4 and self.arch != "sm_90"):
             raise ValueError(f"dq_vec must be 1, or 4 on sm_90; got {self.dq_vec} on {self.arch}")
         if self.stages not in (1, 2):

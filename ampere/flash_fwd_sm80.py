@@ -35,6 +35,18 @@ _SMEM = {"sm_80": (163 << 10, 164 << 10), "sm_87": (163 << 10, 164 << 10),
 _RESERVED_PER_CTA = 1 << 10
 
 
+def check_common(cfg) -> None:
+    """Checks every sm80 config (forward and backward) shares: dtype, head dim, arch, masks."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {cfg.dtype}")
+    if cfg.d not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {cfg.d}")
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {cfg.arch}")
+    if cfg.causal and cfg.local:
+        raise ValueError("causal with a window is local with right = 0 (causal=False)")
+
+
 @dataclasses.dataclass(frozen=True)
 class FwdSm80Config:
     d: int  # head dim of q, k and v (d == dv)
@@ -48,14 +60,7 @@ class FwdSm80Config:
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype}")
-        if self.d not in HEAD_DIMS:
-            raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {self.d}")
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch}")
-        if self.causal and self.local:
-            raise ValueError("causal with a window is local with right = 0 (causal=False)")
+        check_common(self)
         if self.tile_m % 64 or self.tile_n % 16 or self.stages < 1:
             raise ValueError(f"bad tiling {self.tile_m}x{self.tile_n}, {self.stages} stages")
         if smem_bytes(self.tile_m, self.tile_n, self.d, self.stages) > _SMEM[self.arch][0]:
