@@ -21,7 +21,7 @@ DTYPES = ("bfloat16", "float16")
 # Optional features (by API name) this backward implements, and those whose gradients have passed
 # the GPU tests; an implemented but unverified one is refused unless allow_unverified=True (the GPU
 # tests pass it), so no user gets an untested gradient.
-IMPLEMENTED_FEATURES = frozenset({"window", "softcap"})
+IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink"})
 VERIFIED_FEATURES = frozenset()
 HEAD_DIMS = (64, 128, 256)
 SMEM_LIMIT = 227 * 1024
@@ -168,26 +168,33 @@ def bwd_missing(r) -> str | None:
         return "sliding-window (local) attention backward"
     if r.softcap and "softcap" not in VERIFIED_FEATURES:
         return "softcap backward"
-    if r.has_sink:
+    if r.has_sink and "sink" not in VERIFIED_FEATURES:
         return "learnable sink gradient"
     return None
+
+
+# the API's optional inputs (fa3.ops._features) -> feature names of the tables above
+_FEATURE_NAMES = {"cu_seqlens_q": "varlen", "cu_seqlens_k": "varlen", "max_seqlen_q": "varlen",
+                  "max_seqlen_k": "varlen", "seqused_q": "seqused", "seqused_k": "seqused"}
 
 
 def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deterministic: bool = False,
               *, cfg_overrides: dict | None = None, allow_unverified: bool = False, **features):
     """Gradients (dq, dk, dv) of attention. q/out/dout (b, sq, h, d), k/v (b, sk, hk, d),
     lse (b, h, sq) natural-log fp32 from the forward. cfg_overrides: BwdConfig fields (tests,
-    tuning); features: the API's optional inputs (window (left, right), -1 unbounded; softcap)."""
+    tuning); features: the API's optional inputs (window (left, right), -1 unbounded; softcap;
+    sink (h,) logits: then a 4th gradient, d sink (h,) fp32, is returned)."""
     import torch
 
     from fa3.hopper.bwd_preprocess import PreprocessConfig, compile_preprocess
 
     from fa3.hopper.flash_fwd import _window
 
-    missing = sorted(set(features) - IMPLEMENTED_FEATURES)
+    names = {_FEATURE_NAMES.get(f, f) for f in features}
+    missing = sorted(names - IMPLEMENTED_FEATURES)
     if missing:
         raise NotImplementedError(f"fa3: sm90 backward does not support {missing} yet")
-    unverified = sorted(set(features) - VERIFIED_FEATURES)
+    unverified = sorted(names - VERIFIED_FEATURES)
     if unverified and not allow_unverified:
         raise NotImplementedError(f"fa3: sm90 backward of {unverified} is not GPU-verified yet")
     causal, local, left, right = _window(causal, features.get("window"))
@@ -207,9 +214,11 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     softcap = float(features.get("softcap", 0.0))
     cfg = default_config(d, dv, q.dtype, causal, deterministic, gqa, local=local,
                          softcap=softcap > 0, **(cfg_overrides or {}))
+    sink = features.get("sink")
     dq = torch.empty_like(q)
     if b == 0 or h == 0 or sq == 0 or sk == 0:
-        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+        grads = dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+        return grads if sink is None else (*grads, torch.zeros_like(sink, dtype=torch.float32))
     tm = cfg.tile_m
     nm = -(-sq // tm)
     # LSE (log2) and D padded to whole query tiles: the kernel bulk-loads tile_m values per
@@ -231,7 +240,20 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     _compile.get_kernel(post_config(cfg), build)(dqacc, dq, float(softmax_scale))
     if gqa:
         g = h // hk
-        dk = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
-        dv_ = dv_part.view(b, sk, hk, g, dv).sum(3).to(q.dtype)
-        return dq, dk, dv_
-    return dq, dk_part, dv_part
+        dk_part = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
+        dv_part = dv_part.view(b, sk, hk, g, dv).sum(3).to(q.dtype)
+    if sink is None:
+        return dq, dk_part, dv_part
+    return dq, dk_part, dv_part, sink_grad(sink, lse2, dsum)
+
+
+def sink_grad(sink, lse2, dsum):
+    """d loss / d sink[h] = -sum over rows of exp(sink[h] - lse) * D: the sink's probability in
+    each row's softmax times D = rowsum(dO * O) (the forward's LSE already includes the sink, so
+    P and the other gradients are unchanged). lse2 / dsum: the kernel's (n, h, rows) buffers, log2
+    LSE and D; padding rows have lse2 = +inf and D = 0, fully masked rows O = 0 so D = 0: they
+    add 0 (never NaN: exp2 of -inf or of a finite number)."""
+    import torch
+
+    s2 = sink.float().view(1, -1, 1) * math.log2(math.e)
+    return -(torch.exp2(s2 - lse2) * dsum).sum((0, 2))

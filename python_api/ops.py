@@ -104,19 +104,25 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
         max_seqlen_q: int, max_seqlen_k: int,
         softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-        sink: Optional[Tensor], deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        sink: Optional[Tensor], deterministic: bool, backend: str
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dsink): dsink is the sink's fp32 (h,) gradient, or an empty tensor."""
     be = _dispatch.resolve_backend(q.device, backend)
-    return _dispatch.run_bwd(be, dout, q, k, v, out, lse, softmax_scale, causal, deterministic,
-                             **_features(causal, window_left, window_right, softcap, cu_seqlens_q,
-                                         cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
-                                         max_seqlen_k, sink))
+    grads = _dispatch.run_bwd(be, dout, q, k, v, out, lse, softmax_scale, causal, deterministic,
+                              **_features(causal, window_left, window_right, softcap, cu_seqlens_q,
+                                          cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+                                          max_seqlen_k, sink))
+    if len(grads) == 3:  # no sink: a family returns its gradient only when given one
+        grads = (*grads, q.new_zeros(0, dtype=torch.float32))
+    return tuple(grads)
 
 
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
               max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
               softcap, sink, deterministic, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dsink = q.new_empty(sink.shape if sink is not None else (0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsink
 
 
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k",
@@ -143,10 +149,13 @@ def _backward(ctx, dout, dlse):
         raise NotImplementedError("fa3: fp8 attention has no backward yet; call it under torch.no_grad()")
     q, k, v, out, lse, cu_q, cu_k, su_q, su_k, sink = ctx.saved_tensors
     a = ctx.args
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_q, cu_k, su_q, su_k, a["max_seqlen_q"],
-                     a["max_seqlen_k"], a["softmax_scale"], a["causal"], a["window_left"],
-                     a["window_right"], a["softcap"], sink, a["deterministic"], a["backend"])
-    return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
+    dq, dk, dv, dsink = bwd(dout, q, k, v, out, lse, cu_q, cu_k, su_q, su_k, a["max_seqlen_q"],
+                            a["max_seqlen_k"], a["softmax_scale"], a["causal"], a["window_left"],
+                            a["window_right"], a["softcap"], sink, a["deterministic"], a["backend"])
+    grads = [dq, dk, dv] + [None] * (len(_FWD_ARGS) - 3)
+    if sink is not None:
+        grads[_FWD_ARGS.index("sink")] = dsink.to(sink.dtype)
+    return tuple(grads)
 
 
 torch.library.register_autograd("fa3::fwd", _backward, setup_context=_setup_context)
