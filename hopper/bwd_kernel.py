@@ -86,6 +86,13 @@ def red_release_add(ptr: cute.Pointer, val: int, *, loc=None, ip=None):
         is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
 
 
+def n_split(cfg, gemm: str) -> int:
+    """Head-dim columns per warpgroup of the dK/dV ("dkv") or dQ ("dq") GEMM."""
+    if gemm == "dkv":
+        return cfg.d if cfg.swap else cfg.d // 2
+    return cfg.d // (2 // (cfg.tile_m // 64))
+
+
 def tiled_mmas(dtype, cfg):
     """(SdP, dK/dV, dQ) tiled MMAs, shared with the postprocess kernel (dQ's register order)."""
     tm, tn, d, dv = cfg.tile_m, cfg.tile_n, cfg.d, cfg.dv
@@ -96,10 +103,10 @@ def tiled_mmas(dtype, cfg):
                                      warpgroup.OperandSource.RMEM)
     else:  # S (tile_m x tile_n) split by key columns; dK/dV split by head-dim columns
         sdp = make_trivial_tiled_mma(dtype, dtype, MK, MK, Float32, (1, 2, 1), (64, tn // 2))
-        dkv = make_trivial_tiled_mma(dtype, dtype, MN, MN, Float32, (1, 2, 1), (64, d // 2))
+        dkv = make_trivial_tiled_mma(dtype, dtype, MN, MN, Float32, (1, 2, 1), (64, n_split(cfg, "dkv")))
     wg_m = tm // 64  # dQ (tile_m x d): split by rows when there are two 64-row halves
     dq = make_trivial_tiled_mma(dtype, dtype, MN if cfg.swap else MK, MN, Float32,
-                                (wg_m, 2 // wg_m, 1), (64, d // (2 // wg_m)))
+                                (wg_m, 2 // wg_m, 1), (64, n_split(cfg, "dq")))
     return sdp, dkv, dq
 
 
@@ -135,9 +142,13 @@ class FlashBwdSm90:
             for t in (mQ, mK, mV, mdO, mdK, mdV)]
         sdp, dkv, dq = tiled_mmas(dtype, self.cfg)
         tm, tn, d, st = self.tile_m, self.tile_n, self.d, self.stages
-        sQ_layout = smem_layout(dtype, tm, d, st)
-        sdO_layout = smem_layout(dtype, tm, d, st)
-        sK_layout = smem_layout(dtype, tn, d)
+        # Q, dO (dK/dV B operands) and K (dQ's) are also read as MN-major operands in head-dim
+        # slices of the GEMMs' N split: their swizzle atoms must divide it (hd96: dQ's N is 48,
+        # hd192: every N is 96); at hd 64/128/256 this is the widest swizzle, as before
+        sw_qdo, sw_k = math.gcd(d, n_split(self.cfg, "dkv")), math.gcd(d, n_split(self.cfg, "dq"))
+        sQ_layout = smem_layout(dtype, tm, d, st, sw_qdo)
+        sdO_layout = smem_layout(dtype, tm, d, st, sw_qdo)
+        sK_layout = smem_layout(dtype, tn, d, swizzle_cols=sw_k)
         sV_layout = smem_layout(dtype, tn, d)
         # P / dS tiles in the SdP accumulator's orientation (S^T: keys x queries when swapped)
         pds_shape = (tn, tm) if const_expr(self.swap) else (tm, tn)

@@ -21,9 +21,10 @@ DTYPES = ("bfloat16", "float16")
 # Optional features (by API name) this backward implements, and those whose gradients have passed
 # the GPU tests; an implemented but unverified one is refused unless allow_unverified=True (the GPU
 # tests pass it), so no user gets an untested gradient.
-IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink"})
+# Head dims 96 and 192 count as features "hd96" / "hd192" here until GPU-verified.
+IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink", "hd96", "hd192"})
 VERIFIED_FEATURES = frozenset()
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (64, 96, 128, 192, 256)
 SMEM_LIMIT = 227 * 1024
 
 
@@ -68,8 +69,11 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     dtype = _dtype_name(dtype)
     if d <= 64:
         tile = dict(tile_m=128, tile_n=128, stages=2, swap=True)
-    elif d <= 128:
+    elif d <= 128:  # hd96 too (FA3's bwd tile for it is 64 x 128 as well)
         tile = dict(tile_m=64, tile_n=128, stages=2, swap=True)
+    elif d <= 192:  # as hd256 (dK/dV's M is 64 keys a warpgroup: 128 would not fit in
+        # registers), but two Q/dO stages fit in smem (210 KB)
+        tile = dict(tile_m=64, tile_n=64, stages=2, swap=False)
     else:  # 64 x 64 tiles, one stage: dK + dV + dQ accumulators fill the registers
         tile = dict(tile_m=64, tile_n=64, stages=1, swap=False)
     if d <= 64 and overrides.get("softcap"):
@@ -89,7 +93,7 @@ def post_config(cfg: BwdConfig) -> PostConfig:
 def variants() -> Iterator:
     """Every shipped config (for compile tests and `fa3 cache warm`)."""
     posts = set()
-    for d in HEAD_DIMS:
+    for d in (64, 128, 256):
         for dtype in DTYPES:
             for causal in (False, True):
                 for det in (False, True):
@@ -97,8 +101,13 @@ def variants() -> Iterator:
                         cfg = default_config(d, d, dtype, causal, det, gqa)
                         yield cfg
                         posts.add(post_config(cfg))
+    for d in (96, 192):  # the same code at other tiles / swizzles: two corners each
+        for cfg in (default_config(d, d, "bfloat16", False),
+                    default_config(d, d, "float16", True, True, True)):
+            yield cfg
+            posts.add(post_config(cfg))
     yield default_config(128, 128, "bfloat16", True, True, False, spt=True)
-    for d in HEAD_DIMS:  # sliding window (not yet GPU-verified: see VERIFIED_FEATURES)
+    for d in (64, 128, 256):  # sliding window (not yet GPU-verified: see VERIFIED_FEATURES)
         yield default_config(d, d, "bfloat16", False, False, False, local=True)
         yield default_config(d, d, "float16", False, True, True, local=True)
         yield default_config(d, d, "bfloat16", True, False, False, softcap=True)
@@ -162,6 +171,8 @@ def bwd_missing(r) -> str | None:
         return f"backward for head dim q/k {r.d} != v {r.dv}"
     if r.d not in HEAD_DIMS:
         return f"backward for head dim {r.d} (sm90 supports {', '.join(map(str, HEAD_DIMS))} today)"
+    if f"hd{r.d}" in IMPLEMENTED_FEATURES - VERIFIED_FEATURES:
+        return f"backward for head dim {r.d} (built, not yet GPU-verified)"
     if r.varlen or r.has_seqused:
         return "varlen / seqused backward"
     if r.window != (-1, -1) and not (r.causal and r.window[0] == -1) and "window" not in VERIFIED_FEATURES:
@@ -191,6 +202,8 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     from fa3.hopper.flash_fwd import _window
 
     names = {_FEATURE_NAMES.get(f, f) for f in features}
+    if f"hd{q.shape[-1]}" in IMPLEMENTED_FEATURES:
+        names.add(f"hd{q.shape[-1]}")
     missing = sorted(names - IMPLEMENTED_FEATURES)
     if missing:
         raise NotImplementedError(f"fa3: sm90 backward does not support {missing} yet")

@@ -12,10 +12,12 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.tensor_utils import LayoutEnum
 
 
-def smem_layout(dtype, rows: int, cols: int, stages: int | None = None):
-    """Row-major (cols contiguous) tile with the widest wgmma swizzle, optionally staged."""
+def smem_layout(dtype, rows: int, cols: int, stages: int | None = None, swizzle_cols: int | None = None):
+    """Row-major (cols contiguous) tile with the widest wgmma swizzle, optionally staged.
+    swizzle_cols: pick the widest swizzle whose atom divides it instead (a tile read as an MN-major
+    operand in column slices of that width: a slice must hold whole swizzle atoms)."""
     atom = warpgroup.make_smem_layout_atom(
-        sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, cols), dtype)
+        sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, swizzle_cols or cols), dtype)
     if stages is None:
         return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
     return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
