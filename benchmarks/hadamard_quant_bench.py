@@ -5,8 +5,9 @@
 
 Bytes moved: the kernel reads x (2 B/elem) and writes fp8 (1 B/elem) + the scales; the copy reads and
 writes x (4 B/elem). Times are the median of CUDA-event-timed runs with the L2 flushed before each;
-a short GPU sleep after the flush makes sure the host has queued the call before the start event
-fires, so Python/launch overhead never counts. ``--before`` loads another version of the kernel
+a GPU sleep after the flush (~0.5 ms: longer than a call's host cost, which reached ~80 us on an
+H100 host, where a 50 us sleep let host time leak into the timing) makes sure the host has queued
+the call before the start event fires, so Python/launch overhead never counts. ``--before`` loads another version of the kernel
 module from a file (e.g. ``git show REV:hopper/hadamard_quant.py``) and times it in the same run.
 """
 import argparse
@@ -27,7 +28,7 @@ def do_bench(fn, reps=50, warmup=10):
     times = []
     for _ in range(reps):
         flush.zero_()
-        torch.cuda._sleep(100_000)  # ~50 us: the host queues fn() before the start event fires
+        torch.cuda._sleep(1_000_000)  # ~0.5 ms: the host queues fn() before the start event fires
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()

@@ -207,6 +207,37 @@ def _window(causal: bool, window) -> tuple[bool, bool, int, int]:
     return False, True, left if left >= 0 else UNBOUNDED, right if right >= 0 else UNBOUNDED
 
 
+_PLANS: dict = {}
+_PLANS_MAX = 1024
+
+
+def _plan(q, k, v, out, lse, causal, window, softcap, sink, varlen, seqused_q, seqused_k,
+          max_seqlen_q, max_seqlen_k, config_overrides):
+    """(compiled kernel, grid, local, left, right) for one call signature, after its checks."""
+    b, sq, h, d = q.shape
+    _, sk, hk, dv = v.shape
+    assert k.shape == (b, sk, hk, d) and out.shape == (b, sq, h, dv) and lse.shape == (b, h, sq)
+    assert h % hk == 0 and q.dtype == k.dtype == v.dtype == out.dtype
+    for t in (q, k, v, out):  # TMA: 16-byte strides
+        assert t.stride(-1) == 1
+        assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+    assert lse.stride(-1) == 1 and str(lse.dtype) == "torch.float32"
+    causal, local, left, right = _window(causal, window)
+    features = dict(local=local, softcap=softcap > 0, sink=sink is not None, varlen=varlen,
+                    seqused_q=seqused_q is not None, seqused_k=seqused_k is not None)
+    cfg = default_config(d, dv, q.dtype, causal,
+                         seqlen_q=max_seqlen_q if varlen else sq,
+                         seqlen_k=max_seqlen_k if varlen else sk,
+                         features=features, qhead_per_kvhead=h // hk, **(config_overrides or {}))
+    fn = _compile.get_kernel(cfg, build)
+    if varlen:
+        grid = _num_sms(q.device)  # the tile count is known only on the device
+    else:
+        tiles = num_tiles(sq * cfg.pack_gqa, cfg.tile_m, h // cfg.pack_gqa, b)
+        grid = grid_size(tiles, _num_sms(q.device), cfg.persistent)
+    return fn, grid, local, left, right
+
+
 def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, *, window=None,
               softcap: float = 0.0, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
               seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, sink=None,
@@ -221,38 +252,36 @@ def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, *, window=N
     if varlen:
         assert q.dim() == 3 and lse.shape == (q.shape[1], q.shape[0])
         q, k, v, out, lse = (t.unsqueeze(0) for t in (q, k, v, out, lse))
-    b, sq, h, d = q.shape
-    _, sk, hk, dv = v.shape
-    assert k.shape == (b, sk, hk, d) and out.shape == (b, sq, h, dv) and lse.shape == (b, h, sq)
-    assert h % hk == 0 and q.dtype == k.dtype == v.dtype == out.dtype
-    for t in (q, k, v, out):  # TMA: 16-byte aligned base and strides
-        assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-        assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-    assert lse.stride(-1) == 1 and str(lse.dtype) == "torch.float32"
-    causal, local, left, right = _window(causal, window)
-    features = dict(local=local, softcap=softcap > 0, sink=sink is not None, varlen=varlen,
-                    seqused_q=seqused_q is not None, seqused_k=seqused_k is not None)
-    cfg = default_config(d, dv, q.dtype, causal,
-                         seqlen_q=max_seqlen_q if varlen else sq,
-                         seqlen_k=max_seqlen_k if varlen else sk,
-                         features=features, qhead_per_kvhead=h // hk, **(config_overrides or {}))
-    fn = _compile.get_kernel(cfg, build)
+    for t in (q, k, v, out):  # TMA: 16-byte aligned bases (the strides are part of the plan's key)
+        assert t.data_ptr() % 16 == 0, "q, k, v and out must be 16-byte aligned"
+    # Everything below the launch depends only on this signature: checks, the tile heuristic,
+    # the compiled kernel and the grid are looked up once per signature (a decode loop repeats
+    # a few; the dict is cleared past _PLANS_MAX), which keeps eager calls' host cost low.
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), out.stride(), lse.shape,
+           lse.stride(), q.dtype, out.dtype, lse.dtype, causal, window and tuple(window),
+           softcap > 0, sink is None, varlen, seqused_q is None, seqused_k is None,
+           max_seqlen_q if varlen else None, max_seqlen_k if varlen else None, q.device,
+           tuple(sorted(config_overrides.items())) if config_overrides else None)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(q, k, v, out, lse, causal, window, softcap, sink, varlen, seqused_q, seqused_k,
+                     max_seqlen_q, max_seqlen_k, config_overrides)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    fn, grid, local, left, right = plan
     if sink is not None:
         sink = sink.float().contiguous()
+    b, sq, h, _ = q.shape
     if b == 0 or sq == 0 or h == 0:
         return
-    if sk == 0:  # no keys: every row is empty
+    if k.shape[1] == 0:  # no keys: every row is empty
         out.zero_()
         if sink is not None:
             lse.copy_(sink.view(1, h, 1).expand(b, h, sq))
         else:
             lse.fill_(-math.inf)
         return
-    if varlen:
-        grid = _num_sms(q.device)  # the tile count is known only on the device
-    else:
-        tiles = num_tiles(sq * cfg.pack_gqa, cfg.tile_m, h // cfg.pack_gqa, b)
-        grid = grid_size(tiles, _num_sms(q.device), cfg.persistent)
     scale, softcap_pre = float(softmax_scale), None
     if softcap > 0:  # tanh(S * scale / cap), then the softmax runs with scale cap
         scale, softcap_pre = float(softcap), float(softmax_scale) / float(softcap)
