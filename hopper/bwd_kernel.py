@@ -23,8 +23,14 @@ per (batch, head, m) counts them), so the fp32 sums run in one order on every ru
 before it and is ahead in m, instead of on block 0, which reaches m last.
 dK (times softmax_scale) and dV are stored from registers once per CTA; with GQA they are per
 query head fp32 partials that the caller sums over the group.
+Varlen / seqused (compile-time switches; the plain kernels' code is unchanged): a CTA finds its
+sequence's rows from cu_seqlens (domain offsets on the packed tensors) and valid lengths from
+seqused, and exits when its KV block starts past the sequence's keys. Rows past a sequence's end
+in a loaded Q tile have LSE2 = +inf (P = 0, so dS = 0 and the dQ tile's extra rows add 0), and
+LSE2 / D / dQaccum rows are padded per sequence to whole tiles.
 """
 import math
+from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -133,7 +139,11 @@ class FlashBwdSm90:
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
                  mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
                  mdV: cute.Tensor, mSem: cute.Tensor, softmax_scale: Float32, window_left: Int32,
-                 window_right: Int32, softcap: Float32, stream):
+                 window_right: Int32, softcap: Float32, mCuSeqlensQ: Optional[cute.Tensor],
+                 mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
+                 mSeqUsedK: Optional[cute.Tensor], max_seqlen_k: Optional[Int32], stream):
+        """Varlen: q/k/v/dO/dK/dV come as (1, total, h, d), LSE2/D/dQaccum/semaphores in the
+        per-sequence padded row layout (see kernel); unused optional inputs are None."""
         dtype = mQ.element_type
         self.dtype = dtype
         # (b, s, h, d) -> (s, d, h, b): TMA/tile modes first
@@ -181,10 +191,15 @@ class FlashBwdSm90:
 
         self.shared_storage = SharedStorage
         num_n_blocks = (mK.shape[0] + (tn - 1)) // tn
+        num_batch = mQ.shape[3]
+        if const_expr(self.cfg.varlen):  # (KV blocks of the longest sequence, head, sequence)
+            num_n_blocks = (max_seqlen_k + (tn - 1)) // tn
+            num_batch = mCuSeqlensQ.shape[0] - 1
         self.kernel(tQ, tK, tV, tdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, tma_Q, tma_K, tma_V, tma_dO,
                     sdp, dkv, dq, sQ_layout, sdO_layout, sK_layout, sV_layout, sPdS_layout,
-                    softmax_scale, window_left, window_right, softcap).launch(
-            grid=[num_n_blocks, mQ.shape[2], mQ.shape[3]], block=[384, 1, 1], stream=stream,
+                    softmax_scale, window_left, window_right, softcap, mCuSeqlensQ, mCuSeqlensK,
+                    mSeqUsedQ, mSeqUsedK).launch(
+            grid=[num_n_blocks, mQ.shape[2], num_batch], block=[384, 1, 1], stream=stream,
             min_blocks_per_mp=1)
 
     @cute.kernel
@@ -195,7 +210,9 @@ class FlashBwdSm90:
                dq: cute.TiledMma, sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout,
                sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
                sPdS_layout: cute.ComposedLayout, softmax_scale: Float32, window_left: Int32,
-               window_right: Int32, softcap: Float32):
+               window_right: Int32, softcap: Float32, mCuSeqlensQ: Optional[cute.Tensor],
+               mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
+               mSeqUsedK: Optional[cute.Tensor]):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
         if warp_idx == 0:
@@ -232,6 +249,26 @@ class FlashBwdSm90:
         if const_expr(self.cfg.spt):
             n_block = cute.arch.grid_dim()[0] - 1 - n_block
         seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
+        bidx = batch  # batch index into the tensors (varlen: 0, the sequence is a row offset)
+        if const_expr(self.cfg.varlen):
+            # this sequence's rows of the packed tensors: q/dO/K/V/dK/dV from cu_seqlens; LSE2, D,
+            # dQaccum and the semaphores from its padded offset, (cu_q[b] + b * tile_m) rounded
+            # down to whole tiles: each sequence owns ceil(len / tile_m) tiles there, so its
+            # tile-sized loads and dQ reduce-adds never touch another sequence's rows
+            offset_q, offset_k = mCuSeqlensQ[batch], mCuSeqlensK[batch]
+            seqlen_q = mCuSeqlensQ[batch + 1] - offset_q
+            seqlen_k = mCuSeqlensK[batch + 1] - offset_k
+            pad = (offset_q + batch * self.tile_m) // self.tile_m
+            mQ, mdO = [cute.domain_offset((offset_q, 0, 0, 0), t) for t in (mQ, mdO)]
+            mK, mV, mdK, mdV = [cute.domain_offset((offset_k, 0, 0, 0), t) for t in (mK, mV, mdK, mdV)]
+            mLSE2, mD = [cute.domain_offset((0, 0, pad * self.tile_m), t) for t in (mLSE2, mD)]
+            mdQacc = cute.domain_offset((0, 0, pad * self.tile_m * self.d), mdQacc)
+            mSem = cute.domain_offset((0, 0, pad), mSem)
+            bidx = 0
+        if const_expr(self.cfg.seqused_q):  # rows past it: LSE2 = +inf (P = 0), dQ = 0
+            seqlen_q = cutlass.min(mSeqUsedQ[batch], seqlen_q)
+        if const_expr(self.cfg.seqused_k):
+            seqlen_k = cutlass.min(mSeqUsedK[batch], seqlen_k)
         if const_expr(self.cfg.local):
             m_min, m_max = mask_mod.m_block_range_local_bwd(seqlen_q, seqlen_k, n_block, self.tile_m,
                                                             self.tile_n, window_left, window_right)
@@ -239,7 +276,21 @@ class FlashBwdSm90:
             m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m, self.tile_n,
                                              self.causal)
             m_max = (seqlen_q + (self.tile_m - 1)) // self.tile_m
+        roles = (mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP, sdS, sLSE,
+                 sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
+                 softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
+                 bidx, m_min, m_max, seqlen_q, seqlen_k)
+        if const_expr(self.cfg.varlen or self.cfg.seqused_k):
+            if n_block * self.tile_n < seqlen_k:  # blocks past this sequence's keys: no work
+                self.roles(*roles)
+        else:
+            self.roles(*roles)
 
+    @cute.jit
+    def roles(self, mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP, sdS,
+              sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
+              softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
+              batch, m_min, m_max, seqlen_q, seqlen_k):
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[0])
             if warp_idx == 0:

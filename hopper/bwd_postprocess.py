@@ -4,10 +4,15 @@ input dtype, times softmax_scale.
 One CTA of 256 threads per (m block, head, batch): thread t reads exactly the 16-byte vectors that
 consumer thread t of the main kernel added (dq_copy), and the dQ tiled MMA tells it which (row,
 column) each value is; rows past seqlen_q are skipped.
+Varlen: one CTA per (m block of the longest sequence, head, sequence); dQaccum is in the main
+kernel's per-sequence padded row layout, dQ packed (1, total_q, h, d); CTAs past a sequence's end
+exit. Rows past seqused_q have dQaccum = 0, so they get dQ = 0.
 """
+from typing import Optional
+
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32
+from cutlass import Float32, Int32, const_expr
 
 from fa3.hopper.bwd_kernel import dq_copy, tiled_mmas
 from fa3.hopper.wgmma_utils import acc_to_mn
@@ -19,18 +24,38 @@ class BwdPostprocess:
         self.tile_m, self.d = cfg.tile_m, cfg.d
 
     @cute.jit
-    def __call__(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, softmax_scale: Float32, stream):
+    def __call__(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, softmax_scale: Float32,
+                 mCuSeqlensQ: Optional[cute.Tensor], max_seqlen_q: Optional[Int32], stream):
         dtype = mdQ.element_type
         mdQ = cute.make_tensor(mdQ.iterator, cute.select(mdQ.layout, mode=[1, 3, 2, 0]))  # (s,d,h,b)
         _, _, dq = tiled_mmas(dtype, self.cfg)
         num_m_blocks = (mdQ.shape[0] + (self.tile_m - 1)) // self.tile_m
-        self.kernel(mdQacc, mdQ, dq, softmax_scale).launch(
-            grid=[num_m_blocks, mdQ.shape[2], mdQ.shape[3]], block=[256, 1, 1], stream=stream)
+        num_batch = mdQ.shape[3]
+        if const_expr(self.cfg.varlen):
+            num_m_blocks = (max_seqlen_q + (self.tile_m - 1)) // self.tile_m
+            num_batch = mCuSeqlensQ.shape[0] - 1
+        self.kernel(mdQacc, mdQ, dq, softmax_scale, mCuSeqlensQ).launch(
+            grid=[num_m_blocks, mdQ.shape[2], num_batch], block=[256, 1, 1], stream=stream)
 
     @cute.kernel
-    def kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, dq: cute.TiledMma, softmax_scale: Float32):
+    def kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, dq: cute.TiledMma, softmax_scale: Float32,
+               mCuSeqlensQ: Optional[cute.Tensor]):
         tidx, _, _ = cute.arch.thread_idx()
         m, head, batch = cute.arch.block_idx()
+        if const_expr(self.cfg.varlen):  # the main kernel's layout (FlashBwdSm90.kernel)
+            offset = mCuSeqlensQ[batch]
+            seqlen = mCuSeqlensQ[batch + 1] - offset
+            if m * self.tile_m < seqlen:
+                pad = (offset + batch * self.tile_m) // self.tile_m
+                self.tile(cute.domain_offset((0, 0, pad * self.tile_m * self.d), mdQacc),
+                          cute.domain_offset((offset, 0, 0, 0), mdQ), dq, softmax_scale, tidx, m,
+                          head, 0, seqlen)
+        else:
+            self.tile(mdQacc, mdQ, dq, softmax_scale, tidx, m, head, batch, None)
+
+    @cute.jit
+    def tile(self, mdQacc, mdQ, dq, softmax_scale, tidx, m, head, batch, seqlen):
+        """One dQ tile; rows at or past seqlen (None: all of mdQ's rows) are skipped."""
         tm, d = self.tile_m, self.d
         chunk = tm * d // 2
         gacc = cute.make_tensor(mdQacc[batch, head, None].iterator + m * tm * d,
@@ -46,6 +71,6 @@ class BwdPostprocess:
         tg_mn = acc_to_mn(thr.partition_C(gdQ))
         r_mn = acc_to_mn(r)
         for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
-            if m * tm + tc_mn[i, 0][0] < mdQ.shape[0]:
+            if m * tm + tc_mn[i, 0][0] < (seqlen if const_expr(seqlen is not None) else mdQ.shape[0]):
                 for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
                     tg_mn[i, j] = r_mn[i, j]

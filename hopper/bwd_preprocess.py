@@ -7,10 +7,15 @@ the backward's exp2 gives P = 0 for it instead of inf.
 Memory-bound: each row of O/dO is read once with 16-byte vector loads by a group of dv/8 lanes,
 reduced with warp shuffles, and two floats per row are written. Plain SIMT code, so the same
 kernel serves sm80 and sm90.
+
+Varlen (packed (1, total, h, dv) O/dO, LSE (1, h, total)): one CTA column per sequence, and D /
+LSE2 written at the sm90 backward's per-sequence padded offsets (pad_tile = its tile_m; see
+bwd_kernel.py). seqused: rows past it are not written (the caller fills LSE2 = +inf, D = 0).
 """
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 
@@ -24,12 +29,17 @@ VEC = 8  # 16 bytes of fp16/bf16 per lane
 class PreprocessConfig:
     dtype: str  # "bf16" | "fp16"
     head_dim_v: int
+    varlen: bool = False
+    seqused: bool = False
+    pad_tile: int = 0  # varlen: the main kernel's tile_m (padded output rows)
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "fp16"):
             raise ValueError(f"dtype must be bf16 or fp16, got {self.dtype}")
         if self.head_dim_v % VEC or not 0 < self.head_dim_v <= 256:
             raise ValueError(f"head_dim_v must be a multiple of {VEC} in 8..256, got {self.head_dim_v}")
+        if self.varlen != (self.pad_tile > 0):
+            raise ValueError("varlen needs pad_tile (the main kernel's tile_m), and only it")
 
     @property
     def lanes(self) -> int:
@@ -54,19 +64,32 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
     dv, lanes, rows = cfg.head_dim_v, cfg.lanes, cfg.rows_per_cta
     log2e = math.log2(math.e)
 
+    varlen, seqused, pad_tile = cfg.varlen, cfg.seqused, cfg.pad_tile
+
     @cute.kernel
     def kernel(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,
-               mLSE2: cute.Tensor):
+               mLSE2: cute.Tensor, mCu: Optional[cute.Tensor], mUsed: Optional[cute.Tensor]):
         tidx, _, _ = cute.arch.thread_idx()
         m_blk, hi, bi = cute.arch.block_idx()
         lane = tidx % lanes
         row = m_blk * rows + tidx // lanes
         seqlen = mO.shape[1]
+        bidx = bi  # batch index into the tensors (varlen: 0, the sequence is a row offset)
+        if cutlass.const_expr(varlen):
+            off = mCu[bi]
+            seqlen = mCu[bi + 1] - off
+            pad = (off + bi * pad_tile) // pad_tile * pad_tile
+            mO, mdO = [cute.domain_offset((0, off, 0, 0), t) for t in (mO, mdO)]
+            mLSE = cute.domain_offset((0, 0, off), mLSE)
+            mD, mLSE2 = [cute.domain_offset((0, 0, pad), t) for t in (mD, mLSE2)]
+            bidx = 0
+        if cutlass.const_expr(seqused):
+            seqlen = cutlass.min(mUsed[bi], seqlen)
         acc = cutlass.Float32(0.0)
         if row < seqlen:
             if lane * VEC < dv:
-                gO = cute.local_tile(mO[bi, row, hi, None], (VEC,), (lane,))
-                gdO = cute.local_tile(mdO[bi, row, hi, None], (VEC,), (lane,))
+                gO = cute.local_tile(mO[bidx, row, hi, None], (VEC,), (lane,))
+                gdO = cute.local_tile(mdO[bidx, row, hi, None], (VEC,), (lane,))
                 rO = cute.make_fragment_like(gO)
                 rdO = cute.make_fragment_like(gdO)
                 cute.autovec_copy(gO, rO)
@@ -76,16 +99,24 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
         acc = cute.arch.warp_reduction(acc, lambda a, b: a + b, threads_in_group=lanes)
         if row < seqlen:
             if lane == 0:
-                mD[bi, hi, row] = acc
-                lse = mLSE[bi, hi, row]
-                mLSE2[bi, hi, row] = lse * log2e if lse != -cutlass.Float32.inf else cutlass.Float32.inf
+                mD[bidx, hi, row] = acc
+                lse = mLSE[bidx, hi, row]
+                mLSE2[bidx, hi, row] = lse * log2e if lse != -cutlass.Float32.inf else cutlass.Float32.inf
+
+    @cute.jit
+    def launch_seqs(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,
+                    mLSE2: cute.Tensor, mCu: Optional[cute.Tensor], mUsed: Optional[cute.Tensor],
+                    max_seqlen: Optional[cutlass.Int32], stream):
+        b, s, h = mO.shape[0], mO.shape[1], mO.shape[2]
+        if cutlass.const_expr(varlen):
+            b, s = mCu.shape[0] - 1, max_seqlen
+        kernel(mO, mdO, mLSE, mD, mLSE2, mCu, mUsed).launch(
+            grid=[(s + rows - 1) // rows, h, b], block=[THREADS, 1, 1], stream=stream)
 
     @cute.jit
     def launch(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,
-               mLSE2: cute.Tensor, stream):
-        b, s, h = mO.shape[0], mO.shape[1], mO.shape[2]
-        kernel(mO, mdO, mLSE, mD, mLSE2).launch(
-            grid=[(s + rows - 1) // rows, h, b], block=[THREADS, 1, 1], stream=stream)
+               mLSE2: cute.Tensor, stream):  # the plain signature (sm80 backward, tests)
+        launch_seqs(mO, mdO, mLSE, mD, mLSE2, None, None, None, stream)
 
     def bshd():  # (b, s, h, dv), last dim contiguous, other strides free but 16-byte aligned
         st = (cute.sym_int64(divisibility=VEC), cute.sym_int64(divisibility=VEC),
@@ -97,8 +128,15 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
         return make_fake_tensor(cutlass.Float32, (cute.sym_int(), cute.sym_int(), cute.sym_int()),
                                 stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
 
-    return cute.compile(launch, bshd(), bshd(), bhs(), bhs(), bhs(),
-                        make_fake_stream(use_tvm_ffi_env_stream=True),
+    def vec():
+        return make_fake_tensor(cutlass.Int32, (cute.sym_int(),), stride=(1,), assumed_align=4)
+
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    if not (varlen or seqused):
+        return cute.compile(launch, bshd(), bshd(), bhs(), bhs(), bhs(), stream,
+                            options=_compile.compile_options(extra=extra_options))
+    return cute.compile(launch_seqs, bshd(), bshd(), bhs(), bhs(), bhs(), vec() if varlen else None,
+                        vec() if seqused else None, cutlass.Int32(1) if varlen else None, stream,
                         options=_compile.compile_options(extra=extra_options))
 
 

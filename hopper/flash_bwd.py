@@ -8,6 +8,11 @@ batch, seqlen and head count.
 GQA/MQA: each CTA works for one query head, so dK/dV are written per query head in fp32 and
 summed over the group here (one torch reduction; deterministic; simplest correct form: no
 cross-CTA accumulation to order). MHA writes dK/dV in the input dtype directly.
+
+Varlen (cu_seqlens, packed rows) and seqused are compile-time switches: one CTA per (KV block of
+the longest sequence, head, sequence), exiting past its sequence's keys; LSE2 / D / dQaccum rows
+are padded per sequence to whole tiles (bwd_kernel.py). The learnable sink's gradient is a torch
+reduction over the preprocess's LSE2 and D (sink_grad).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ DTYPES = ("bfloat16", "float16")
 # the GPU tests; an implemented but unverified one is refused unless allow_unverified=True (the GPU
 # tests pass it), so no user gets an untested gradient.
 # Head dims 96 and 192 count as features "hd96" / "hd192" here until GPU-verified.
-IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink", "hd96", "hd192"})
+IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink", "varlen", "seqused", "hd96", "hd192"})
 VERIFIED_FEATURES = frozenset()
 HEAD_DIMS = (64, 96, 128, 192, 256)
 SMEM_LIMIT = 227 * 1024
@@ -46,6 +51,9 @@ class BwdConfig:
     spt: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
+    varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
+    seqused_q: bool = False  # valid rows per sequence (rows past it: zero gradients)
+    seqused_k: bool = False  # valid keys per sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +65,7 @@ class PostConfig:
     tile_m: int
     tile_n: int
     swap: bool
+    varlen: bool = False
 
 
 def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2) -> int:
@@ -82,12 +91,13 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
     assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
+    assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap) <= SMEM_LIMIT, cfg
     return cfg
 
 
 def post_config(cfg: BwdConfig) -> PostConfig:
-    return PostConfig(cfg.d, cfg.dv, cfg.dtype, cfg.tile_m, cfg.tile_n, cfg.swap)
+    return PostConfig(cfg.d, cfg.dv, cfg.dtype, cfg.tile_m, cfg.tile_n, cfg.swap, cfg.varlen)
 
 
 def variants() -> Iterator:
@@ -106,6 +116,17 @@ def variants() -> Iterator:
                     default_config(d, d, "float16", True, True, True)):
             yield cfg
             posts.add(post_config(cfg))
+    for cfg in (  # varlen / seqused (a few corners; the switches touch offsets and exits only)
+            default_config(128, 128, "bfloat16", True, varlen=True),
+            default_config(64, 64, "float16", False, True, True, varlen=True, seqused_q=True,
+                           seqused_k=True),
+            default_config(256, 256, "bfloat16", True, False, True, varlen=True),
+            default_config(192, 192, "bfloat16", True, True, False, varlen=True, seqused_q=True),
+            default_config(96, 96, "bfloat16", False, False, True, varlen=True, local=True),
+            default_config(128, 128, "bfloat16", False, False, False, seqused_k=True),
+            default_config(128, 128, "float16", True, True, True, seqused_q=True, seqused_k=True)):
+        yield cfg
+        posts.add(post_config(cfg))
     yield default_config(128, 128, "bfloat16", True, True, False, spt=True)
     for d in (64, 128, 256):  # sliding window (not yet GPU-verified: see VERIFIED_FEATURES)
         yield default_config(d, d, "bfloat16", False, False, False, local=True)
@@ -132,11 +153,17 @@ def build(cfg, extra_options: str = ""):
     opts = _compile.compile_options(extra=extra_options)
     dqacc = make_fake_tensor(cutlass.Float32, (b, h, lacc), stride=(cute.sym_int64(divisibility=4),
                              cute.sym_int64(divisibility=4), 1), assumed_align=16)
+    def vec(n=None):  # a contiguous int32 vector of symbolic length
+        return make_fake_tensor(cutlass.Int32, (n if n is not None else cute.sym_int32(),),
+                                stride=(1,), assumed_align=4)
+
     if isinstance(cfg, PostConfig):
         from fa3.hopper.bwd_postprocess import BwdPostprocess
 
         dq = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.d))
-        return cute.compile(BwdPostprocess(cfg), dqacc, dq, cutlass.Float32(1.0), stream, options=opts)
+        var = (vec(), cutlass.Int32(1)) if cfg.varlen else (None, None)
+        return cute.compile(BwdPostprocess(cfg), dqacc, dq, cutlass.Float32(1.0), *var, stream,
+                            options=opts)
     from fa3.hopper.bwd_kernel import FlashBwdSm90
 
     q = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.d))
@@ -155,9 +182,13 @@ def build(cfg, extra_options: str = ""):
     sem = make_fake_tensor(cutlass.Int32, (cute.sym_int32(), cute.sym_int32(), nm),
                            stride=(cute.sym_int64(), cute.sym_int64(), 1),
                            assumed_align=4)
+    nb = cute.sym_int32()  # sequences (varlen) or batch
+    opt = (vec() if cfg.varlen else None, vec() if cfg.varlen else None,
+           vec(nb) if cfg.seqused_q else None, vec(nb) if cfg.seqused_k else None,
+           cutlass.Int32(1) if cfg.varlen else None)
     return cute.compile(FlashBwdSm90(cfg), q, k, v, do, stat(), stat(), dqacc, dk, dv, sem,
                         cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(0), cutlass.Float32(0.0),
-                        stream, options=opts)
+                        *opt, stream, options=opts)
 
 
 def bwd_missing(r) -> str | None:
@@ -173,8 +204,10 @@ def bwd_missing(r) -> str | None:
         return f"backward for head dim {r.d} (sm90 supports {', '.join(map(str, HEAD_DIMS))} today)"
     if f"hd{r.d}" in IMPLEMENTED_FEATURES - VERIFIED_FEATURES:
         return f"backward for head dim {r.d} (built, not yet GPU-verified)"
-    if r.varlen or r.has_seqused:
-        return "varlen / seqused backward"
+    if r.varlen and "varlen" not in VERIFIED_FEATURES:
+        return "varlen backward"
+    if r.has_seqused and "seqused" not in VERIFIED_FEATURES:
+        return "seqused backward"
     if r.window != (-1, -1) and not (r.causal and r.window[0] == -1) and "window" not in VERIFIED_FEATURES:
         return "sliding-window (local) attention backward"
     if r.softcap and "softcap" not in VERIFIED_FEATURES:
@@ -191,10 +224,13 @@ _FEATURE_NAMES = {"cu_seqlens_q": "varlen", "cu_seqlens_k": "varlen", "max_seqle
 
 def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deterministic: bool = False,
               *, cfg_overrides: dict | None = None, allow_unverified: bool = False, **features):
-    """Gradients (dq, dk, dv) of attention. q/out/dout (b, sq, h, d), k/v (b, sk, hk, d),
-    lse (b, h, sq) natural-log fp32 from the forward. cfg_overrides: BwdConfig fields (tests,
-    tuning); features: the API's optional inputs (window (left, right), -1 unbounded; softcap;
-    sink (h,) logits: then a 4th gradient, d sink (h,) fp32, is returned)."""
+    """Gradients (dq, dk, dv) of attention. Dense: q/out/dout (b, sq, h, d), k/v (b, sk, hk, d),
+    lse (b, h, sq); varlen (cu_seqlens_q/k int32 (n+1,), max_seqlen_q/k): q/out/dout (total_q, h,
+    d), k/v (total_k, hk, d), lse (h, total_q); lse is the forward's natural-log fp32 LSE.
+    cfg_overrides: BwdConfig fields (tests, tuning); features: the API's optional inputs (window
+    (left, right), -1 unbounded; softcap; cu_seqlens/max_seqlen; seqused_q/k int32 (n,); sink (h,)
+    logits: then a 4th gradient, d sink (h,) fp32, is returned). Rows and keys past seqused, or
+    outside every sequence, get zero gradients."""
     import torch
 
     from fa3.hopper.bwd_preprocess import PreprocessConfig, compile_preprocess
@@ -211,6 +247,13 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     if unverified and not allow_unverified:
         raise NotImplementedError(f"fa3: sm90 backward of {unverified} is not GPU-verified yet")
     causal, local, left, right = _window(causal, features.get("window"))
+    cu_q, cu_k = features.get("cu_seqlens_q"), features.get("cu_seqlens_k")
+    used_q, used_k = features.get("seqused_q"), features.get("seqused_k")
+    varlen = cu_q is not None
+    assert varlen == (cu_k is not None), "cu_seqlens_q and cu_seqlens_k go together"
+    if varlen:  # one batch of packed rows; the kernels find each sequence's rows
+        assert q.dim() == 3 and lse.shape == (q.shape[1], q.shape[0])
+        q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
     b, sq, h, d = q.shape
     _, sk, hk, dv = v.shape
     if d != dv or d not in HEAD_DIMS:  # the forward takes more head dims than this backward
@@ -226,38 +269,57 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     gqa = h != hk
     softcap = float(features.get("softcap", 0.0))
     cfg = default_config(d, dv, q.dtype, causal, deterministic, gqa, local=local,
-                         softcap=softcap > 0, **(cfg_overrides or {}))
+                         softcap=softcap > 0, varlen=varlen, seqused_q=used_q is not None,
+                         seqused_k=used_k is not None, **(cfg_overrides or {}))
     sink = features.get("sink")
-    dq = torch.empty_like(q)
-    if b == 0 or h == 0 or sq == 0 or sk == 0:
-        grads = dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+    nseq = cu_q.shape[0] - 1 if varlen else b
+    max_q = int(features["max_seqlen_q"]) if varlen else sq
+    max_k = int(features["max_seqlen_k"]) if varlen else sk
+    unpack = (lambda t: t.squeeze(0)) if varlen else (lambda t: t)
+    # rows the kernels may leave unwritten (outside every sequence, keys past seqused_k) must be 0
+    dq = torch.zeros_like(q) if varlen else torch.empty_like(q)
+    if nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0:
+        grads = unpack(dq.zero_()), unpack(torch.zeros_like(k)), unpack(torch.zeros_like(v))
         return grads if sink is None else (*grads, torch.zeros_like(sink, dtype=torch.float32))
     tm = cfg.tile_m
-    nm = -(-sq // tm)
     # LSE (log2) and D padded to whole query tiles: the kernel bulk-loads tile_m values per
-    # block; padded rows get LSE = +inf so their P is 0
-    lse2 = torch.full((b, h, nm * tm), math.inf, device=q.device, dtype=torch.float32)
-    dsum = torch.zeros((b, h, nm * tm), device=q.device, dtype=torch.float32)
+    # block; padded rows (and rows past seqused_q) get LSE = +inf so their P is 0. Varlen: each
+    # sequence's rows start at a tile boundary, (cu_q[i] + i * tile_m) // tile_m tiles in
+    # (bwd_kernel.py), so the padded length is (total_q // tile_m + nseq) tiles.
+    rows = (sq // tm + nseq) * tm if varlen else -(-sq // tm) * tm
+    lse2 = torch.full((b, h, rows), math.inf, device=q.device, dtype=torch.float32)
+    dsum = torch.zeros((b, h, rows), device=q.device, dtype=torch.float32)
     lse = lse if lse.stride(-1) == 1 else lse.contiguous()
     dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
-    compile_preprocess(PreprocessConfig(dt, dv))(out, dout, lse, dsum[:, :, :sq], lse2[:, :, :sq])
-    dqacc = torch.zeros((b, h, nm * tm * d), device=q.device, dtype=torch.float32)
-    sem = torch.zeros((b, h, nm) if deterministic else (1, 1, 1), device=q.device, dtype=torch.int32)
-    if gqa:
-        dk_part = torch.empty((b, sk, h, d), device=q.device, dtype=torch.float32)
-        dv_part = torch.empty((b, sk, h, dv), device=q.device, dtype=torch.float32)
+    if varlen:
+        pre = PreprocessConfig(dt, dv, varlen=True, seqused=used_q is not None, pad_tile=tm)
+        compile_preprocess(pre)(out, dout, lse, dsum, lse2, cu_q, used_q, max_q)
+    elif used_q is not None:
+        compile_preprocess(PreprocessConfig(dt, dv, seqused=True))(
+            out, dout, lse, dsum[:, :, :sq], lse2[:, :, :sq], None, used_q, None)
     else:
-        dk_part, dv_part = torch.empty_like(k), torch.empty_like(v)
+        compile_preprocess(PreprocessConfig(dt, dv))(out, dout, lse, dsum[:, :, :sq], lse2[:, :, :sq])
+    dqacc = torch.zeros((b, h, rows * d), device=q.device, dtype=torch.float32)
+    sem = torch.zeros((b, h, rows // tm) if deterministic else (1, 1, 1), device=q.device,
+                      dtype=torch.int32)
+    alloc = torch.zeros if (varlen or used_k is not None) else torch.empty
+    if gqa:
+        dk_part = alloc((b, sk, h, d), device=q.device, dtype=torch.float32)
+        dv_part = alloc((b, sk, h, dv), device=q.device, dtype=torch.float32)
+    else:
+        dk_part = alloc(k.shape, device=q.device, dtype=k.dtype)
+        dv_part = alloc(v.shape, device=q.device, dtype=v.dtype)
     _compile.get_kernel(cfg, build)(q, k, v, dout, lse2, dsum, dqacc, dk_part, dv_part, sem,
-                                    float(softmax_scale), left, right, softcap)
-    _compile.get_kernel(post_config(cfg), build)(dqacc, dq, float(softmax_scale))
+                                    float(softmax_scale), left, right, softcap, cu_q, cu_k, used_q,
+                                    used_k, max_k if varlen else None)
+    _compile.get_kernel(post_config(cfg), build)(dqacc, dq, float(softmax_scale), cu_q,
+                                                 max_q if varlen else None)
     if gqa:
         g = h // hk
         dk_part = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
         dv_part = dv_part.view(b, sk, hk, g, dv).sum(3).to(q.dtype)
-    if sink is None:
-        return dq, dk_part, dv_part
-    return dq, dk_part, dv_part, sink_grad(sink, lse2, dsum)
+    grads = unpack(dq), unpack(dk_part), unpack(dv_part)
+    return grads if sink is None else (*grads, sink_grad(sink, lse2, dsum))
 
 
 def sink_grad(sink, lse2, dsum):

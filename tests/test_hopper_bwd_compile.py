@@ -13,10 +13,11 @@ VARIANTS = list(variants())
 
 def _id(cfg):
     if not isinstance(cfg, BwdConfig):
-        return f"post-hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}"
+        return f"post-hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}" + ("-varlen" if cfg.varlen else "")
     flags = "".join(c for c, on in (("c", cfg.causal), ("d", cfg.deterministic), ("g", cfg.gqa),
                                           ("s", cfg.spt), ("l", cfg.local),
-                                          ("t", cfg.softcap)) if on)
+                                          ("t", cfg.softcap), ("v", cfg.varlen),
+                                          ("q", cfg.seqused_q), ("k", cfg.seqused_k)) if on)
     return f"hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}-{flags or 'plain'}"
 
 

@@ -55,3 +55,34 @@ def test_sink_grad_reaches_autograd_meta():
     fa3.flash_attn_func(q, k, v, learnable_sink=sink).sum().backward()
     assert sink.grad is not None and sink.grad.shape == (4,) and sink.grad.dtype == torch.bfloat16
     assert q.grad.shape == q.shape
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("varlen,seqused", [(True, False), (True, True), (False, True)])
+def test_compile_preprocess_seqs(varlen, seqused):
+    """The preprocess's varlen (padded per-sequence output rows) and seqused variants compile."""
+    from fa3.hopper.bwd_preprocess import PreprocessConfig, build
+
+    assert build(PreprocessConfig("bf16", 128, varlen=varlen, seqused=seqused,
+                                  pad_tile=64 if varlen else 0)) is not None
+    with pytest.raises(ValueError, match="pad_tile"):
+        PreprocessConfig("bf16", 128, varlen=True)
+
+
+@pytest.mark.parametrize("tile_m", [64, 128])
+def test_varlen_padded_rows_disjoint(tile_m):
+    """The padded per-sequence layout of LSE2 / D / dQaccum (bwd_kernel.py): sequence i starts at
+    tile (cu_q[i] + i * tile_m) // tile_m and owns ceil(len / tile_m) tiles; they never overlap and
+    fit in the (total_q // tile_m + n) tiles flash_bwd allocates."""
+    g = torch.Generator().manual_seed(tile_m)
+    for _ in range(200):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        lens = torch.randint(0, 3 * tile_m, (n,), generator=g)
+        lens[torch.rand(n, generator=g) < 0.3] = 0
+        cu = [0] + lens.cumsum(0).tolist()
+        end = 0
+        for i in range(n):
+            start = (cu[i] + i * tile_m) // tile_m
+            assert start >= end
+            end = start + -(-int(lens[i]) // tile_m)
+        assert end <= cu[-1] // tile_m + n
