@@ -35,6 +35,7 @@ ABLATIONS = [
     ("no-pingpong", {"pingpong": False}),  # no inter-warpgroup GEMM/softmax ping-pong
     ("neither", {"overlap": False, "pingpong": False}),
     ("non-persistent", {"persistent": False}),  # one CTA per tile instead of #SMs CTAs
+    ("late-q", {"q_early": False}),  # Q's buffer freed after the tile's last PV, not its last S
 ]
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}

@@ -33,6 +33,10 @@ class FwdConfig:
     pingpong: bool = True  # the two consumer warpgroups alternate their GEMMs (named barriers)
     persistent: bool = True  # grid = #SMs, static tile scheduler
     rescale_early: bool = False  # (overlap) rescale O while S = Q K^T of the next block runs
+    # (overlap) free Q's buffer right after the tile's last S = Q K^T, so the producer's load of
+    # the next tile's Q (and the K behind it) runs under the last softmax, PV and epilogue
+    # instead of after them: short tiles (causal, short sequences) wait less for Q.
+    q_early: bool = True
     # Where O gets no smem buffer of its own (hd256): stage it in Q's buffer and TMA-store it
     # (persistent: Q is then released after the store has read smem), instead of storing it
     # from registers straight to global memory.

@@ -106,6 +106,8 @@ class FlashFwdSm90(PingpongMixin):
                            and not self.cfg.varlen)
         # else, with o_in_q, O is staged in Q's buffer (Q is then released only after the store)
         self.o_in_q = self.cfg.o_in_q and not self.separate_o and not self.cfg.varlen
+        # Q released after the tile's last S GEMM (not when O is later staged in Q's buffer)
+        self.q_early = self.cfg.q_early and self.cfg.overlap and not self.o_in_q
         self.tma_o = self.separate_o or self.o_in_q
         sQO_elems = cute.cosize(sQ_layout)
         if const_expr(self.o_in_q):
@@ -391,15 +393,21 @@ class FlashFwdSm90(PingpongMixin):
                     acc_S = cute.make_rmem_tensor(shape_S, Float32)
                     gemm(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, kv_state.index], True, 0)
                     pipe_k.consumer_release(kv_state)
+                    if const_expr(self.q_early):
+                        if n_max - 1 == n_min:  # that was the tile's only S GEMM
+                            pipe_q.consumer_release(q_state)
                     self.softmax_block(tctx, acc_S, m_block, n_max - 1, True)
                     self.to_p(tctx, acc_S)
                     for i in cutlass.range(n_max - 1 - n_hi, unroll=1):
-                        kv_state = self.block_overlap(tctx, kv_state, m_block, n_max - 2 - i, True)
+                        kv_state = self.block_overlap(tctx, kv_state, m_block, n_max - 2 - i, True,
+                                                      pipe_q, q_state, n_min)
                     for i in cutlass.range(n_hi - n_lo, unroll=1):
-                        kv_state = self.block_overlap(tctx, kv_state, m_block, n_hi - 1 - i, False)
+                        kv_state = self.block_overlap(tctx, kv_state, m_block, n_hi - 1 - i, False,
+                                                      pipe_q, q_state, n_min)
                     if const_expr(self.local):
                         for i in cutlass.range(n_lo - n_min, unroll=1):
-                            kv_state = self.block_overlap(tctx, kv_state, m_block, n_lo - 1 - i, True)
+                            kv_state = self.block_overlap(tctx, kv_state, m_block, n_lo - 1 - i, True,
+                                                          pipe_q, q_state, n_min)
                     # last half: PV of the lowest block
                     if const_expr(self.cfg.rescale_early):
                         sm.rescale_o(acc_O_mn, row_scale)
@@ -411,8 +419,11 @@ class FlashFwdSm90(PingpongMixin):
             # Q is free once every S = Q K^T of this tile is done, unless O is staged in its
             # buffer and another tile's Q may follow (persistent): then after the O store.
             q_late = const_expr(self.o_in_q and self.cfg.persistent)
-            if const_expr(not q_late):
+            if const_expr(not q_late and not self.q_early):
                 pipe_q.consumer_release(q_state)
+            if const_expr(self.q_early):
+                if n_max <= n_min:  # no S GEMM ran: nothing released Q yet
+                    pipe_q.consumer_release(q_state)
             if const_expr(self.cfg.seqused_q):
                 # rows past seqused_q (but inside the output) are fully masked rows
                 for r in cutlass.range_constexpr(n_rows):
@@ -484,7 +495,8 @@ class FlashFwdSm90(PingpongMixin):
         return kv_state
 
     @cute.jit
-    def block_overlap(self, ctx, kv_state, m_block, n, masked: cutlass.Constexpr[bool]):
+    def block_overlap(self, ctx, kv_state, m_block, n, masked: cutlass.Constexpr[bool], pipe_q, q_state,
+                      n_min):
         """FA3 Alg. 2 step: issue S_n = Q K_n^T and O += P_{n+1} V_{n+1} back to back; softmax(S_n)
         runs while the PV wgmma is still in flight; then rescale O and convert P_n."""
         v_state = kv_state.clone()
@@ -502,6 +514,9 @@ class FlashFwdSm90(PingpongMixin):
         self.pingpong_arrive(ctx.wg)
         warpgroup.wait_group(1)  # S_n done, PV may still run
         ctx.pipe_k.consumer_release(kv_state)
+        if const_expr(self.q_early):
+            if n == n_min:  # the tile's last S GEMM: Q's buffer is free
+                pipe_q.consumer_release(q_state)
         self.softmax_block(ctx, acc_S, m_block, n, masked)
         warpgroup.wait_group(0)  # PV done: P's registers and V's stage are free
         ctx.pipe_v.consumer_release(v_state)
