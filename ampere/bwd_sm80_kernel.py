@@ -24,10 +24,15 @@ Epilogue: dK * scale, dV -> dtype -> smem (K/V's buffers) -> 16-byte coalesced s
 
 Compile-time features, as in the sm80 forward: `softcap` (t = tanh(S * scale / cap) replaces S,
 P = exp2(t * cap * log2 e - lse2), and dS gains the factor 1 - t^2), `local` (sliding window: only
-the Q tiles of rows that see a key of this tile, every one masked).
+the Q tiles of rows that see a key of this tile, every one masked), `varlen` (cu_seqlens: one
+packed batch; grids over max_seqlen_k / max_seqlen_q, CTAs past their sequence's end do nothing;
+each sequence's dQ partials start at row cu_seqlens_q[i] + i * tile_m of dq_acc, FA2's padding, so
+its Q tiles never share a chunk with the next sequence's), `seqused_q/k` (valid lengths: loads,
+masks, lse2/D reads use them; rows and keys past them get zero gradients).
 """
 
 from types import SimpleNamespace
+from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -49,6 +54,7 @@ class FlashBwdSm80:
         self.tile_m, self.tile_n, self.d, self.stages = cfg.tile_m, cfg.tile_n, cfg.d, cfg.stages
         self.causal = cfg.causal
         self.local, self.softcap = cfg.local, cfg.softcap
+        self.varlen = cfg.varlen
         assert not (self.causal and self.local), "causal with a window is local with right = 0"
 
     def _mma(self, dtype, warps_m: int):
@@ -61,7 +67,13 @@ class FlashBwdSm80:
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
                  mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdQ: cute.Tensor,
                  mdK: cute.Tensor, mdV: cute.Tensor, softmax_scale: Float32, exp_scale: Float32,
-                 softcap_pre: Float32, window_left: Int32, window_right: Int32, stream):
+                 softcap_pre: Float32, window_left: Int32, window_right: Int32,
+                 mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
+                 mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
+                 max_seqlen_q: Optional[Int32], max_seqlen_k: Optional[Int32], stream):
+        """Dense: (b, s, h, d) tensors, (b, h, sq) lse2/D, dq_acc (b, h, m_blocks * tile_m * d).
+        varlen: b = 1 (packed rows), cu_seqlens_q/k (n + 1,), max_seqlen_q/k, dq_acc
+        (1, h, (total_q + n * tile_m) * d); seqused_q/k (n,) or None."""
         dtype = mQ.element_type
         self.dtype = dtype
         tile_m, tile_n, d, stages = self.tile_m, self.tile_n, self.d, self.stages
@@ -95,11 +107,18 @@ class FlashBwdSm80:
         mma_dkv = self._mma(dtype, self.cfg.warps_n_dkv)
         mma_dq = self._mma(dtype, self.cfg.warps_m_dq)
 
+        seq = (mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK)
+        n_blocks, m_blocks = cute.ceil_div(mK.shape[1], tile_n), cute.ceil_div(mQ.shape[1], tile_m)
+        num_batch = cute.size(mQ.shape[0])
+        if const_expr(self.varlen):  # FA2: every sequence gets the longest one's tiles
+            n_blocks = (max_seqlen_k + (tile_n - 1)) // tile_n
+            m_blocks = (max_seqlen_q + (tile_m - 1)) // tile_m
+            num_batch = cute.size(mCuSeqlensQ.shape[0]) - 1
         self.kernel(mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, softmax_scale, exp_scale,
-                    softcap_pre, window_left, window_right, sQ_layout,
+                    softcap_pre, window_left, window_right, *seq, sQ_layout,
                     sK_layout, sP_layout, gmem_copy_in, gmem_copy_out, mma_sdp, mma_dkv, mma_dq,
                     SharedStorage).launch(
-            grid=[cute.ceil_div(mK.shape[1], tile_n), cute.size(mQ.shape[2]), cute.size(mQ.shape[0])],
+            grid=[n_blocks, cute.size(mQ.shape[2]), num_batch],
             block=[NUM_THREADS, 1, 1], smem=SharedStorage.size_in_bytes(), stream=stream)
 
         sdQ_layout = cute.tile_to_shape(atom, (tile_m, d), (0, 1))
@@ -108,23 +127,54 @@ class FlashBwdSm80:
         class DqStorage:
             sdQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sdQ_layout)], 1024]
 
-        self.dq_kernel(mdQacc, mdQ, sdQ_layout, gmem_copy_out, mma_dq, DqStorage).launch(
-            grid=[cute.ceil_div(mQ.shape[1], tile_m), cute.size(mQ.shape[2]), cute.size(mQ.shape[0])],
+        self.dq_kernel(mdQacc, mdQ, mK.shape[1], *seq, sdQ_layout, gmem_copy_out, mma_dq,
+                       DqStorage).launch(
+            grid=[m_blocks, cute.size(mQ.shape[2]), num_batch],
             block=[NUM_THREADS, 1, 1], smem=DqStorage.size_in_bytes(), stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
                mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
                mdV: cute.Tensor, softmax_scale: Float32, exp_scale: Float32, softcap_pre: Float32,
-               window_left: Int32, window_right: Int32, sQ_layout: cute.ComposedLayout,
+               window_left: Int32, window_right: Int32, mCuSeqlensQ: Optional[cute.Tensor],
+               mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
+               mSeqUsedK: Optional[cute.Tensor], sQ_layout: cute.ComposedLayout,
                sK_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
                gmem_copy_in: cute.TiledCopy, gmem_copy_out: cute.TiledCopy,
                mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma,
                SharedStorage: cutlass.Constexpr):
-        tidx, _, _ = cute.arch.thread_idx()
         n_block, head, batch = cute.arch.block_idx()
-        seqlen_q = mQ.shape[1]
-        seqlen_k = mK.shape[1]
+        offset_q, offset_k, seqlen_q, _, seqlen_k, store_k, bidx = su.seq_info(
+            batch, mQ.shape[1], mK.shape[1], mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK)
+        seq = SimpleNamespace(offset_q=offset_q, offset_k=offset_k, seqlen_q=seqlen_q,
+                              seqlen_k=seqlen_k, store_k=store_k, bidx=bidx, head=head,
+                              acc_row0=self.acc_row0(batch, offset_q))
+        args = (mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, softmax_scale, exp_scale, softcap_pre,
+                window_left, window_right, sQ_layout, sK_layout, sP_layout, gmem_copy_in,
+                gmem_copy_out, mma_sdp, mma_dkv, mma_dq, SharedStorage)
+        if const_expr(self.varlen):
+            if n_block * self.tile_n < store_k:  # else this tile is past its sequence's end
+                self.kv_tile(seq, n_block, *args)
+        else:
+            self.kv_tile(seq, n_block, *args)
+
+    def acc_row0(self, batch, offset_q):
+        """First dq_acc row of a sequence's Q tiles: FA2's cu_seqlens_q[i] + i * tile_m (the padding
+        keeps the last, partial tile of one sequence off the next one's first); 0 when dense."""
+        return offset_q + batch * self.tile_m if const_expr(self.varlen) else 0
+
+    @cute.jit
+    def kv_tile(self, seq, n_block: Int32, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+                mdO: cute.Tensor, mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor,
+                mdK: cute.Tensor, mdV: cute.Tensor, softmax_scale: Float32, exp_scale: Float32,
+                softcap_pre: Float32, window_left: Int32, window_right: Int32,
+                sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
+                sP_layout: cute.ComposedLayout, gmem_copy_in: cute.TiledCopy,
+                gmem_copy_out: cute.TiledCopy, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma,
+                mma_dq: cute.TiledMma, SharedStorage: cutlass.Constexpr):
+        """One KV tile of one (sequence, q head); seq: its offsets and lengths (kernel)."""
+        tidx, _, _ = cute.arch.thread_idx()
+        seqlen_q, seqlen_k, head = seq.seqlen_q, seq.seqlen_k, seq.head
         head_kv = head // (mQ.shape[2] // mK.shape[2])  # GQA/MQA
         tile_m, tile_n, d = self.tile_m, self.tile_n, self.d
 
@@ -141,10 +191,12 @@ class FlashBwdSm80:
 
         # gmem -> smem partitions
         thr_in = gmem_copy_in.get_slice(tidx)
-        gQ = cute.local_tile(mQ[batch, None, head, None], (tile_m, d), (None, 0))
-        gdO = cute.local_tile(mdO[batch, None, head, None], (tile_m, d), (None, 0))
-        gK = cute.local_tile(mK[batch, None, head_kv, None], (tile_n, d), (n_block, 0))
-        gV = cute.local_tile(mV[batch, None, head_kv, None], (tile_n, d), (n_block, 0))
+        gQ = cute.local_tile(su.seq_rows(mQ, seq.bidx, head, seq.offset_q), (tile_m, d), (None, 0))
+        gdO = cute.local_tile(su.seq_rows(mdO, seq.bidx, head, seq.offset_q), (tile_m, d), (None, 0))
+        gK = cute.local_tile(su.seq_rows(mK, seq.bidx, head_kv, seq.offset_k), (tile_n, d),
+                             (n_block, 0))
+        gV = cute.local_tile(su.seq_rows(mV, seq.bidx, head_kv, seq.offset_k), (tile_n, d),
+                             (n_block, 0))
         tQcQ = thr_in.partition_S(cute.make_identity_tensor((tile_m, d)))
         tKcK = thr_in.partition_S(cute.make_identity_tensor((tile_n, d)))
 
@@ -196,7 +248,7 @@ class FlashBwdSm80:
             cpy_a_dq=cpy_a_dq, cpy_b_dq=cpy_b_dq, sP=sP, sdS=sdS,
             acc_dK=acc_dK, acc_dV=acc_dV, tScS_mn=tScS_mn, t0ScS_mn=t0ScS_mn,
             seqlen_q_mask=seqlen_q - tScS_mn[0, 0][0], seqlen_k_mask=seqlen_k - tScS_mn[0, 0][1],
-            seqlen_q=seqlen_q, seqlen_k=seqlen_k, n_block=n_block, batch=batch, head=head,
+            seqlen_q=seqlen_q, seqlen_k=seqlen_k, n_block=n_block, seq=seq,
             mLSE2=mLSE2, mD=mD, mdQacc=mdQacc, softmax_scale=softmax_scale,
             scale_log2=exp_scale * Float32(LOG2_E), softcap_pre=softcap_pre,
             window_left=window_left, window_right=window_right)
@@ -220,6 +272,9 @@ class FlashBwdSm80:
             m_mask_end = m_block_max  # every tile masked (the window path is not tuned)
         if (n_block + 1) * tile_n > seqlen_k:  # the seqlen_k tail: every tile masks columns
             m_mask_end = m_block_max
+        if const_expr(self.varlen or self.cfg.seqused_k):
+            if n_block * tile_n >= seqlen_k:  # keys past seqused_k only: zero dK/dV, no work
+                m_block_max = m_block_min
         m_mask_end = cutlass.max(cutlass.min(m_mask_end, m_block_max), m_block_min)
 
         if m_block_min < m_block_max:
@@ -240,7 +295,7 @@ class FlashBwdSm80:
                 self.m_tile(st, m_block, m_block_min, m_block_max, False)
 
         self.epilogue(acc_dK, acc_dV, mdK, mdV, sK, sV, gmem_copy_out, mma_dkv, tidx, n_block,
-                      head, batch, seqlen_k, softmax_scale)
+                      seq, softmax_scale)
 
     @cute.jit
     def load_q_do(self, st, m_block: Int32, slot: Int32):
@@ -282,8 +337,8 @@ class FlashBwdSm80:
             lse2[r] = Float32.inf
             dpsum[r] = Float32(0.0)
             if row < st.seqlen_q:
-                lse2[r] = st.mLSE2[st.batch, st.head, row]
-                dpsum[r] = st.mD[st.batch, st.head, row]
+                lse2[r] = st.mLSE2[st.seq.bidx, st.seq.head, st.seq.offset_q + row]
+                dpsum[r] = st.mD[st.seq.bidx, st.seq.head, st.seq.offset_q + row]
 
         thr_sdp = st.thr_sdp
         acc_S = cute.make_rmem_tensor(thr_sdp.partition_shape_C((self.tile_m, self.tile_n)), Float32)
@@ -340,7 +395,8 @@ class FlashBwdSm80:
         acc_dQ.fill(0.0)
         su.gemm(st.mma_dq, acc_dQ, st.tdQrdS, st.tdQrKt, st.tdQsdS, st.tdQsKt,
                 st.cpy_a_dq, st.cpy_b_dq, False, LOOKAHEAD)
-        tdQgdQ = self.dq_acc_view(st.mdQacc, acc_dQ, m_block, st.head, st.batch)
+        tdQgdQ = self.dq_acc_view(st.mdQacc, acc_dQ, m_block, st.seq.head, st.seq.bidx,
+                                  st.seq.acc_row0)
         scale = st.softmax_scale
         vec = self.cfg.dq_vec
         for i in cutlass.range_constexpr(0, cute.size(acc_dQ) if self.cfg.dq_atomics else 0, vec):
@@ -355,26 +411,48 @@ class FlashBwdSm80:
 
     @cute.jit
     def dq_acc_view(self, mdQacc: cute.Tensor, acc_dQ: cute.Tensor, m_block: Int32, head: Int32,
-                    batch: Int32) -> cute.Tensor:
+                    bidx: Int32, acc_row0) -> cute.Tensor:
         """This thread's slots of one Q tile's dQ partials: with v = dq_vec, value i of thread t at
         (i // v) * threads * v + t * v + i % v, so each warp-wide atomic covers 32 * v consecutive
         floats (v = 1: one 128-byte line, FA2's layout) instead of 8 rows of the MMA layout;
-        dq_kernel reads it back with the same mapping."""
+        dq_kernel reads it back with the same mapping. acc_row0: the sequence's first row."""
         tidx, _, _ = cute.arch.thread_idx()
         v = self.cfg.dq_vec
-        g = cute.local_tile(mdQacc[batch, head, None], (self.tile_m * self.d,), (m_block,))
+        acc = mdQacc[bidx, head, None]
+        if const_expr(self.varlen):
+            acc = cute.domain_offset((acc_row0 * self.d,), acc)
+        g = cute.local_tile(acc, (self.tile_m * self.d,), (m_block,))
         return cute.make_tensor(g.iterator + tidx * v, cute.make_layout(
             (v, cute.size(acc_dQ) // v), stride=(1, NUM_THREADS * v)))
 
     @cute.kernel
-    def dq_kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, sdQ_layout: cute.ComposedLayout,
-                  gmem_copy_out: cute.TiledCopy, mma_dq: cute.TiledMma, DqStorage: cutlass.Constexpr):
-        """dQ partial sums (fp32, already scaled) of one Q tile -> dtype -> smem -> 16-byte stores."""
-        tidx, _, _ = cute.arch.thread_idx()
+    def dq_kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, seqlen_k: Int32,
+                  mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
+                  mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
+                  sdQ_layout: cute.ComposedLayout, gmem_copy_out: cute.TiledCopy,
+                  mma_dq: cute.TiledMma, DqStorage: cutlass.Constexpr):
+        """dQ partial sums (fp32, already scaled) of one Q tile -> dtype -> smem -> 16-byte stores;
+        rows below the sequence's store_q (rows past seqused_q have zero partials)."""
         m_block, head, batch = cute.arch.block_idx()
+        offset_q, _, _, store_q, _, _, bidx = su.seq_info(
+            batch, mdQ.shape[1], seqlen_k, mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK)
+        if const_expr(self.varlen):
+            if m_block * self.tile_m < store_q:  # else this tile is past its sequence's end
+                self.dq_tile(mdQacc, mdQ, m_block, head, bidx, offset_q, store_q,
+                             self.acc_row0(batch, offset_q), sdQ_layout, gmem_copy_out, mma_dq,
+                             DqStorage)
+        else:
+            self.dq_tile(mdQacc, mdQ, m_block, head, bidx, offset_q, store_q, 0, sdQ_layout,
+                         gmem_copy_out, mma_dq, DqStorage)
+
+    @cute.jit
+    def dq_tile(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, m_block: Int32, head: Int32, bidx,
+                offset_q, store_q: Int32, acc_row0, sdQ_layout: cute.ComposedLayout,
+                gmem_copy_out: cute.TiledCopy, mma_dq: cute.TiledMma, DqStorage: cutlass.Constexpr):
+        tidx, _, _ = cute.arch.thread_idx()
         acc = cute.make_rmem_tensor(mma_dq.get_slice(tidx).partition_shape_C((self.tile_m, self.d)),
                                     Float32)
-        src = self.dq_acc_view(mdQacc, acc, m_block, head, batch)
+        src = self.dq_acc_view(mdQacc, acc, m_block, head, bidx, acc_row0)
         for i in cutlass.range_constexpr(cute.size(acc)):
             acc[i] = src[i]
         rdQ = cute.make_rmem_tensor_like(acc, self.dtype)
@@ -385,14 +463,14 @@ class FlashBwdSm80:
         thr_s = cute.make_tiled_copy_C(st_pair, mma_dq).get_slice(tidx)
         cute.copy(st_pair, thr_s.retile(rdQ), thr_s.partition_D(sdQ))
         cute.arch.barrier()
-        self.store_rows(sdQ, mdQ, gmem_copy_out, tidx, self.tile_m, m_block,
-                        mdQ.shape[1] - m_block * self.tile_m, head, batch)
+        self.store_rows(sdQ, su.seq_rows(mdQ, bidx, head, offset_q), gmem_copy_out, tidx,
+                        self.tile_m, m_block, store_q - m_block * self.tile_m)
 
     @cute.jit
     def epilogue(self, acc_dK: cute.Tensor, acc_dV: cute.Tensor, mdK: cute.Tensor, mdV: cute.Tensor,
                  sK: cute.Tensor, sV: cute.Tensor, gmem_copy_out: cute.TiledCopy,
-                 mma_dkv: cute.TiledMma, tidx: Int32, n_block: Int32, head: Int32, batch: Int32,
-                 seqlen_k: Int32, softmax_scale: Float32):
+                 mma_dkv: cute.TiledMma, tidx: Int32, n_block: Int32, seq,
+                 softmax_scale: Float32):
         tile_n, d = self.tile_n, self.d
         rdK = cute.make_rmem_tensor_like(acc_dK, self.dtype)
         rdK.store((acc_dK.load() * softmax_scale).to(self.dtype))
@@ -405,18 +483,20 @@ class FlashBwdSm80:
         cute.copy(st_pair, thr_s.retile(rdV), thr_s.partition_D(sV))
         cute.arch.barrier()
 
-        row_limit = seqlen_k - n_block * tile_n
-        self.store_rows(sK, mdK, gmem_copy_out, tidx, tile_n, n_block, row_limit, head, batch)
-        self.store_rows(sV, mdV, gmem_copy_out, tidx, tile_n, n_block, row_limit, head, batch)
+        row_limit = seq.store_k - n_block * tile_n  # keys past seqused_k: dK = dV = 0
+        self.store_rows(sK, su.seq_rows(mdK, seq.bidx, seq.head, seq.offset_k), gmem_copy_out, tidx,
+                        tile_n, n_block, row_limit)
+        self.store_rows(sV, su.seq_rows(mdV, seq.bidx, seq.head, seq.offset_k), gmem_copy_out, tidx,
+                        tile_n, n_block, row_limit)
 
     @cute.jit
     def store_rows(self, s_src: cute.Tensor, m_dst: cute.Tensor, gmem_copy_out: cute.TiledCopy,
-                   tidx: Int32, rows: cutlass.Constexpr[int], block: Int32, row_limit: Int32,
-                   head: Int32, batch: Int32):
-        """(rows, d) smem tile -> registers (16 bytes per thread) -> its valid rows of gmem."""
+                   tidx: Int32, rows: cutlass.Constexpr[int], block: Int32, row_limit: Int32):
+        """(rows, d) smem tile -> registers (16 bytes per thread) -> its valid rows of m_dst
+        ((seqlen, d) of one sequence and head)."""
         thr_out = gmem_copy_out.get_slice(tidx)
         tcd = thr_out.partition_D(cute.make_identity_tensor((rows, self.d)))
-        g = cute.local_tile(m_dst[batch, None, head, None], (rows, self.d), (block, 0))
+        g = cute.local_tile(m_dst, (rows, self.d), (block, 0))
         ts = thr_out.partition_S(s_src)
         tg = thr_out.partition_D(g)
         tr = cute.make_rmem_tensor_like(ts, self.dtype)

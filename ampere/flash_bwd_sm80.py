@@ -46,6 +46,9 @@ class BwdSm80Config:
     dq_vec: int = 1  # floats per dQ atomic: 4 (red.global.add.v4.f32) needs sm_90
     dq_first: bool = True  # dQ GEMM + atomics before the dK GEMM (FA2's order)
     dq_atomics: bool = True  # False only for timing experiments: dQ is left 0
+    varlen: bool = False  # cu_seqlens_q/k: packed sequences, grids over max_seqlen_q/k
+    seqused_q: bool = False  # valid rows per sequence (rows past it: dQ = 0)
+    seqused_k: bool = False  # valid keys per sequence (keys past it: dK = dV = 0)
 
     def __post_init__(self):
         check_common(self)
@@ -119,6 +122,16 @@ def variants(arch: str = "sm_80"):
                 yield default_config(d, dtype, causal, arch)
 
 
+def varlen_variants(arch: str = "sm_80"):
+    """A few varlen / seqused builds covering each switch and its combinations with the others."""
+    yield default_config(64, "bfloat16", True, arch, varlen=True)
+    yield default_config(128, "float16", False, arch, varlen=True, seqused_q=True, seqused_k=True)
+    yield default_config(128, "bfloat16", False, arch, varlen=True, local=True, softcap=True)
+    yield default_config(96, "bfloat16", True, arch, seqused_q=True, seqused_k=True)  # dense
+    if fits(256, arch):
+        yield default_config(256, "float16", True, arch, varlen=True, seqused_k=True)
+
+
 def build(cfg, extra_options: str = ""):
     """Compile cfg (a BwdSm80Config or PreprocessSm80Config) for cfg.arch on fake tensors."""
     if isinstance(cfg, PreprocessSm80Config):
@@ -136,6 +149,7 @@ def _build_main(cfg: BwdSm80Config, extra_options: str = ""):
     from cutlass.cute.runtime import make_fake_stream
 
     from fa3.ampere.bwd_sm80_kernel import FlashBwdSm80
+    from fa3.ampere.flash_fwd_sm80 import fake_seq_args
 
     b, h, hk, sq, sk, acc_len = (cute.sym_int32() for _ in range(6))
 
@@ -148,8 +162,10 @@ def _build_main(cfg: BwdSm80Config, extra_options: str = ""):
     lse2, dpsum = _compile.fake_lse_tensor((b, h, sq)), _compile.fake_lse_tensor((b, h, sq))
     dq_acc = _compile.fake_lse_tensor((b, h, acc_len))  # (b, h, m_blocks * tile_m * d)
     f32, i32 = cutlass.Float32(1.0), cutlass.Int32(0)
+    seq = fake_seq_args(cfg)  # cu_seqlens_q/k, seqused_q/k, max_seqlen_q; and max_seqlen_k:
     return cute.compile(FlashBwdSm80(cfg), q, k, v, do, lse2, dpsum, dq_acc, dq, dk, dv,
-                        f32, f32, f32, i32, i32, make_fake_stream(use_tvm_ffi_env_stream=True),
+                        f32, f32, f32, i32, i32, *seq, seq[-1],
+                        make_fake_stream(use_tvm_ffi_env_stream=True),
                         options=_compile.compile_options(arch=cfg.arch, extra=extra_options))
 
 
@@ -158,9 +174,8 @@ def compile_kernel(cfg):
 
 
 def bwd_missing(request) -> str | None:
-    """The forward features whose gradient this backward lacks (window and softcap it has)."""
-    if request.varlen or request.has_seqused:
-        return "varlen / seqused backward"
+    """The forward features whose gradient this backward lacks (window, softcap, varlen and
+    seqused it has)."""
     if request.has_sink:
         return "learnable sink backward"
     if request.d != request.dv or request.d not in HEAD_DIMS:
@@ -170,14 +185,28 @@ def bwd_missing(request) -> str | None:
 
 def flash_bwd_sm80(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
                    deterministic: bool = False, cfg_overrides: dict | None = None, window=None,
-                   softcap: float = 0.0, **features):
+                   softcap: float = 0.0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                   max_seqlen_k=None, seqused_q=None, seqused_k=None, **features):
     """(dq, dk, dv) of attention, q/out/dout (b, sq, h, d), k/v (b, sk, h_kv, d), lse (b, h, sq).
+    Varlen (cu_seqlens_q/k int32 (n+1,), max_seqlen_q/k): q/out/dout (total_q, h, d), k/v
+    (total_k, h_kv, d), lse (h, total_q). seqused_q/k: int32 (n,), with or without cu_seqlens.
     window (left, right) and softcap as in FA3's API (the forward's values);
     cfg_overrides: BwdSm80Config fields to change (tiling experiments)."""
     import torch
 
     from fa3.ampere.flash_fwd_sm80 import kernel_scales
 
+    varlen = cu_seqlens_q is not None
+    if varlen != (cu_seqlens_k is not None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k go together")
+    if varlen and (max_seqlen_q is None or max_seqlen_k is None):
+        raise ValueError("varlen needs max_seqlen_q and max_seqlen_k")
+    if varlen:  # one packed batch; the kernels move to each sequence's rows
+        assert q.dim() == 3 and lse.shape == (q.shape[1], q.shape[0]), "varlen shapes"
+        q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
+    for t in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k):
+        assert t is None or (t.dtype == torch.int32 and t.is_contiguous() and t.device == q.device), \
+            "cu_seqlens / seqused: int32, contiguous, on q's device"
     if features:
         raise NotImplementedError(f"fa3: sm80 backward does not implement {sorted(features)} yet")
     if deterministic:
@@ -195,7 +224,8 @@ def flash_bwd_sm80(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
                                   f"than {arch} has")
     causal, local, left, right, exp_scale, pre = kernel_scales(causal, window, softcap, softmax_scale)
     cfg = default_config(d, q.dtype, causal, arch, local=local, softcap=bool(softcap and softcap > 0),
-                         **(cfg_overrides or {}))
+                         varlen=varlen, seqused_q=seqused_q is not None,
+                         seqused_k=seqused_k is not None, **(cfg_overrides or {}))
 
     def contig(t):  # 16-byte cp.async / vector stores need a unit last stride and 8-aligned rows
         ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
@@ -205,21 +235,32 @@ def flash_bwd_sm80(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if b == 0 or h == 0 or sk == 0 or sq == 0:
+    n_seq = cu_seqlens_q.shape[0] - 1 if varlen else b
+    if b == 0 or h == 0 or sk == 0 or sq == 0 or n_seq == 0:
         for t in (dq, dk, dv):
             t.zero_()
-        return dq, dk, dv
+        return _unpack(varlen, dq, dk, dv)
     dpsum = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(dpsum)
+    # D and lse2 are per row: the packed rows are one batch to the preprocess kernel
     compile_kernel(PreprocessSm80Config(cfg.dtype, d, arch))(out, dout, lse.contiguous(), dpsum, lse2)
-    dq_acc = torch.zeros(b, h, -(-sq // cfg.tile_m) * cfg.tile_m * d, device=q.device,
-                         dtype=torch.float32)
+    # dense: each (batch, head)'s whole Q tiles; varlen: every sequence starts tile_m rows after
+    # the previous one ends (bwd_sm80_kernel.acc_row0), so n_seq * tile_m rows more
+    acc_rows = sq + n_seq * cfg.tile_m if varlen else -(-sq // cfg.tile_m) * cfg.tile_m
+    dq_acc = torch.zeros(b, h, acc_rows * d, device=q.device, dtype=torch.float32)
     g = h // hk
     dk_h = dk if g == 1 else torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
     dv_h = dv if g == 1 else torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
     compile_kernel(cfg)(q, k, v, dout, lse2, dpsum, dq_acc, dq, dk_h, dv_h, float(softmax_scale),
-                        exp_scale, pre, left, right)
+                        exp_scale, pre, left, right, cu_seqlens_q, cu_seqlens_k, seqused_q,
+                        seqused_k, int(max_seqlen_q) if varlen else None,
+                        int(max_seqlen_k) if varlen else None)
     if g > 1:
         dk.copy_(dk_h.view(b, sk, hk, g, d).sum(3, dtype=torch.float32))
         dv.copy_(dv_h.view(b, sk, hk, g, d).sum(3, dtype=torch.float32))
-    return dq, dk, dv
+    return _unpack(varlen, dq, dk, dv)
+
+
+def _unpack(varlen: bool, *grads):
+    """Varlen grads back to the packed (total, h, d) layout."""
+    return tuple(t.squeeze(0) for t in grads) if varlen else grads

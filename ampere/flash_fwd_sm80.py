@@ -58,6 +58,9 @@ class FwdSm80Config:
     arch: str  # "sm_80", "sm_86", "sm_87", "sm_89" or "sm_90": the cubin's target
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
+    varlen: bool = False  # cu_seqlens_q/k: packed sequences, grid over max_seqlen_q
+    seqused_q: bool = False  # valid rows per sequence (rows past it: O = 0, LSE = -inf)
+    seqused_k: bool = False  # valid keys per sequence
 
     def __post_init__(self):
         check_common(self)
@@ -94,6 +97,16 @@ def variants(arch: str = "sm_80"):
                 yield default_config(d, dtype, causal, arch)
 
 
+def varlen_variants(arch: str = "sm_80"):
+    """A few varlen / seqused builds covering each switch and its combinations with the others
+    (every head dim x dtype x feature set would be hundreds of builds)."""
+    yield default_config(64, "bfloat16", True, arch, varlen=True)
+    yield default_config(128, "float16", False, arch, varlen=True, seqused_q=True, seqused_k=True)
+    yield default_config(256, "bfloat16", False, arch, varlen=True, local=True, softcap=True)
+    yield default_config(128, "bfloat16", True, arch, seqused_k=True)  # dense + seqused
+    yield default_config(96, "bfloat16", False, arch, seqused_q=True, local=True)
+
+
 def _dtype_name(dtype) -> str:
     name = str(dtype).replace("torch.", "")
     assert name in DTYPES, f"fa3 sm80 fwd: unsupported dtype {dtype}"
@@ -116,8 +129,27 @@ def build(cfg: FwdSm80Config, extra_options: str = ""):
     lse = _compile.fake_lse_tensor((b, h, sq))
     return cute.compile(FlashFwdSm80(cfg), bshd(sq, h), bshd(sk, hk), bshd(sk, hk), bshd(sq, h), lse,
                         cutlass.Float32(1.0), cutlass.Float32(1.0), cutlass.Int32(0),
-                        cutlass.Int32(0), make_fake_stream(use_tvm_ffi_env_stream=True),
+                        cutlass.Int32(0), *fake_seq_args(cfg),
+                        make_fake_stream(use_tvm_ffi_env_stream=True),
                         options=_compile.compile_options(arch=cfg.arch, extra=extra_options))
+
+
+def fake_seq_args(cfg):
+    """cu_seqlens_q/k (n+1,), seqused_q/k (n,) (int32, contiguous) and max_seqlen_q for the
+    features cfg has, None for the others (the forward's and backward's trailing arguments)."""
+    cute = _compile.dsl()
+    import cutlass
+    from cutlass.cute.runtime import make_fake_tensor
+
+    n = cute.sym_int32()
+
+    def vec(length):
+        return make_fake_tensor(cutlass.Int32, (length,), stride=(1,), assumed_align=4)
+
+    cu = vec(cute.sym_int32()) if cfg.varlen else None
+    return (cu, vec(cute.sym_int32()) if cfg.varlen else None,
+            vec(n) if cfg.seqused_q else None, vec(n) if cfg.seqused_k else None,
+            cutlass.Int32(1) if cfg.varlen else None)
 
 
 def compile_fwd(cfg: FwdSm80Config):
@@ -147,10 +179,23 @@ def kernel_scales(causal: bool, window, softcap: float, softmax_scale: float):
 
 
 def flash_fwd_sm80(q, k, v, out, lse, softmax_scale: float, causal: bool, window=None,
-                   softcap: float = 0.0, **cfg_overrides) -> None:
+                   softcap: float = 0.0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                   max_seqlen_k=None, seqused_q=None, seqused_k=None, **cfg_overrides) -> None:
     """out (b, sq, h, d) and lse (b, h, sq) fp32 are written in place.
     q (b, sq, h, d), k and v (b, sk, h_kv, d); last dims contiguous, other strides multiples of 8.
-    window (left, right) and softcap as in FA3's API."""
+    Varlen (cu_seqlens_q/k int32 (n+1,), max_seqlen_q/k): q (total_q, h, d), k/v (total_k, h_kv,
+    d), out (total_q, h, d), lse (h, total_q). seqused_q/k: int32 (n,) valid lengths, with or
+    without cu_seqlens. window (left, right) and softcap as in FA3's API."""
+    varlen = cu_seqlens_q is not None
+    assert varlen == (cu_seqlens_k is not None), "cu_seqlens_q and cu_seqlens_k go together"
+    seq = dict(varlen=varlen, seqused_q=seqused_q is not None, seqused_k=seqused_k is not None)
+    if varlen:  # one packed batch; the kernel moves to each sequence's rows
+        assert q.dim() == 3 and lse.shape == (q.shape[1], q.shape[0]), "varlen shapes"
+        assert max_seqlen_q is not None, "varlen needs max_seqlen_q"
+        q, k, v, out, lse = (t.unsqueeze(0) for t in (q, k, v, out, lse))
+    for t in (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k):
+        assert t is None or (str(t.dtype) == "torch.int32" and t.is_contiguous()
+                             and t.device == q.device), "cu_seqlens / seqused: int32, contiguous"
     b, sq, h, d = q.shape
     _, sk, hk, _ = k.shape
     assert k.shape == v.shape == (b, sk, hk, d) and out.shape == (b, sq, h, d), "shapes"
@@ -164,11 +209,13 @@ def flash_fwd_sm80(q, k, v, out, lse, softmax_scale: float, causal: bool, window
         assert all(s % 8 == 0 for s in t.stride()[:-1]), "strides must be multiples of 8 elements"
     causal, local, left, right, scale, pre = kernel_scales(causal, window, softcap, softmax_scale)
     cfg = default_config(d, q.dtype, causal, device_arch(q.device), local=local,
-                         softcap=bool(softcap and softcap > 0), **cfg_overrides)
-    if b == 0 or sq == 0 or h == 0:
+                         softcap=bool(softcap and softcap > 0), **seq, **cfg_overrides)
+    n_seq = cu_seqlens_q.shape[0] - 1 if varlen else b
+    if b == 0 or sq == 0 or h == 0 or n_seq == 0 or (varlen and max_seqlen_q == 0):
         return
     if sk == 0:  # no keys: every row is empty
         out.zero_()
         lse.fill_(-math.inf)
         return
-    compile_fwd(cfg)(q, k, v, out, lse, scale, pre, left, right)
+    compile_fwd(cfg)(q, k, v, out, lse, scale, pre, left, right, cu_seqlens_q, cu_seqlens_k,
+                     seqused_q, seqused_k, int(max_seqlen_q) if varlen else None)

@@ -19,10 +19,16 @@ Epilogue: O /= l, O -> smem (Q's buffer) -> 16-byte coalesced stores of the vali
 Compile-time features: `softcap` (S <- tanh(S * scale / cap) before the mask; the host passes cap
 as the softmax scale, fa3.hopper.softmax), `local` (sliding window, runtime left/right with
 mask.UNBOUNDED for -1: only the blocks [n_min, n_max) of fa3.hopper.mask.kv_block_range are walked,
-every one masked; loads stop at n_min instead of 0).
+every one masked; loads stop at n_min instead of 0), `varlen` (cu_seqlens: q/k/v/out are one packed
+batch; the grid covers max_seqlen_q, each CTA moves its base pointers to its sequence's first row
+and CTAs past their sequence's end do nothing; FA2's scheme), `seqused_q/k` (valid lengths per
+sequence: loads, masks and the causal diagonal use them; rows past seqused_q get O = 0 and
+LSE = -inf). Every load and store is already predicated on a length, so the per-sequence lengths
+only replace the tensors' (sm80_utils.seq_info).
 """
 
 from types import SimpleNamespace
+from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -45,13 +51,18 @@ class FlashFwdSm80:
         self.d = cfg.d
         self.causal = cfg.causal
         self.local, self.softcap = cfg.local, cfg.softcap
+        self.varlen, self.seqused_q, self.seqused_k = cfg.varlen, cfg.seqused_q, cfg.seqused_k
         assert not (self.causal and self.local), "causal with a window is local with right = 0"
         assert self.tile_m % (16 * 4) == 0 and self.tile_n % 16 == 0 and self.d % 32 == 0
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor,
                  mLSE: cute.Tensor, softmax_scale: Float32, softcap_pre: Float32,
-                 window_left: Int32, window_right: Int32, stream):
+                 window_left: Int32, window_right: Int32, mCuSeqlensQ: Optional[cute.Tensor],
+                 mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
+                 mSeqUsedK: Optional[cute.Tensor], max_seqlen_q: Optional[Int32], stream):
+        """Dense: q (b, sq, h, d), k/v (b, sk, h_kv, d), lse (b, h, sq). varlen: the same with
+        b = 1 (packed rows), cu_seqlens_q/k (n + 1,), max_seqlen_q; seqused_q/k (n,) or None."""
         dtype = mQ.element_type
         self.dtype = dtype
         atom = su.smem_layout_atom(dtype, self.d)
@@ -83,27 +94,57 @@ class FlashFwdSm80:
                                         permutation_mnk=(NUM_THREADS // 32 * 16, 16, 16))
 
         num_m_blocks = cute.ceil_div(mQ.shape[1], self.tile_m)
+        num_batch = cute.size(mQ.shape[0])
+        if const_expr(self.varlen):  # FA2: max_seqlen_q's tiles for every sequence
+            num_m_blocks = (max_seqlen_q + (self.tile_m - 1)) // self.tile_m
+            num_batch = cute.size(mCuSeqlensQ.shape[0]) - 1
         self.kernel(mQ, mK, mV, mO, mLSE, softmax_scale, softcap_pre, window_left, window_right,
-                    sQ_layout, sKV_layout, gmem_copy_in,
-                    gmem_copy_out, tiled_mma, SharedStorage).launch(
-            grid=[num_m_blocks, cute.size(mQ.shape[2]), cute.size(mQ.shape[0])],
+                    mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, sQ_layout, sKV_layout,
+                    gmem_copy_in, gmem_copy_out, tiled_mma, SharedStorage).launch(
+            grid=[num_m_blocks, cute.size(mQ.shape[2]), num_batch],
             block=[NUM_THREADS, 1, 1], smem=SharedStorage.size_in_bytes(), stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor,
                mLSE: cute.Tensor, softmax_scale: Float32, softcap_pre: Float32,
-               window_left: Int32, window_right: Int32, sQ_layout: cute.ComposedLayout,
+               window_left: Int32, window_right: Int32, mCuSeqlensQ: Optional[cute.Tensor],
+               mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
+               mSeqUsedK: Optional[cute.Tensor], sQ_layout: cute.ComposedLayout,
                sKV_layout: cute.ComposedLayout, gmem_copy_in: cute.TiledCopy,
                gmem_copy_out: cute.TiledCopy, tiled_mma: cute.TiledMma,
                SharedStorage: cutlass.Constexpr):
-        tidx, _, _ = cute.arch.thread_idx()
         bx, head, batch = cute.arch.block_idx()
         m_block = bx
         if const_expr(self.causal):  # the longest rows (most KV blocks) are scheduled first
             m_block = cute.arch.grid_dim()[0] - 1 - bx
-        seqlen_q = mQ.shape[1]
-        seqlen_k = mK.shape[1]
         head_kv = head // (mQ.shape[2] // mK.shape[2])  # GQA/MQA
+        offset_q, offset_k, seqlen_q, store_q, seqlen_k, _, bidx = su.seq_info(
+            batch, mQ.shape[1], mK.shape[1], mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK)
+        # O and LSE are sliced only in the epilogue: their addresses would stay live across the
+        # main loop (d = 96/128 sit at the 255-register limit)
+        rows = SimpleNamespace(
+            q=su.seq_rows(mQ, bidx, head, offset_q), k=su.seq_rows(mK, bidx, head_kv, offset_k),
+            v=su.seq_rows(mV, bidx, head_kv, offset_k), mO=mO, mLSE=mLSE, bidx=bidx, head=head,
+            offset_q=offset_q)
+        if const_expr(self.varlen):
+            if m_block * self.tile_m < store_q:  # else this tile is past its sequence's end
+                self.tile(rows, m_block, seqlen_q, store_q, seqlen_k, softmax_scale, softcap_pre,
+                          window_left, window_right, sQ_layout, sKV_layout, gmem_copy_in,
+                          gmem_copy_out, tiled_mma, SharedStorage)
+        else:
+            self.tile(rows, m_block, seqlen_q, store_q, seqlen_k, softmax_scale, softcap_pre,
+                      window_left, window_right, sQ_layout, sKV_layout, gmem_copy_in,
+                      gmem_copy_out, tiled_mma, SharedStorage)
+
+    @cute.jit
+    def tile(self, rows, m_block: Int32, seqlen_q: Int32, store_q: Int32, seqlen_k: Int32,
+             softmax_scale: Float32, softcap_pre: Float32, window_left: Int32, window_right: Int32,
+             sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout,
+             gmem_copy_in: cute.TiledCopy, gmem_copy_out: cute.TiledCopy,
+             tiled_mma: cute.TiledMma, SharedStorage: cutlass.Constexpr):
+        """One Q tile of one (sequence, head). rows: (rows, d) views of the sequence's q, k, v, o
+        and its lse row; seqlen_q/k the valid lengths, store_q the rows of o/lse it owns."""
+        tidx, _, _ = cute.arch.thread_idx()
         tile_m, tile_n, d, stages = self.tile_m, self.tile_n, self.d, self.stages
 
         smem = cutlass.memory.SmemAllocator()
@@ -113,9 +154,9 @@ class FlashFwdSm80:
         sV = storage.sV.get_tensor(sKV_layout)
         sVt = su.transpose_view(sV)  # (d, tile_n, stages): B operand of O += P V
 
-        gQ = cute.local_tile(mQ[batch, None, head, None], (tile_m, d), (m_block, 0))
-        gK = cute.local_tile(mK[batch, None, head_kv, None], (tile_n, d), (None, 0))
-        gV = cute.local_tile(mV[batch, None, head_kv, None], (tile_n, d), (None, 0))
+        gQ = cute.local_tile(rows.q, (tile_m, d), (m_block, 0))
+        gK = cute.local_tile(rows.k, (tile_n, d), (None, 0))
+        gV = cute.local_tile(rows.v, (tile_n, d), (None, 0))
         thr_in = gmem_copy_in.get_slice(tidx)
         tQgQ, tQsQ = thr_in.partition_S(gQ), thr_in.partition_D(sQ)
         tKgK, tKsK = thr_in.partition_S(gK), thr_in.partition_D(sK)
@@ -168,6 +209,9 @@ class FlashFwdSm80:
             n_min, n_max, _, _ = mask_mod.kv_block_range(seqlen_q, seqlen_k, m_block, tile_m, tile_n,
                                                          False, True, window_left, window_right)
             ctx.n_min = n_min
+        if const_expr(self.seqused_q):  # a tile past seqused_q sees nothing (O = 0, LSE = -inf)
+            if m_block * tile_m >= seqlen_q:
+                n_max = ctx.n_min
         if n_max > ctx.n_min:  # else every row of the tile is fully masked: O = 0, LSE = -inf
             su.copy_rows(gmem_copy_in, tQgQ, tQsQ, tQcQ, seqlen_q - m_block * tile_m, True)
             cute.arch.cp_async_commit_group()
@@ -198,10 +242,14 @@ class FlashFwdSm80:
             for i in cutlass.range(n_mask_min - ctx.n_min, unroll=1):
                 slot = self.kv_block(ctx, n_mask_min - 1 - i, slot, False, False)
 
+        if const_expr(self.seqused_q):  # rows past seqused_q: fully masked (O = 0, LSE = -inf)
+            for r in cutlass.range_constexpr(n_rows):
+                if m_block * tile_m + tScS_mn[r, 0][0] >= seqlen_q:
+                    row_max[r] = -Float32.inf
+                    row_sum[r] = Float32(0.0)
         sm.finalize(row_max, row_sum, row_scale, lse, softmax_scale)
         sm.rescale_o(acc_O_mn, row_scale)
-        self.epilogue(acc_O, lse, mO, mLSE, sQ, gmem_copy_out, tiled_mma, tidx, m_block, head,
-                      batch, seqlen_q)
+        self.epilogue(acc_O, lse, rows, sQ, gmem_copy_out, tiled_mma, tidx, m_block, store_q)
 
     @cute.jit
     def load_kv(self, ctx, tXgX: cute.Tensor, tXsX: cute.Tensor, n_block: Int32, slot: Int32,
@@ -278,9 +326,10 @@ class FlashFwdSm80:
         return nxt
 
     @cute.jit
-    def epilogue(self, acc_O: cute.Tensor, lse: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
-                 sQ: cute.Tensor, gmem_copy_out: cute.TiledCopy, tiled_mma: cute.TiledMma,
-                 tidx: Int32, m_block: Int32, head: Int32, batch: Int32, seqlen_q: Int32):
+    def epilogue(self, acc_O: cute.Tensor, lse: cute.Tensor, rows, sQ: cute.Tensor,
+                 gmem_copy_out: cute.TiledCopy, tiled_mma: cute.TiledMma, tidx: Int32,
+                 m_block: Int32, store_q: Int32):
+        """O and LSE of the tile's rows below store_q (rows: see kernel)."""
         tile_m, d = self.tile_m, self.d
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
         rO.store(acc_O.load().to(self.dtype))
@@ -292,14 +341,15 @@ class FlashFwdSm80:
         cute.arch.barrier()
 
         # rows back out of smem 16 bytes per thread, so the global stores are full 16-byte vectors
-        gO = cute.local_tile(mO[batch, None, head, None], (tile_m, d), (m_block, 0))
+        mO = su.seq_rows(rows.mO, rows.bidx, rows.head, rows.offset_q)
+        gO = cute.local_tile(mO, (tile_m, d), (m_block, 0))
         thr_out = gmem_copy_out.get_slice(tidx)
         tOsO = thr_out.partition_S(sO)
         tOgO = thr_out.partition_D(gO)
         tOcO = thr_out.partition_D(cute.make_identity_tensor((tile_m, d)))
         tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
         cute.autovec_copy(tOsO, tOrO)
-        row_limit = seqlen_q - m_block * tile_m
+        row_limit = store_q - m_block * tile_m
         for m in cutlass.range_constexpr(cute.size(tOrO, mode=[1])):
             if tOcO[0, m, 0][0] < row_limit:
                 cute.copy(gmem_copy_out, tOrO[None, m, None], tOgO[None, m, None])
@@ -307,8 +357,11 @@ class FlashFwdSm80:
         # LSE: the thread holding column 0 of each of its rows writes it (valid rows only)
         tOcO_mn = su.acc_to_mn(tiled_mma.get_slice(tidx).partition_C(
             cute.make_identity_tensor((tile_m, d))))
+        mLSE = rows.mLSE[rows.bidx, rows.head, None]
+        if const_expr(self.varlen):
+            mLSE = cute.domain_offset((rows.offset_q,), mLSE)
         if tOcO_mn[0, 0][1] == 0:
             for r in cutlass.range_constexpr(cute.size(lse)):
                 row = tOcO_mn[r, 0][0]
                 if row < row_limit:
-                    mLSE[batch, head, m_block * tile_m + row] = lse[r]
+                    mLSE[m_block * tile_m + row] = lse[r]

@@ -110,3 +110,34 @@ def copy_rows(tiled_copy: cute.TiledCopy, src: cute.Tensor, dst: cute.Tensor, co
         for m in cutlass.range_constexpr(rows):
             pred[0, m, 0] = coord[0, m, 0][0] < limit
         cute.copy(tiled_copy, src, dst, pred=pred)
+
+
+@cute.jit
+def seq_info(batch: cutlass.Int32, seqlen_q, seqlen_k, cu_q, cu_k, used_q, used_k):
+    """One sequence's rows, FA3's varlen / seqused semantics (as fa3.hopper.fwd_kernel.seq_info):
+    (offset_q, offset_k, seqlen_q, store_q, seqlen_k, store_k, bidx). cu_q/cu_k (b+1,) int32 or
+    None (dense: offsets 0, tensor batch `batch`; varlen: the tensors are one packed batch, bidx 0);
+    used_q/used_k (b,) int32 or None clip the valid lengths seqlen_q/k that the masks use and the
+    diagonal aligns to; store_q/k are the rows of the output this sequence owns (past the valid
+    ones: O = 0, LSE = -inf, dQ/dK/dV = 0). Dense inputs: seqlen_q/k are the tensors' lengths."""
+    offset_q, offset_k, bidx = 0, 0, batch
+    store_q, store_k = seqlen_q, seqlen_k
+    if cutlass.const_expr(cu_q is not None):
+        offset_q, offset_k, bidx = cu_q[batch], cu_k[batch], 0
+        store_q = cu_q[batch + 1] - offset_q
+        store_k = cu_k[batch + 1] - offset_k
+    valid_q, valid_k = store_q, store_k
+    if cutlass.const_expr(used_q is not None):
+        valid_q = cutlass.min(used_q[batch], store_q)
+    if cutlass.const_expr(used_k is not None):
+        valid_k = cutlass.min(used_k[batch], store_k)
+    return offset_q, offset_k, valid_q, store_q, valid_k, store_k, bidx
+
+
+def seq_rows(t: cute.Tensor, bidx, head, offset) -> cute.Tensor:
+    """(rows, d) view of one (batch, head) of a (b, s, h, d) tensor, starting at row `offset` (a
+    varlen sequence's first row in the packed tensor; a Python 0 adds nothing)."""
+    rows = t[bidx, None, head, None]
+    if isinstance(offset, int) and offset == 0:
+        return rows
+    return cute.domain_offset((offset, 0), rows)

@@ -72,7 +72,7 @@ _FWD_FAMILIES = {
 # shares), the (d, dv) pairs with d != dv it takes, and the optional features it implements.
 _FWD_ADDS = {
     "sm90": ((96, 192), ((192, 128),), frozenset({"varlen", "seqused", "window", "softcap", "sink"})),
-    "sm80": ((), (), frozenset({"window", "softcap"})),
+    "sm80": ((), (), frozenset({"varlen", "seqused", "window", "softcap"})),
 }
 
 

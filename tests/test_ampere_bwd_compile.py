@@ -44,6 +44,29 @@ def test_window_softcap_variants_compile(cfg, tmp_path):
     assert ("tanh.approx" in ptx) == cfg.softcap
 
 
+VARLEN = list(f.varlen_variants("sm_80")) + [
+    f.default_config(128, "bfloat16", True, "sm_90", varlen=True, seqused_q=True, seqused_k=True)]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("cfg", VARLEN, ids=str)
+def test_varlen_seqused_variants_compile(cfg, tmp_path):
+    """Every varlen / seqused build (varlen_variants, and an sm_90 one for the lent Hopper GPU)."""
+    ptx = _ptx(cfg, tmp_path)
+    for needle in ("mma.sync.aligned.m16n8k16", "cp.async.wait_group", "atom.global.add"):
+        assert needle in ptx, needle
+    assert ".local" not in ptx
+    assert ("tanh.approx" in ptx) == cfg.softcap
+
+
+def test_varlen_variants_cover_the_switches():
+    assert len(VARLEN) == len(set(VARLEN))
+    for name in ("varlen", "seqused_q", "seqused_k", "local", "softcap", "causal"):
+        assert any(getattr(c, name) for c in VARLEN), name
+    assert any(c.seqused_q and not c.varlen for c in VARLEN)  # seqused without cu_seqlens
+    assert not any(c.varlen or c.seqused_q or c.seqused_k for c in SM80)  # shipped dense builds
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("cfg", PRE80[:2] + [f.PreprocessSm80Config("float16", 256, "sm_90")], ids=str)
 def test_preprocess_builds_for_the_family_arch(cfg, tmp_path):
@@ -94,8 +117,8 @@ def test_bwd_missing_names_features():
     assert f.bwd_missing(r) is None
     assert f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, False, (8, 8), 5.0,
                                     False, False, False, False)) is None  # window + softcap
-    assert "varlen" in f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, False, (-1, -1), 0.0,
-                                                 True, False, False, False))
+    assert f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, True, (-1, 0), 0.0,
+                                    True, False, True, False)) is None  # varlen + seqused
     assert "sink" in f.bwd_missing(FwdRequest(torch.bfloat16, 128, 128, False, (-1, -1), 0.0,
                                                False, True, False, False))
 

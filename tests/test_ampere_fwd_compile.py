@@ -42,6 +42,26 @@ def test_window_softcap_variants_compile(cfg, tmp_path):
     assert ("tanh.approx" in ptx) == cfg.softcap
 
 
+VARLEN = list(f.varlen_variants("sm_80")) + [
+    f.default_config(128, "bfloat16", True, "sm_90", varlen=True, seqused_q=True)]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("cfg", VARLEN, ids=str)
+def test_varlen_seqused_variants_compile(cfg, tmp_path):
+    """Every varlen / seqused build (varlen_variants, and the one the lent Hopper GPU runs most)."""
+    ptx = _check_ptx(cfg, tmp_path)
+    assert ("tanh.approx" in ptx) == cfg.softcap
+
+
+def test_varlen_variants_cover_the_switches():
+    assert len(VARLEN) == len(set(VARLEN))
+    for name in ("varlen", "seqused_q", "seqused_k", "local", "softcap", "causal"):
+        assert any(getattr(c, name) for c in VARLEN), name
+    assert any(c.seqused_k and not c.varlen for c in VARLEN)  # seqused without cu_seqlens
+    assert not any(c.varlen or c.seqused_q or c.seqused_k for c in SM80)  # shipped dense builds
+
+
 def test_window_and_softcap_scales():
     from fa3.hopper.mask import UNBOUNDED
 

@@ -199,7 +199,8 @@ def _req(**over):
     (dict(has_sink=True), "learnable sink"), (dict(fp8=True, softcap=30.0), "fp8"),
 ])
 def test_dispatch_names_missing_features(over, name):
-    # sm90's bf16/fp16 forward has every feature here; sm80's has hd96, softcap and the window
+    # sm90's bf16/fp16 forward has every feature here; sm80's has hd96, softcap, the window and
+    # varlen
     missing = _dispatch.fwd_missing("sm90", _req(**over))
     if over.get("fp8"):
         assert missing is not None and name in missing
@@ -208,7 +209,8 @@ def test_dispatch_names_missing_features(over, name):
     else:
         assert missing is None, missing
     missing80 = _dispatch.fwd_missing("sm80", _req(**over))
-    if not over.get("fp8") and (over.get("d") == 96 or "softcap" in over or "window" in over):
+    if not over.get("fp8") and (over.get("d") == 96 or "softcap" in over or "window" in over
+                                or "varlen" in over):
         assert missing80 is None
     else:
         assert missing80 is not None and name.split()[0] in missing80
