@@ -36,6 +36,7 @@ ABLATIONS = [
     ("neither", {"overlap": False, "pingpong": False}),
     ("non-persistent", {"persistent": False}),  # one CTA per tile instead of #SMs CTAs
     ("late-q", {"q_early": False}),  # Q's buffer freed after the tile's last PV, not its last S
+    ("no-l2-group", {"l2_group": False}),  # causal: heaviest-first over all heads at once
 ]
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}

@@ -37,6 +37,9 @@ class FwdConfig:
     # the next tile's Q (and the K behind it) runs under the last softmax, PV and epilogue
     # instead of after them: short tiles (causal, short sequences) wait less for Q.
     q_early: bool = True
+    # causal: heaviest-first order within groups of heads whose K/V fit in L2 (tile_scheduler)
+    # rather than over all heads at once
+    l2_group: bool = True
     # Where O gets no smem buffer of its own (hd256): stage it in Q's buffer and TMA-store it
     # (persistent: Q is then released after the store has read smem), instead of storing it
     # from registers straight to global memory.

@@ -38,7 +38,7 @@ from fa3.hopper import softmax as sm
 from fa3.hopper.fwd_common import (BAR_PINGPONG, REGS, PingpongMixin, consumer_fragments,
                                    make_qkv_pipes, store_lse, store_o_rows, tma_load, tma_load_block,
                                    tma_tiles)
-from fa3.hopper.tile_scheduler import decode_tile, tile_index, varlen_decode, varlen_window
+from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index, varlen_decode, varlen_window
 from fa3.hopper.tile_size import separate_o_fits
 from fa3.hopper.wgmma_utils import acc_to_frag_a, acc_to_mn, gemm, pack_f16x2, smem_layout, transpose_view
 
@@ -203,12 +203,16 @@ class FlashFwdSm90(PingpongMixin):
         num_heads, num_hb = mQ.shape[2], mQ.shape[2] * mQ.shape[3]
         qhead_per_kvhead = mQ.shape[2] // mK.shape[2]
         total_tiles = num_m_blocks * num_hb
+        group = None
+        if const_expr(self.lpt and self.cfg.l2_group and not self.cfg.varlen):
+            group = lpt_group(seqlen_k, (self.d + self.dv) * 2,  # 16-bit K and V
+                              qhead_per_kvhead, num_hb)
         # per-call inputs of the features; loop-invariant
         feat = SimpleNamespace(cu_q=mCuSeqlensQ, cu_k=mCuSeqlensK, used_q=mSeqUsedQ, used_k=mSeqUsedK,
                                sink=mSink, softcap_pre=softcap_pre, window_left=window_left,
                                window_right=window_right, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                num_m_blocks=num_m_blocks, num_heads=num_heads, num_hb=num_hb,
-                               total_tiles=total_tiles)
+                               total_tiles=total_tiles, lpt_group=group)
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[self.num_consumers][0])
@@ -238,7 +242,7 @@ class FlashFwdSm90(PingpongMixin):
             return varlen_decode(tile, c_b, c_t, c_incl, feat.cu_q, self.tile_m, feat.num_heads,
                                  self.lpt, self.qpk)
         m_block, head, batch = decode_tile(tile, feat.num_m_blocks, feat.num_heads, feat.num_hb,
-                                           self.lpt)
+                                           self.lpt, feat.lpt_group)
         return m_block, head, batch, tile < feat.total_tiles, c_b, c_t, c_incl
 
     @cute.jit

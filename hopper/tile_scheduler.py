@@ -4,7 +4,8 @@ A tile is (m_block, head, batch). Non-causal tiles all cost the same: m_block va
 CTAs running at one time share a head and its K/V stay in L2. Causal tiles differ in cost (the last
 query block sees every key): the heaviest m_block goes first (longest-processing-time first), all
 heads and batches of it before the next lighter one, so the tail of the schedule is short tiles; and
-CTAs walk the rounds in snake order (tile_index) so each CTA's sum of work stays even.
+CTAs walk the rounds in snake order (tile_index) so each CTA's sum of work stays even. The LPT order
+runs within groups of (batch, head) pairs whose K/V fit in L2 (lpt_group), one group after another.
 With persistent=False the grid covers every tile and the loop body runs once per CTA.
 The producer and the consumers walk the same sequence independently: no shared state, no atomics.
 
@@ -32,9 +33,33 @@ def grid_size(total_tiles: int, num_sms: int, persistent: bool) -> int:
     return max(1, min(total_tiles, num_sms) if persistent else total_tiles)
 
 
-def decode_tile(tile, num_m_blocks, num_heads, num_hb, lpt: bool):
-    """Linear tile index -> (m_block, head, batch). Traced DSL code (Int32 arithmetic)."""
-    if lpt:
+# K/V bytes that the (batch, head) pairs of one causal LPT group may share through L2 (H100 has
+# 50 MB, H200 60 MB; FA3 assumes 32 MB).
+L2_GROUP_BYTES = 32 << 20
+
+
+def lpt_group(seqlen_k, bytes_per_key: int, qhead_per_kvhead, num_hb):
+    """(batch, head) pairs per causal LPT group: as many as keep their K/V within L2_GROUP_BYTES
+    (query heads sharing a kv head count once), at least one, at most all."""
+    kv_heads = cutlass.max(Int32(L2_GROUP_BYTES) // cutlass.max(seqlen_k * bytes_per_key, 1), 1)
+    return cutlass.min(kv_heads * qhead_per_kvhead, num_hb)
+
+
+def decode_tile(tile, num_m_blocks, num_heads, num_hb, lpt: bool, group=None):
+    """Linear tile index -> (m_block, head, batch). Traced DSL code (Int32 arithmetic).
+    lpt with ``group`` (lpt_group): heaviest m_block first within each group of that many
+    (batch, head) pairs, group after group, so the CTAs running at one time read the K/V of a
+    few heads (L2 hits) instead of one block of every head (each re-read from HBM per m_block:
+    short causal sequences were memory-bound on the H100 that way)."""
+    if lpt and group is not None:
+        per = group * num_m_blocks
+        grp = tile // per
+        r = tile - grp * per
+        g0 = grp * group
+        gc = cutlass.max(cutlass.min(group, num_hb - g0), 1)  # the last group may be short
+        m_block = num_m_blocks - 1 - r // gc
+        hb = g0 + r % gc
+    elif lpt:
         m_block = num_m_blocks - 1 - tile // num_hb
         hb = tile % num_hb
     else:

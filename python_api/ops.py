@@ -7,6 +7,7 @@ Varlen layout (cu_seqlens given): q (total_q, h, d) -> out (total_q, h, dv), lse
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -35,6 +36,9 @@ def fwd_request(q, v, causal, window_left, window_right, softcap, varlen, sink, 
         has_sink=sink is not None, has_seqused=seqused, fp8=q.dtype == torch.float8_e4m3fn)
 
 
+_CHECKED: dict = {}
+
+
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor,
         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
         seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
@@ -44,10 +48,19 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor,
         v_descale: Optional[Tensor], deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
     # deterministic only affects the backward; it rides on the forward so autograd can see it.
     varlen = cu_seqlens_q is not None
-    be = _dispatch.resolve_backend(q.device, backend)
-    req = fwd_request(q, v, causal, window_left, window_right, softcap, varlen, sink,
-                      seqused_q is not None or seqused_k is not None)
-    _dispatch.require_fwd(be, req)
+    seqused = seqused_q is not None or seqused_k is not None
+    # backend choice and feature check, remembered per request (they are the same every call of
+    # a loop; the environment variable is part of the key, so changing it takes effect)
+    key = (backend, os.environ.get("FA3_BACKEND"), q.device, q.dtype, q.shape[-1], v.shape[-1], causal,
+           window_left, window_right, softcap, varlen, sink is None, seqused)
+    be = _CHECKED.get(key)
+    if be is None:
+        be = _dispatch.resolve_backend(q.device, backend)
+        _dispatch.require_fwd(be, fwd_request(q, v, causal, window_left, window_right, softcap,
+                                              varlen, sink, seqused))
+        if len(_CHECKED) > 4096:
+            _CHECKED.clear()
+        _CHECKED[key] = be
     out, lse = _alloc(q, v, varlen)
     _dispatch.run_fwd(be, q, k, v, out, lse, softmax_scale, causal,
                       **_features(causal, window_left, window_right, softcap, cu_seqlens_q, cu_seqlens_k,
@@ -84,8 +97,10 @@ def call_fwd(q, k, v, *args):
     """The wrappers' entry. Tracing (torch.compile) and autograd go through the custom op; plain
     eager inference on CUDA calls the implementation directly, skipping the op layer's Python
     dispatch (~50 us per call measured on H200, more than a short attention takes)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, *args))
+    sink = args[11]  # the only other input that can carry a gradient (see _fwd_impl's signature)
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (isinstance(sink, Tensor) and sink.requires_grad))
     if q.device.type != "cuda" or needs_grad or torch.compiler.is_compiling():
         return fwd(q, k, v, *args)
     return _fwd_impl(q, k, v, *args)
