@@ -1,8 +1,9 @@
 """FA3's ``flash_attn_interface`` functions, same signatures and return conventions.
 
 Each function validates its inputs (clear exceptions before any launch) and calls the custom op
-``torch.ops.fa3.fwd``. Performance hints FA3 accepts (num_splits, pack_gqa) are accepted; options
-that change results or resources and are not built yet raise NotImplementedError by name.
+``torch.ops.fa3.fwd``. FA3's performance hints are accepted: num_splits (ignored: no split-KV
+kernel yet) and pack_gqa (None: the kernel's heuristic; False: one query head per tile on sm90).
+Options that change results or resources and are not built yet raise NotImplementedError by name.
 Extra keyword-only arguments: ``learnable_sink`` (per-head logit in the softmax denominator) and
 ``backend`` ("auto" | "sm90" | "sm80"; also the FA3_BACKEND environment variable).
 """
@@ -85,6 +86,13 @@ def _backend(backend) -> str:
     return backend
 
 
+def _pack_gqa(pack_gqa):
+    """FA3's hint: None (heuristic), True or False; anything else is refused."""
+    if pack_gqa is not None and not isinstance(pack_gqa, bool):
+        V._fail(f"pack_gqa must be None, True or False, got {pack_gqa!r}")
+    return pack_gqa
+
+
 def _ret(out, lse, want_lse):
     return (out, lse) if want_lse else out
 
@@ -108,7 +116,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     _check_fp8(q, (q_descale, k_descale, v_descale), q.shape[0], k.shape[2])
     out, lse = ops.call_fwd(q, k, v, None, None, None, None, q.shape[1], k.shape[1], scale, bool(causal),
                        left, right, softcap, learnable_sink, q_descale, k_descale, v_descale,
-                       bool(deterministic), _backend(backend))
+                       bool(deterministic), _backend(backend), _pack_gqa(pack_gqa))
     return _ret(out, lse, return_attn_probs)
 
 
@@ -142,7 +150,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_fp8(q, (q_descale, k_descale, v_descale), b, k.shape[1])
     out, lse = ops.call_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
                        max_seqlen_k, scale, bool(causal), left, right, softcap, learnable_sink,
-                       q_descale, k_descale, v_descale, bool(deterministic), _backend(backend))
+                       q_descale, k_descale, v_descale, bool(deterministic), _backend(backend),
+                       _pack_gqa(pack_gqa))
     return _ret(out, lse, return_attn_probs)
 
 
@@ -204,7 +213,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     _check_fp8(q, (q_descale, k_descale, v_descale), b, k_cache.shape[2])
     out, lse = ops.call_fwd(q, k_cache, v_cache, None, None, None, cache_seqlens, q.shape[1],
                        k_cache.shape[1], scale, bool(causal), left, right, softcap, learnable_sink,
-                       q_descale, k_descale, v_descale, False, _backend(backend))
+                       q_descale, k_descale, v_descale, False, _backend(backend), _pack_gqa(pack_gqa))
     return _ret(out, lse, return_softmax_lse)
 
 

@@ -45,8 +45,11 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor,
         max_seqlen_q: int, max_seqlen_k: int,
         softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
         sink: Optional[Tensor], q_descale: Optional[Tensor], k_descale: Optional[Tensor],
-        v_descale: Optional[Tensor], deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+        v_descale: Optional[Tensor], deterministic: bool, backend: str,
+        pack_gqa: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     # deterministic only affects the backward; it rides on the forward so autograd can see it.
+    # pack_gqa is FA3's performance hint: None lets the kernel choose; False keeps one query head
+    # per tile on the sm90 bf16/fp16 kernel (True is its default where it packs: GQA ratios 2/4/8).
     varlen = cu_seqlens_q is not None
     seqused = seqused_q is not None or seqused_k is not None
     # backend choice and feature check, remembered per request (they are the same every call of
@@ -66,7 +69,10 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor,
                       **_features(causal, window_left, window_right, softcap, cu_seqlens_q, cu_seqlens_k,
                                   seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, sink),
                       **{n: t for n, t in (("q_descale", q_descale), ("k_descale", k_descale),
-                                           ("v_descale", v_descale)) if t is not None})
+                                           ("v_descale", v_descale)) if t is not None},
+                      **({"config_overrides": {"pack_gqa": 1}}
+                         if pack_gqa is False and be == "sm90" and q.dtype != torch.float8_e4m3fn
+                         else {}))
     return out, lse
 
 
@@ -109,7 +115,7 @@ def call_fwd(q, k, v, *args):
 @fwd.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
               max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, sink,
-              q_descale, k_descale, v_descale, deterministic, backend):
+              q_descale, k_descale, v_descale, deterministic, backend, pack_gqa=None):
     return _alloc(q, v, cu_seqlens_q is not None)
 
 
@@ -142,7 +148,8 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, se
 
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k",
              "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",
-             "window_right", "softcap", "sink", "q_descale", "k_descale", "v_descale", "deterministic", "backend")
+             "window_right", "softcap", "sink", "q_descale", "k_descale", "v_descale", "deterministic", "backend",
+             "pack_gqa")
 
 
 def _setup_context(ctx, inputs, output):

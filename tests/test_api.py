@@ -289,3 +289,18 @@ def test_custom_ops_pass_opcheck():
             None, False, "")
     torch.library.opcheck(torch.ops.fa3.fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_pack_gqa_hint_reaches_the_sm90_kernel(monkeypatch):
+    # pack_gqa=False becomes the kernel's pack_gqa=1 override; None/True leave the heuristic alone
+    from fa3 import _dispatch, ops
+
+    seen = []
+    monkeypatch.setattr(_dispatch, "run_fwd", lambda *a, **kw: seen.append(kw))
+    q, k = meta(2, 64, 8, 128), meta(2, 64, 2, 128)
+    for hint in (None, True, False):
+        ops._fwd_impl(q, k, k, None, None, None, None, 64, 64, 0.1, False, -1, -1, 0.0, None, None,
+                      None, None, False, "", hint)
+    assert [kw.get("config_overrides") for kw in seen] == [None, None, {"pack_gqa": 1}]
+    with pytest.raises(ValueError, match="pack_gqa"):
+        fa3.flash_attn_func(q, k, k, pack_gqa="yes")
