@@ -39,6 +39,7 @@ class Fp8FwdConfig:
     persistent: bool = True  # grid = #SMs walking tiles; else one CTA per tile
     rescale_early: bool = False  # rescale O while the next S = Q K^T runs (else after PV)
     out_dtype: str = "bfloat16"
+    l2_group: bool = True  # causal: heaviest-first within groups of heads sharing L2 (tile_scheduler)
 
 
 def smem_bytes(tile_m: int, tile_n: int, d: int, dv: int, stages: int) -> int:
@@ -92,7 +93,7 @@ ABLATIONS = [
     (256, False, dict(persistent=False)), (256, False, dict(stages=2)),
     (256, False, dict(rescale_early=False)), (256, False, dict(pingpong=True)),
     (256, True, dict(rescale_early=False)), (256, True, dict(persistent=False)),
-    (256, True, dict(stages=2)),
+    (256, True, dict(stages=2)), (128, True, dict(l2_group=False)), (256, True, dict(l2_group=False)),
 ]
 
 

@@ -46,7 +46,7 @@ from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
 from fa3.hopper.fwd_common import (REGS, PingpongMixin, consumer_fragments, make_qkv_pipes, store_lse,
                                    store_o_rows, tma_load, tma_load_block, tma_tiles)
-from fa3.hopper.tile_scheduler import decode_tile, tile_index
+from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index
 from fa3.hopper.wgmma_utils import acc_to_mn, gemm, smem_layout
 
 P_EXP_OFFSET = 8.0  # P is computed as 2^8 * softmax numerator (uses e4m3's range; exact power of 2
@@ -173,9 +173,12 @@ class FlashFwdFp8Sm90(PingpongMixin):
         num_heads, num_hb = mQ.shape[2], mQ.shape[2] * mQ.shape[3]
         qhead_per_kvhead = mQ.shape[2] // mK.shape[2]
         total_tiles = num_m_blocks * num_hb
+        # causal: heaviest-first within groups of heads whose (1-byte) K and Vt fit in L2
+        group = lpt_group(seqlen_k, self.d + self.dv, qhead_per_kvhead, num_hb) if const_expr(
+            self.causal and self.cfg.l2_group) else None
         dims = SimpleNamespace(seqlen_q=seqlen_q, seqlen_k=seqlen_k, num_m_blocks=num_m_blocks,
                                num_heads=num_heads, num_hb=num_hb, qpk=qhead_per_kvhead,
-                               total_tiles=total_tiles)
+                               total_tiles=total_tiles, lpt_group=group)
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[self.num_consumers][0])
             if warp_idx == 0:
@@ -199,7 +202,7 @@ class FlashFwdFp8Sm90(PingpongMixin):
         tile = cta
         while tile < dims.total_tiles:
             m_block, head, batch = decode_tile(tile, dims.num_m_blocks, dims.num_heads, dims.num_hb,
-                                               self.causal)
+                                               self.causal, dims.lpt_group)
             head_kv = head // dims.qpk
             gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (m_block, 0))
             gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (None, 0))
@@ -252,7 +255,7 @@ class FlashFwdFp8Sm90(PingpongMixin):
         tile = cta
         while tile < dims.total_tiles:
             m_block, head, batch = decode_tile(tile, dims.num_m_blocks, dims.num_heads, dims.num_hb,
-                                               self.causal)
+                                               self.causal, dims.lpt_group)
             head_kv = head // dims.qpk
             n_max = mask_mod.n_block_max(dims.seqlen_q, dims.seqlen_k, m_block, self.tile_m,
                                          self.tile_n, self.causal)
