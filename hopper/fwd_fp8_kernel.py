@@ -174,8 +174,9 @@ class FlashFwdFp8Sm90(PingpongMixin):
         qhead_per_kvhead = mQ.shape[2] // mK.shape[2]
         total_tiles = num_m_blocks * num_hb
         # causal: heaviest-first within groups of heads whose (1-byte) K and Vt fit in L2
-        group = lpt_group(seqlen_k, self.d + self.dv, qhead_per_kvhead, num_hb) if const_expr(
-            self.causal and self.cfg.l2_group) else None
+        group = None
+        if const_expr(self.causal and self.cfg.l2_group):
+            group = lpt_group(seqlen_k, self.d + self.dv, qhead_per_kvhead, num_hb, num_m_blocks)
         dims = SimpleNamespace(seqlen_q=seqlen_q, seqlen_k=seqlen_k, num_m_blocks=num_m_blocks,
                                num_heads=num_heads, num_hb=num_hb, qpk=qhead_per_kvhead,
                                total_tiles=total_tiles, lpt_group=group)
