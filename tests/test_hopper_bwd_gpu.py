@@ -109,7 +109,7 @@ WINDOWS = [(64, 0), (100, 50), (-1, 32), (0, 0), (256, -1)]
 @pytest.mark.parametrize("sq,sk", [(113, 203), (799, 3), (3, 1100), (1000, 1357), (1024, 1024)])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_bwd_window(d, sq, sk, window):
-    """Sliding window (implemented, refused to users until these pass: VERIFIED_FEATURES)."""
+    """Sliding window (a feature users get only while these pass: VERIFIED_FEATURES)."""
     check(1, 6, 2, sq, sk, d, torch.bfloat16, False, window=window)
 
 
@@ -128,8 +128,8 @@ def test_bwd_window_deterministic(d):
 @pytest.mark.parametrize("sq,sk", [(113, 203), (1000, 1357), (3, 1100)])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_bwd_softcap(d, sq, sk, causal, window):
-    """softcap 30 on scores scaled up 3x (so tanh saturates for some), GQA; implemented, refused to
-    users until these pass (VERIFIED_FEATURES)."""
+    """softcap 30 on scores scaled up 3x (so tanh saturates for some), GQA (VERIFIED_FEATURES lists
+    softcap because these pass)."""
     if causal and window is not None:
         pytest.skip("causal + window is the window (left, 0), covered by test_bwd_window")
     q, k, v, do = make(1, 6, 2, sq, sk, d, torch.bfloat16)
