@@ -33,3 +33,13 @@ def check_ptx(ptx_path, ptx, tmp_path, needles=(), spill_limit=0):
         rep.stderr[-2000:]
     assert "C7519" not in rep.stderr, "ptxas serialized wgmmas (register operand defined late)"
     assert "C7508" not in rep.stderr, "setmaxnreg ignored"
+
+
+def check_varlen_coverage(varlen_cfgs, dense_cfgs, seqused_alone):
+    """A family's varlen build list: no repeats, every switch on in some build, ``seqused_alone``
+    ("seqused_q" / "seqused_k") once without cu_seqlens, and no shipped dense build switched."""
+    assert len(varlen_cfgs) == len(set(varlen_cfgs))
+    for name in ("varlen", "seqused_q", "seqused_k", "local", "softcap", "causal"):
+        assert any(getattr(c, name) for c in varlen_cfgs), name
+    assert any(getattr(c, seqused_alone) and not c.varlen for c in varlen_cfgs)
+    assert not any(c.varlen or c.seqused_q or c.seqused_k for c in dense_cfgs)
