@@ -82,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip the output check against torch SDPA")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=100)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every impl of a shape this many times, interleaved (A B C A B C ...), and "
+                        "report each impl's median round: clock drift then hits all impls alike")
     p.add_argument("--sets", type=int, default=0, help="input sets rotated per shape (default: enough to exceed L2 3x, >= 3)")
     p.add_argument("--no-gemm", action="store_true", help="skip the cuBLAS roofline GEMM")
     p.add_argument("--tag", default=None, help="file name tag (default quick/full/custom)")
@@ -349,18 +352,22 @@ def main(argv=None) -> int:
                         ref = peers.reference_fwd(*sets[0], shape.causal)
                 except Exception as e:  # noqa: BLE001
                     runner.say_once(("ref", str(e)[:80]), f"  (no reference output for the check: {str(e)[:120]})")
-            for impl in impls:
-                runner.measure(impl, mode, shape, sets, ref)
-            if args.ablation and mode == "fwd":
-                fa3 = peers.make_impl("fa3")
-                for name, overrides in ABLATIONS:
-                    try:
-                        call = ablation_call(shape, sets, overrides)
-                    except Exception as e:  # noqa: BLE001
-                        runner.skip(f"fa3[{name}]", mode, shape, f"fa3.hopper.flash_fwd unavailable: {e!r}")
-                        continue
-                    runner.measure(fa3, mode, shape, sets, ref, label=f"fa3[{name}]", call=call,
-                                   ablation=name, overrides=overrides)
+            first = len(runner.rows)
+            for _ in range(max(1, args.rounds)):
+                for impl in impls:
+                    runner.measure(impl, mode, shape, sets, ref)
+                if args.ablation and mode == "fwd":
+                    fa3 = peers.make_impl("fa3")
+                    for name, overrides in ABLATIONS:
+                        try:
+                            call = ablation_call(shape, sets, overrides)
+                        except Exception as e:  # noqa: BLE001
+                            runner.skip(f"fa3[{name}]", mode, shape, f"fa3.hopper.flash_fwd unavailable: {e!r}")
+                            continue
+                        runner.measure(fa3, mode, shape, sets, ref, label=f"fa3[{name}]", call=call,
+                                       ablation=name, overrides=overrides)
+            if args.rounds > 1:
+                runner.rows[first:] = U.merge_rounds(runner.rows[first:])
             del sets, ref
             if cuda:
                 torch.cuda.empty_cache()

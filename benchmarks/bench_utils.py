@@ -152,6 +152,27 @@ def make_row(impl: str, mode: str, dtype: str, shape: Shape, ms: float, **extra)
     return row
 
 
+def merge_rounds(rows: list) -> list:
+    """Rows of one (shape, mode) timed over several interleaved rounds -> one row per impl (first
+    appearance order) with the median round's ms and TFLOP/s and every round's ms in `rounds_ms`."""
+    by_impl: dict = {}
+    for r in rows:
+        by_impl.setdefault(r["impl"], []).append(r)
+    merged = []
+    for impl, rs in by_impl.items():
+        ms = sorted(r["ms"] for r in rs)
+        mid = ms[(len(ms) - 1) // 2] if len(ms) % 2 else (ms[len(ms) // 2 - 1] + ms[len(ms) // 2]) / 2
+        row = dict(rs[0])
+        row["tflops"] = rs[0]["tflops"] * rs[0]["ms"] / mid
+        row["ms"] = mid
+        row["rounds_ms"] = [r["ms"] for r in rs]
+        errs = [r["rel_err"] for r in rs if "rel_err" in r]
+        if errs:  # the worst round's check stands (NaN included)
+            row["rel_err"] = max(errs, key=lambda e: (e != e, e))
+        merged.append(row)
+    return merged
+
+
 def row_shape(row: dict) -> Shape:
     return Shape(row["b"], row["sq"], row["sk"], row["h"], row["h_kv"], row["d"], row["causal"])
 

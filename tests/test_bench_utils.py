@@ -151,6 +151,23 @@ def test_geomean_ratios_and_table():
     assert "fa3/fa2 4.00x (2 shapes)" in text
 
 
+def test_merge_rounds_takes_each_impls_median_round():
+    a = U.Shape(1, 1024, 1024, 16, 16, 128, False)
+    rows = [U.make_row("fa3", "fwd", "bf16", a, 1.0, rel_err=1e-3), U.make_row("fa2", "fwd", "bf16", a, 2.0),
+            U.make_row("fa3", "fwd", "bf16", a, 3.0, rel_err=float("nan")),
+            U.make_row("fa2", "fwd", "bf16", a, 2.5),
+            U.make_row("fa3", "fwd", "bf16", a, 2.0, rel_err=2e-3), U.make_row("fa2", "fwd", "bf16", a, 1.5)]
+    merged = U.merge_rounds(rows)
+    assert [r["impl"] for r in merged] == ["fa3", "fa2"]
+    fa3, fa2 = merged
+    assert fa3["ms"] == 2.0 and fa3["rounds_ms"] == [1.0, 3.0, 2.0]
+    assert fa3["tflops"] == pytest.approx(U.make_row("fa3", "fwd", "bf16", a, 2.0)["tflops"])
+    assert math.isnan(fa3["rel_err"])  # a NaN in any round is not averaged away
+    assert fa2["ms"] == 2.0 and "rel_err" not in fa2
+    even = U.merge_rounds(rows[:4])
+    assert even[0]["ms"] == 2.0 and even[1]["ms"] == 2.25
+
+
 def test_device_slug():
     assert U.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert U.device_slug("") == "unknown-device"
