@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Interleaved repeat timing of fa3's bf16 Hopper forward under config overrides, next to FA4 and
+cuDNN (SDPA), in one process. Each round times every cell once (round robin), so clock and thermal
+drift hit all cells alike; the table reports each cell's median over rounds. For tile/schedule
+experiments on a few shapes; `bench_attn.py --rounds` is the full matrix.
+
+    python benchmarks/fwd_repeat.py --shape 32,512,8,256,0 --shape 16,1024,8,256,1 \
+        --override tile_n=64 --override tile_n=64,o_in_q=True --rounds 3 --out sweep.json
+"""
+import argparse
+import ast
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def parse_override(text: str) -> dict:
+    """'tile_n=64,o_in_q=True' -> {'tile_n': 64, 'o_in_q': True}; 'default' -> {}."""
+    if text == "default":
+        return {}
+    return {k.strip(): ast.literal_eval(v.strip()) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", action="append", required=True, help="b,s,h,d,causal (repeatable)")
+    p.add_argument("--override", action="append", default=[], help="k=v[,k=v] FwdConfig overrides (repeatable)")
+    p.add_argument("--peers", default="fa4,cudnn", help="comma list of peers timed in each round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    import torch
+
+    import bench_utils as U
+    import peers
+    from timing import bench_ms, cycling
+
+    from fa3.hopper.flash_fwd import flash_fwd
+
+    impls = []
+    for name in filter(None, a.peers.split(",")):
+        impl = peers.make_impl(name)
+        try:
+            impl.load()
+            impls.append(impl)
+        except peers.Unavailable as e:
+            print(f"[{name}] unavailable: {e}")
+    results = []
+    for text in a.shape:
+        b, s, h, d, causal = (int(x) for x in text.split(","))
+        sh = U.Shape(b, s, s, h, h, d, bool(causal))
+        sets = [tuple(torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                for _ in range(3)]
+        out = torch.empty(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+        lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
+        cells = {}
+        for ov_text in ["default"] + a.override:
+            ov = parse_override(ov_text)
+            cells[ov_text] = cycling([lambda x=x, ov=ov: flash_fwd(*x, out, lse, d ** -0.5, sh.causal,
+                                                                   config_overrides=ov or None) for x in sets])
+        for impl in impls:
+            def call(x, impl=impl):
+                with impl.context():
+                    return impl.fwd(*x, sh.causal)
+            cells[impl.name] = cycling([lambda x=x, c=call: c(x) for x in sets])
+        for k, fn in list(cells.items()):
+            try:
+                fn()
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - a config that fails to build or run is reported
+                print(f"  {sh.label()} [{k}] failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                del cells[k]
+        times = {k: [] for k in cells}
+        for _ in range(a.rounds):
+            for k, fn in cells.items():
+                times[k].append(bench_ms(fn))
+        flops = U.attn_flops(b, s, s, h, d, sh.causal, "fwd")
+        tf = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
+        base = tf.get("default")
+        line = "  ".join(f"{k} {v:.0f}" + (f" ({v / base:.2f})" if base and k != "default" else "")
+                         for k, v in tf.items())
+        print(f"{sh.label():40} {line}", flush=True)
+        results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "d": d, "causal": bool(causal),
+                        "tflops_median": tf, "rounds_ms": times})
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rounds": a.rounds,
+                                           "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
