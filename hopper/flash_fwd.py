@@ -20,7 +20,7 @@ HEAD_DIMS = (64, 96, 128, 192, 256)
 HEAD_DIM_PAIRS = ((192, 128),)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FwdConfig:
     d: int
     dv: int
@@ -69,7 +69,8 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     dtype = _dtype_name(dtype)
     qpk = qhead_per_kvhead if qhead_per_kvhead > 1 else 1
     rows_q = seqlen_q * qpk if seqlen_q is not None else None
-    tile_m, tile_n, stages = tile_size(d, dv, causal, rows_q, local=features.get("local", False))
+    tile_m, tile_n, stages = tile_size(d, dv, causal, rows_q, local=features.get("local", False),
+                                       seqlen_k=seqlen_k)
     # Pack the heads of a GQA group into the tile's rows (FA4 does by default): K/V are read once
     # per group instead of once per query head, short sequences fill the tile, and a causal tile
     # spans fewer positions, so fewer blocks cross the diagonal.
@@ -93,8 +94,11 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
         persistent = False
     if features.get("varlen"):  # tiles are only known on the device: persistent walk, O from
         persistent, o_in_q = True, False  # registers (a TMA store cannot stop at a sequence end)
-    cfg = FwdConfig(d, dv, dtype, bool(causal), tile_m, tile_n, stages, True, pingpong, persistent,
-                    rescale_early, o_in_q, **features, pack_gqa=pack)
+    # keywords only: fields were added in the middle of FwdConfig before, and a positional o_in_q
+    # once landed in q_early (hd256 lost its staged O store, every other head dim its early Q)
+    cfg = FwdConfig(d=d, dv=dv, dtype=dtype, causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
+                    stages=stages, pingpong=pingpong, persistent=persistent,
+                    rescale_early=rescale_early, o_in_q=o_in_q, **features, pack_gqa=pack)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert not (cfg.causal and cfg.local), cfg
     assert cfg.persistent or not cfg.varlen, cfg

@@ -1,0 +1,38 @@
+"""The Hopper forward's config heuristic (pure Python, no DSL): the switches each head dim ships with.
+A positional argument once shifted o_in_q into q_early, silently turning off hd256's staged O store
+and every other head dim's early Q release; these pin the intended defaults."""
+import dataclasses
+
+import pytest
+
+from fa3.hopper.flash_fwd import FwdConfig, default_config
+from fa3.hopper.tile_size import separate_o_fits
+
+
+@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_defaults_release_q_early_and_stage_o(d, causal):
+    cfg = default_config(d, d, "bfloat16", causal, seqlen_q=4096, seqlen_k=4096)
+    assert cfg.overlap and cfg.q_early and cfg.l2_group
+    big = not separate_o_fits(cfg.tile_m, cfg.tile_n, d, d, cfg.stages)
+    # no smem for O beside Q: O is staged in Q's buffer, one tile per CTA
+    assert cfg.o_in_q == big and cfg.persistent == (not big)
+    if d == 256:
+        assert big and cfg.o_in_q and not cfg.persistent
+
+
+def test_varlen_keeps_o_in_registers():
+    cfg = default_config(256, 256, "bfloat16", False, features=dict(varlen=True))
+    assert cfg.persistent and not cfg.o_in_q
+
+
+def test_config_fields_are_keyword_only():
+    cfg = default_config(128, 128, "bfloat16", False)
+    with pytest.raises(TypeError):
+        FwdConfig(*[getattr(cfg, f.name) for f in dataclasses.fields(cfg)])
+
+
+@pytest.mark.parametrize("seqlen, tile_n", [(256, 64), (512, 64), (1024, 80), (4096, 80), (16384, 80)])
+def test_hd256_key_block_follows_padding(seqlen, tile_n):
+    assert default_config(256, 256, "bfloat16", False, seqlen_q=seqlen, seqlen_k=seqlen).tile_n == tile_n
+    assert default_config(256, 256, "bfloat16", False).tile_n == 80  # seqlen unknown
