@@ -27,7 +27,7 @@ SMEM_LIMIT = 227 * 1024
 VT_ALIGN = 32  # keys per permutation group (one fp8 wgmma k-block)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Fp8FwdConfig:
     d: int
     dv: int
@@ -67,8 +67,8 @@ def default_config(d: int, dv: int, causal: bool, seqlen_q: int | None = None,
     # hd256 without pingpong: rescale O under the next S GEMM (H200 16k, persistent, 3 stages:
     # non-causal 1012 -> 1132, causal 1072 -> 1102; runs differ by up to ~8%)
     rescale_early = max(d, dv) > 128
-    cfg = Fp8FwdConfig(d, dv, bool(causal), tile_m, tile_n, stages, pingpong, persistent,
-                       rescale_early)
+    cfg = Fp8FwdConfig(d=d, dv=dv, causal=bool(causal), tile_m=tile_m, tile_n=tile_n, stages=stages,
+                       pingpong=pingpong, persistent=persistent, rescale_early=rescale_early)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert cfg.d in HEAD_DIMS and cfg.dv in HEAD_DIMS and cfg.tile_n % 32 == 0, cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages) <= SMEM_LIMIT, f"smem: {cfg}"
