@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Interleaved repeat timing of fa3's backward (the whole call: preprocess, main kernel, dQ
+conversion) under config overrides, in one process; each round times every config once, and the
+table reports each config's median round. Peers are in `bench_attn.py --mode bwd --rounds`.
+
+    python benchmarks/bwd_repeat.py --backend sm90 --shape 1,16384,32,64,0 --override stagger=False
+    python benchmarks/bwd_repeat.py --backend sm80 --shape 4,4096,32,64,0 --override stagger=False
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("sm90", "sm80"), default="sm90")
+    p.add_argument("--shape", action="append", required=True, help="b,s,h,d,causal (repeatable)")
+    p.add_argument("--override", action="append", default=[], help="k=v[,k=v] config overrides (repeatable)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    import torch
+
+    import bench_utils as U
+    from fwd_repeat import parse_override
+    from timing import bench_ms, cycling
+
+    if a.backend == "sm90":
+        from fa3.hopper.flash_bwd import flash_bwd as bwd
+        from fa3.hopper.flash_fwd import flash_fwd as fwd
+    else:
+        from fa3.ampere.flash_bwd_sm80 import flash_bwd_sm80 as bwd
+        from fa3.ampere.flash_fwd_sm80 import flash_fwd_sm80 as fwd
+    results = []
+    for text in a.shape:
+        b, s, h, d, causal = (int(x) for x in text.split(","))
+        sh = U.Shape(b, s, s, h, h, d, bool(causal))
+        scale = 1 / math.sqrt(d)
+        sets = []
+        for _ in range(2):
+            q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+            fwd(q, k, v, out, lse, scale, sh.causal)
+            sets.append((do, q, k, v, out, lse))
+        cells = {}
+        for ov_text in ["default"] + a.override:
+            ov = parse_override(ov_text)
+            cells[ov_text] = cycling([lambda x=x, ov=ov: bwd(*x, scale, sh.causal, cfg_overrides=ov or None)
+                                      for x in sets])
+        for k, fn in list(cells.items()):
+            try:
+                fn()
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - a config that fails to build or run is reported
+                print(f"  {sh.label()} [{k}] failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                del cells[k]
+        times = {k: [] for k in cells}
+        for _ in range(a.rounds):
+            for k, fn in cells.items():
+                times[k].append(bench_ms(fn))
+        flops = U.attn_flops(b, s, s, h, d, sh.causal, "bwd")
+        tf = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
+        base = tf.get("default")
+        line = "  ".join(f"{k} {v:.0f}" + (f" ({v / base:.3f})" if base and k != "default" else "")
+                         for k, v in tf.items())
+        print(f"{a.backend} {sh.label():40} {line}", flush=True)
+        results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "d": d, "causal": bool(causal),
+                        "tflops_median": tf, "rounds_ms": times})
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "backend": a.backend,
+                                           "rounds": a.rounds, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
