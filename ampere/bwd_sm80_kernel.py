@@ -1,7 +1,13 @@
 """The sm80 attention backward main kernel (FA2 algorithm), traced with the CuTe DSL.
 
 One CTA of 8 warps owns tile_n keys of one (batch, q head): K and V are loaded once into smem, then
-the Q tiles that can see them are visited in order (m_block_min .. m_block_max). Per Q tile, with
+the Q tiles that can see them are visited: first those that need the mask, in order, then the
+unmasked run [m_mask_end, m_block_max), with `stagger` from an offset rot = n_block % its length,
+wrapping (q_tile_order), else in order. Non-causal, every CTA of a head would otherwise start at
+tile 0 at once and walk in lockstep, all adding into the same dQ tile's lines with atomics at the
+same moment; rotated, the consecutive n_blocks that run together touch consecutive, different
+tiles (causal CTAs start at their own diagonal anyway: default_config leaves them in order).
+Per Q tile, with
 lse2 = LSE * log2(e) and D = rowsum(dO * O) from the preprocess kernel:
     S  = Q K^T                  P  = exp2(S * scale * log2 e - lse2)   (masked scores -> P = 0)
     dP = dO V^T                 dS = P * (dP - D)
@@ -12,12 +18,14 @@ Every GEMM is mma.sync m16n8k16 fed by ldmatrix (.trans for the transposed opera
 dO^T, Q^T, K^T, read as views of the same smem tiles). P and dS go through smem (16-bit) because
 the dK/dV GEMMs need them transposed and split over warps differently from S/dP.
 
-Q/dO ring (`stages` deep, one cp.async group per Q tile, K/V in the group before them):
-  prologue  K+V, then Q/dO of tiles m_min .. m_min + stages - 2
-  tile i    wait until tile i landed (<= stages - 2 groups pending) + CTA barrier, which also
-            proves every warp is done with tile i-1 (its ring slot, sP, sdS); then load tile
-            i + stages - 1 into the slot tile i-1 freed. With 1 stage the load of tile i is issued
-            after that barrier and waited for at once (no overlap; only where 2 do not fit).
+Q/dO ring (`stages` deep, one cp.async group per Q tile, K/V in the group before them), indexed by
+the visit position i (slot i % stages), never by the tile number, so any visit order works:
+  prologue  K+V, then Q/dO of the tiles of positions 0 .. stages - 2
+  step i    wait until the tile of step i landed (<= stages - 2 groups pending) + CTA barrier,
+            which also proves every warp is done with step i-1 (its ring slot, sP, sdS); then load
+            the tile of step i + stages - 1 into the slot step i-1 freed. With 1 stage the load of
+            step i is issued after that barrier and waited for at once (no overlap; only where 2
+            do not fit).
 Rows past seqlen_q read as zeros with lse2 = +inf, so their P, dS, and dQ rows are 0; columns past
 seqlen_k and above the causal diagonal are masked to -inf before the exp2 (fa3.hopper.mask).
 Epilogue: dK * scale, dV -> dtype -> smem (K/V's buffers) -> 16-byte coalesced stores.
@@ -46,6 +54,23 @@ from fa3.hopper import softmax as sm
 NUM_THREADS = 256
 LOG2_E = 1.4426950408889634
 LOOKAHEAD = 4  # ldmatrix of B in flight ahead of the MMAs (see sm80_utils.gemm)
+
+
+def _select(cond, a, b):
+    """a if cond else b: plain Python for Python values (the CPU test of q_tile_order), a select
+    instruction for traced ones."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    return Int32(cutlass.select_(cond, a, b))
+
+
+def q_tile_order(pos, m_mask_end, m_block_max, rot):
+    """The Q tile visited at position pos = m_block_min + i (step i) of [m_block_min, m_block_max):
+    the masked tiles [m_block_min, m_mask_end) in order, then the unmasked run rotated by rot
+    (0 <= rot < its length, or 0): m_mask_end + rot .. m_block_max - 1, m_mask_end .. + rot - 1.
+    Branch-free (two selects, no division), for traced Int32 and Python ints alike."""
+    t = pos + _select(pos >= m_mask_end, rot, 0)
+    return _select(t >= m_block_max, t - (m_block_max - m_mask_end), t)
 
 
 class FlashBwdSm80:
@@ -276,7 +301,12 @@ class FlashBwdSm80:
             if n_block * tile_n >= seqlen_k:  # keys past seqused_k only: zero dK/dV, no work
                 m_block_max = m_block_min
         m_mask_end = cutlass.max(cutlass.min(m_mask_end, m_block_max), m_block_min)
+        st.m_mask_end, st.rot = m_mask_end, None
+        if const_expr(self.cfg.stagger):
+            # consecutive n_blocks (the CTAs that run together) start at consecutive unmasked tiles
+            st.rot = n_block % cutlass.max(m_block_max - m_mask_end, 1)
 
+        # the loops run over positions pos = m_block_min + i of the visit order (q_order)
         if m_block_min < m_block_max:
             # prologue: K and V (rows past seqlen_k zeroed), then the first Q/dO tiles
             kv_limit = seqlen_k - n_block * tile_n
@@ -287,15 +317,21 @@ class FlashBwdSm80:
             cute.arch.cp_async_commit_group()
             for s in cutlass.range_constexpr(self.stages - 1):
                 if m_block_min + s < m_block_max:
-                    self.load_q_do(st, m_block_min + s, s)
+                    self.load_q_do(st, self.q_order(st, m_block_min + s, m_block_max), s)
                 cute.arch.cp_async_commit_group()
-            for m_block in cutlass.range(m_block_min, m_mask_end, unroll=1):
-                self.m_tile(st, m_block, m_block_min, m_block_max, True)
-            for m_block in cutlass.range(m_mask_end, m_block_max, unroll=1):
-                self.m_tile(st, m_block, m_block_min, m_block_max, False)
+            for pos in cutlass.range(m_block_min, m_mask_end, unroll=1):
+                self.m_tile(st, pos, m_block_min, m_block_max, True)
+            for pos in cutlass.range(m_mask_end, m_block_max, unroll=1):
+                self.m_tile(st, pos, m_block_min, m_block_max, False)
 
         self.epilogue(acc_dK, acc_dV, mdK, mdV, sK, sV, gmem_copy_out, mma_dkv, tidx, n_block,
                       seq, softmax_scale)
+
+    def q_order(self, st, pos, m_block_max):
+        """The Q tile of position pos (q_tile_order; pos itself when not staggered)."""
+        if const_expr(self.cfg.stagger):
+            return q_tile_order(pos, st.m_mask_end, m_block_max, st.rot)
+        return pos
 
     @cute.jit
     def load_q_do(self, st, m_block: Int32, slot: Int32):
@@ -306,13 +342,18 @@ class FlashBwdSm80:
                      st.tdOsdO[None, None, None, slot], st.tQcQ, limit, True)
 
     @cute.jit
-    def m_tile(self, st, m_block: Int32, m_block_min: Int32, m_block_max: Int32,
+    def m_tile(self, st, pos: Int32, m_block_min: Int32, m_block_max: Int32,
                masked: cutlass.Constexpr[bool]):
-        """One Q tile: S, P, dP, dS, then dV, dK += ..., dQ atomics."""
+        """One Q tile, the one of position pos (step pos - m_block_min): S, P, dP, dS, then dV,
+        dK += ..., dQ atomics."""
         stages = self.stages
+        # the masked run is visited in order: only unmasked positions need the mapping
+        m_block = pos
+        if const_expr(not masked):
+            m_block = self.q_order(st, pos, m_block_max)
         slot = Int32(0)
         if const_expr(stages > 1):
-            slot = (m_block - m_block_min) % stages
+            slot = (pos - m_block_min) % stages
         if const_expr(stages == 1):
             cute.arch.barrier()  # every warp is done with the previous tile's smem
             self.load_q_do(st, m_block, 0)
@@ -320,11 +361,11 @@ class FlashBwdSm80:
             cute.arch.cp_async_wait_group(0)
             cute.arch.barrier()
         else:
-            cute.arch.cp_async_wait_group(stages - 2)  # tile m_block (and K/V) landed
-            cute.arch.barrier()  # ... for every thread; every warp is done with tile m_block - 1
-            nxt = m_block + stages - 1
+            cute.arch.cp_async_wait_group(stages - 2)  # this step's tile (and K/V) landed
+            cute.arch.barrier()  # ... for every thread; every warp is done with the previous step
+            nxt = pos + stages - 1
             if nxt < m_block_max:
-                self.load_q_do(st, nxt, (nxt - m_block_min) % stages)
+                self.load_q_do(st, self.q_order(st, nxt, m_block_max), (nxt - m_block_min) % stages)
             cute.arch.cp_async_commit_group()
 
         # this thread's rows of lse2 / D (rows past seqlen_q: P = 0 via lse2 = +inf)

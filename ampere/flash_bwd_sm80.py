@@ -6,8 +6,10 @@ the sm80 family's arch).
 Pipeline of one call (FA2's algorithm):
   1. preprocess: D, LSE * log2(e) (+inf for fully masked rows), both (b, h, seqlen_q) fp32;
   2. main kernel, one CTA of 8 warps per (n_block, q head, batch): K/V tile in smem, loop over the
-     Q tiles that see it; dK, dV in registers; dQ partials (already scaled) added with fp32 atomics
-     into a zeroed (b, h, m_blocks * tile_m * d) buffer, thread-interleaved per Q tile;
+     Q tiles that see it (masked ones first, then the unmasked run, non-causal rotated by n_block
+     so that the CTAs running together add into different dQ tiles: `stagger`); dK, dV in
+     registers; dQ partials (already scaled) added with fp32 atomics into a zeroed
+     (b, h, m_blocks * tile_m * d) buffer, thread-interleaved per Q tile;
   3. dQ -> dtype: a second kernel of the same compiled function. GQA/MQA: dK/dV are written per q
      head into an expanded buffer and summed over each group in fp32 (what FA2 does), so no
      atomics touch dK/dV.
@@ -49,6 +51,10 @@ class BwdSm80Config:
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, grids over max_seqlen_q/k
     seqused_q: bool = False  # valid rows per sequence (rows past it: dQ = 0)
     seqused_k: bool = False  # valid keys per sequence (keys past it: dK = dV = 0)
+    # walk the unmasked Q tiles from an n_block-dependent offset (wrapping) instead of all CTAs of a
+    # head in lockstep from the same tile, so concurrent CTAs add into different dQ tiles
+    # (default_config turns it off for causal and local builds)
+    stagger: bool = True
 
     def __post_init__(self):
         check_common(self)
@@ -92,6 +98,10 @@ def default_config(d: int, dtype, causal: bool, arch: str, **overrides) -> BwdSm
                stages=stages, warps_m_sdp=2, warps_n_dkv=4,
                warps_m_dq=warps_m_dq, arch=arch, dq_vec=4 if arch == "sm_90" else 1)
     cfg.update(overrides)
+    # causal CTAs already start at their own diagonal, so they do not collide on dQ tiles, and the
+    # rotation's two live values make the hd128 causal build spill (sm_80: 0 -> 20 bytes); a window
+    # masks every tile, so there is no unmasked run to rotate
+    cfg.setdefault("stagger", not (cfg["causal"] or cfg.get("local", False)))
     return BwdSm80Config(**cfg)
 
 

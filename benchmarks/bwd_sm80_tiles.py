@@ -3,18 +3,24 @@
 (BwdSm80Config fields), e.g. the hd64 tile, or the cost of the dQ atomics (dQ then left 0):
     python benchmarks/bwd_sm80_tiles.py --d 64 --configs "default;tile_m=128,tile_n=128" --seqlen 4096
     python benchmarks/bwd_sm80_tiles.py --d 128 --configs "default;dq_atomics=0" --causal 0
+    python benchmarks/bwd_sm80_tiles.py --d 64 --configs "default;stagger=0" --causal 0
 
 Prints one line per (tile, causal) with ms and TFLOP/s (backward FLOPs = 2.5x forward's, causal
 halves); writes JSON rows with --out."""
 import argparse
+import dataclasses
 import json
 import math
 
 import torch
 from triton.testing import do_bench
 
-from fa3.ampere.flash_bwd_sm80 import flash_bwd_sm80
+from fa3.ampere.flash_bwd_sm80 import BwdSm80Config, flash_bwd_sm80
 from fa3.ampere.flash_fwd_sm80 import flash_fwd_sm80
+
+
+# switches given as 0/1 (dq_atomics, stagger, ...); the module's annotations are strings
+BOOL_FIELDS = {f.name for f in dataclasses.fields(BwdSm80Config) if f.type in (bool, "bool")}
 
 
 def main():
@@ -37,7 +43,7 @@ def main():
         flash_fwd_sm80(q, k, v, out, lse, 1 / math.sqrt(d), causal)
         for tile in a.configs.split(";"):
             ov = {} if tile == "default" else {
-                k: (bool(int(v)) if k == "dq_atomics" else int(v))
+                k: (bool(int(v)) if k in BOOL_FIELDS else int(v))
                 for k, v in (kv.split("=") for kv in tile.split(","))}
             fn = lambda: flash_bwd_sm80(do, q, k, v, out, lse, 1 / math.sqrt(d), causal, cfg_overrides=ov)  # noqa: E731
             fn()

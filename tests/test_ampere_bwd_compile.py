@@ -45,6 +45,20 @@ def test_window_softcap_variants_compile(cfg, tmp_path):
     assert ("tanh.approx" in ptx) == cfg.softcap
 
 
+# the Q-tile order switch against its default: in order non-causal, rotated causal
+ORDER = [f.default_config(64, "bfloat16", False, "sm_90", stagger=False),
+         f.default_config(128, "float16", True, "sm_80", stagger=True)]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("cfg", ORDER, ids=str)
+def test_stagger_switch_compiles(cfg, tmp_path):
+    ptx = _ptx(cfg, tmp_path)
+    for needle in ("mma.sync.aligned.m16n8k16", "cp.async.wait_group", "atom.global.add"):
+        assert needle in ptx, needle
+    assert ".local" not in ptx
+
+
 VARLEN = list(f.varlen_variants("sm_80")) + [
     f.default_config(128, "bfloat16", True, "sm_90", varlen=True, seqused_q=True, seqused_k=True)]
 
@@ -76,6 +90,9 @@ def test_shipped_variants():
     tiles = {c.d: (c.tile_m, c.tile_n, c.stages) for c in SM80}
     assert tiles[64] == (64, 128, 2) and tiles[128] == (64, 128, 2) and tiles[256] == (64, 64, 1)
     assert f.default_config(256, "bfloat16", False, "sm_90").stages == 2  # 208 KB fits 227 KB
+    # the rotated Q-tile order where CTAs would otherwise walk in lockstep: non-causal only
+    assert all(c.stagger == (not c.causal) for c in SM80)
+    assert not f.default_config(64, "bfloat16", False, "sm_80", local=True).stagger
 
 
 @pytest.mark.parametrize("arch", f.ARCHS)
