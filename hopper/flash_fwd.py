@@ -40,6 +40,7 @@ class FwdConfig:
     # causal: heaviest-first order within groups of heads whose K/V fit in L2 (tile_scheduler)
     # rather than over all heads at once
     l2_group: bool = True
+    l2_group_mb: int = 32  # the K/V megabytes one such group may hold (tile_scheduler.lpt_group)
     # Where O gets no smem buffer of its own (hd256): stage it in Q's buffer and TMA-store it
     # (persistent: Q is then released after the store has read smem), instead of storing it
     # from registers straight to global memory.

@@ -45,11 +45,12 @@ L2_GROUP_BYTES = 32 << 20
 MAX_GROUPED_M_BLOCKS = 32
 
 
-def lpt_group(seqlen_k, bytes_per_key: int, qhead_per_kvhead, num_hb, num_m_blocks):
-    """(batch, head) pairs per causal LPT group: as many as keep their K/V within L2_GROUP_BYTES
+def lpt_group(seqlen_k, bytes_per_key: int, qhead_per_kvhead, num_hb, num_m_blocks,
+              group_bytes: int = L2_GROUP_BYTES):
+    """(batch, head) pairs per causal LPT group: as many as keep their K/V within group_bytes
     (query heads sharing a kv head count once), at least one, at most all; all of them above
     MAX_GROUPED_M_BLOCKS query blocks per head."""
-    kv_heads = cutlass.max(Int32(L2_GROUP_BYTES) // cutlass.max(seqlen_k * bytes_per_key, 1), 1)
+    kv_heads = cutlass.max(Int32(group_bytes) // cutlass.max(seqlen_k * bytes_per_key, 1), 1)
     group = cutlass.min(kv_heads * qhead_per_kvhead, num_hb)
     return Int32(cutlass.select_(num_m_blocks > MAX_GROUPED_M_BLOCKS, num_hb, group))
 
