@@ -93,13 +93,20 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # (H200 s16k: 571 -> 639, causal 561 -> 591; shorter sequences keep persistent: 1k/4k lose).
     if 64 < max(d, dv) <= 128 and seqlen_k is not None and seqlen_k >= 8192:
         persistent = False
+    # Causal LPT groups (tile_scheduler.lpt_group): with the static persistent split, small groups
+    # (~16-64 tiles: all query blocks of a few heads run together and share their K/V in L2) beat
+    # 32 MB ones (H100 hd128 causal s512/1k/2k/4k: 254/364/453/499 -> 293/433/518/573 TFLOP/s;
+    # hd64 s512/1k 214/291 -> 232/314, 2k/4k within 2%). One CTA per tile (hardware order) keeps
+    # 32 MB: its heaviest-first order is global there (hd256 causal 2k/4k: 553/633 -> 520/584 at 2 MB).
+    l2_group_mb = 2 if persistent else 32
     if features.get("varlen"):  # tiles are only known on the device: persistent walk, O from
         persistent, o_in_q = True, False  # registers (a TMA store cannot stop at a sequence end)
     # keywords only: fields were added in the middle of FwdConfig before, and a positional o_in_q
     # once landed in q_early (hd256 lost its staged O store, every other head dim its early Q)
     cfg = FwdConfig(d=d, dv=dv, dtype=dtype, causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
                     stages=stages, pingpong=pingpong, persistent=persistent,
-                    rescale_early=rescale_early, o_in_q=o_in_q, **features, pack_gqa=pack)
+                    rescale_early=rescale_early, o_in_q=o_in_q, l2_group_mb=l2_group_mb, **features,
+                    pack_gqa=pack)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert not (cfg.causal and cfg.local), cfg
     assert cfg.persistent or not cfg.varlen, cfg

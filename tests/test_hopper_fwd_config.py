@@ -36,3 +36,9 @@ def test_config_fields_are_keyword_only():
 def test_hd256_key_block_follows_padding(seqlen, tile_n):
     assert default_config(256, 256, "bfloat16", False, seqlen_q=seqlen, seqlen_k=seqlen).tile_n == tile_n
     assert default_config(256, 256, "bfloat16", False).tile_n == 80  # seqlen unknown
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_causal_l2_groups_small_only_for_the_static_split(d):
+    cfg = default_config(d, d, "bfloat16", True, seqlen_q=1024, seqlen_k=1024)
+    assert cfg.l2_group_mb == (2 if cfg.persistent else 32)
