@@ -1,6 +1,10 @@
 """The Hopper attention backward main kernel (FA3 design), traced with the CuTe DSL.
 
-One CTA per (KV block n, query head, batch); it walks the query blocks m that see block n.
+One CTA per (KV block n, query head, batch); it walks the query blocks m that see block n, the
+masked ones first, then (BwdConfig.stagger) the unmasked ones rotated to start at an offset that
+depends on n, so the CTAs of a head that run together bulk-add into different dQaccum tiles (same-
+line reductions serialise in L2); producer, consumers and dQ warp walk the same order
+(mask.m_block_nomask_bwd / m_block_at_bwd). Deterministic keeps the ascending walk.
 Threads: warpgroup 0 holds the producer warp (TMA: K_n and V_n once; Q_m + LSE_m and dO_m + D_m
 into a `stages`-deep ring with full/empty mbarriers) and the dQ warp (adds each dQ_m tile to the
 fp32 dQaccum buffer in global memory with a bulk reduce-add, cp.reduce.async.bulk); two consumer
@@ -130,6 +134,7 @@ class FlashBwdSm90:
         self.d = cfg.d
         self.causal, self.swap = cfg.causal, cfg.swap
         self.pds_stages = cfg.stages if cfg.swap else 1
+        assert not (cfg.stagger and cfg.deterministic)  # the semaphores order adds per m by n
         if cfg.swap:
             assert self.tile_n == 128 and self.tile_m in (64, 128)
         else:
@@ -297,7 +302,7 @@ class FlashBwdSm90:
                 head_kv = head // (mQ.shape[2] // mK.shape[2])
                 self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K,
                               tma_V, tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch,
-                              m_min, m_max)
+                              m_min, m_max, seqlen_q, seqlen_k)
             if warp_idx == 1:
                 self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, tidx % 32,
                                seqlen_q, seqlen_k, window_left)
@@ -308,9 +313,21 @@ class FlashBwdSm90:
                           m_max, seqlen_q, seqlen_k, window_left, window_right, softcap)
 
     # ------------------------------------------------------------------------------------------
+    def m_nomask(self, seqlen_q, seqlen_k, n_block, m_min, m_max):
+        """Where the walk's unmasked run starts (the one computation every role uses)."""
+        return mask_mod.m_block_nomask_bwd(seqlen_q, seqlen_k, n_block, m_min, m_max, self.tile_m,
+                                           self.tile_n, self.causal, self.cfg.local)
+
+    def m_at(self, p, m_nomask, m_max, n_block):
+        """The query block at walk position p (m_min <= p < m_max): p itself without stagger."""
+        if const_expr(self.cfg.stagger):
+            return mask_mod.m_block_at_bwd(p, m_nomask, m_max, n_block)
+        return p
+
     @cute.jit
     def producer(self, mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K, tma_V,
-                 tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch, m_min, m_max):
+                 tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch, m_min, m_max,
+                 seqlen_q, seqlen_k):
         one = cute.make_layout(1)
         gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
         gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
@@ -331,7 +348,11 @@ class FlashBwdSm90:
         cute.copy(tma_K, tKg, tKs, tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
         cute.copy(tma_V, tVg, tVs, tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-        for m in cutlass.range(m_min, m_max, unroll=1):
+        m_nomask = m_max  # unused without stagger
+        if const_expr(self.cfg.stagger):
+            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        for p in cutlass.range(m_min, m_max, unroll=1):
+            m = self.m_at(p, m_nomask, m_max, n_block)
             pipe_q.producer_acquire(state)
             bar = pipe_q.producer_get_barrier(state)
             cute.copy(tma_Q, tQg[None, m], tQs[None, state.index], tma_bar_ptr=bar)
@@ -354,7 +375,11 @@ class FlashBwdSm90:
         chunk = self.tile_m * self.d // 2
         acc_row = mdQacc[batch, head, None]
         sem_row = mSem[batch, head, None]
-        for m in cutlass.range(m_min, m_max, unroll=1):
+        m_nomask = m_max  # unused without stagger
+        if const_expr(self.cfg.stagger):
+            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        for p in cutlass.range(m_min, m_max, unroll=1):
+            m = self.m_at(p, m_nomask, m_max, n_block)
             for wg in cutlass.range_constexpr(2):
                 if const_expr(not self.cfg.deterministic):
                     # the previous add from this chunk has read smem (deterministic: waited below)
@@ -447,21 +472,13 @@ class FlashBwdSm90:
                    sdp=sdp, dkv=dkv, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
                    window_right=window_right, softcap_pre=softcap_pre)
-        # masked: the causal diagonal's blocks, and every block of a KV tile that ends past
-        # seqlen_k (its zero-filled keys would give P = exp2(-LSE), which may overflow)
-        m_nomask = m_min
-        if const_expr(self.causal):
-            m_nomask = cutlass.max(m_min, mask_mod.m_block_min_no_mask_bwd(
-                seqlen_q, seqlen_k, n_block, tm, tn))
-        if (n_block + 1) * tn > seqlen_k:
-            m_nomask = m_max
-        if const_expr(self.cfg.local):
-            m_nomask = m_max  # sliding window: every block masked (simple; not yet tuned)
-        m_nomask = cutlass.min(m_nomask, m_max)
+        # two loops, so that unmasked blocks run no mask code; the walk's masked part is in order
+        # (m_at(p) = p there), its unmasked part goes through m_at like the producer's and dQ's
+        m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
         for m in cutlass.range(m_min, m_nomask, unroll=1):
             state = self.one_m_block(ctx, state, m, True)
-        for m in cutlass.range(m_nomask, m_max, unroll=1):
-            state = self.one_m_block(ctx, state, m, False)
+        for p in cutlass.range(m_nomask, m_max, unroll=1):
+            state = self.one_m_block(ctx, state, self.m_at(p, m_nomask, m_max, n_block), False)
         acc_dK.store(acc_dK.load() * softmax_scale)
         self.store_rows(acc_dK, mdK, dkv, tidx, n_block, head, batch, seqlen_k)
         self.store_rows(acc_dV, mdV, dkv, tidx, n_block, head, batch, seqlen_k)

@@ -3,7 +3,10 @@
 Three kernels: bwd_preprocess (D = rowsum(dO*O), LSE in log2), the main kernel (bwd_kernel.py:
 dK, dV, and dQ added in fp32 to dQaccum), the postprocess (dQaccum -> dQ * scale). Sizes and
 strides are symbolic: one compile per (head dim, dtype, causal, deterministic, GQA) serves every
-batch, seqlen and head count.
+batch, seqlen and head count. Each CTA of the main kernel (KV block n, head, batch) walks the
+query blocks m that see block n: masked ones first, then the unmasked ones from a start that
+depends on n (BwdConfig.stagger, off when deterministic), so concurrent CTAs add to different
+dQaccum tiles.
 
 GQA/MQA: each CTA works for one query head, so dK/dV are written per query head in fp32 and
 summed over the group here (one torch reduction; deterministic; simplest correct form: no
@@ -51,6 +54,11 @@ class BwdConfig:
     # Compile-tested only, so off by default: its H200 cost vs the ascending order (+57% time at
     # hd128 s16k causal) is still to be measured.
     spt: bool = False
+    # Each KV block walks its unmasked query blocks rotated by n_block (mask.m_block_at_bwd), so
+    # the CTAs of a head that run together reduce-add into different dQaccum tiles instead of
+    # all into tile 0, 1, ... at once. default_config turns it on unless deterministic (whose
+    # semaphores order the adds of each m by n: that walk stays as it was).
+    stagger: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -89,9 +97,11 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
         tile = dict(tile_m=64, tile_n=64, stages=1, swap=False)
     if d <= 64 and overrides.get("softcap"):
         tile["tile_m"] = 64  # 1 - tanh^2 of a 128-query S^T tile would not fit in registers
+    tile["stagger"] = not deterministic
     tile.update(overrides)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
+    assert not (cfg.stagger and cfg.deterministic), cfg
     assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap) <= SMEM_LIMIT, cfg

@@ -147,6 +147,45 @@ def m_block_min_no_mask_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32,
 
 
 @cute.jit
+def m_block_nomask_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32, m_min: Int32, m_max: Int32,
+                       tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int],
+                       causal: cutlass.Constexpr[bool], local: cutlass.Constexpr[bool]) -> Int32:
+    """Query blocks [m_min, m_nomask) of KV block n_block need the mask, [m_nomask, m_max) not:
+    the causal diagonal's blocks, and every block of a KV tile that ends past seqlen_k (its
+    zero-filled keys would give P = exp2(-LSE), which may overflow); sliding window: all (simple,
+    not yet tuned). Every role of the backward walks the blocks in this split (m_block_at_bwd)."""
+    m_nomask = m_min
+    if cutlass.const_expr(causal):
+        m_nomask = cutlass.max(m_min, m_block_min_no_mask_bwd(seqlen_q, seqlen_k, n_block, tile_m,
+                                                              tile_n))
+    if (n_block + 1) * tile_n > seqlen_k:
+        m_nomask = m_max
+    if cutlass.const_expr(local):
+        m_nomask = m_max
+    return cutlass.min(m_nomask, m_max)
+
+
+def _select(cond, a, b):
+    """a if cond else b, for Python ints (the CPU test) or traced Int32 (a branch-free select)."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    return Int32(cutlass.select_(cond, a, b))
+
+
+def m_block_at_bwd(p, m_nomask, m_max, n_block):
+    """The query block that walk position p (m_min <= p < m_max) of KV block n_block visits: the
+    masked blocks first, in order (p itself for p < m_nomask), then the unmasked run [m_nomask,
+    m_max) rotated to start at m_nomask + n_block % cnt (cnt = m_max - m_nomask). Rotating by
+    n_block staggers the CTAs of one head, which would otherwise start at the same m together and
+    bulk-add into the same dQaccum lines at once (L2 serialises same-line reductions); the causal
+    walks start at their diagonals anyway. Plain Python on ints too (tested on the CPU)."""
+    cnt = m_max - m_nomask
+    q = p - m_nomask + n_block % cutlass.max(cnt, 1)  # < 2 * cnt: one conditional wrap
+    q = _select(q >= cnt, q - cnt, q)
+    return _select(p < m_nomask, p, m_nomask + q)
+
+
+@cute.jit
 def apply_mask_bwd(acc_mn: cute.Tensor, coord_mn: cute.Tensor, seqlen_q: Int32, seqlen_k: Int32,
                    m_block: Int32, n_block: Int32, tile_m: cutlass.Constexpr[int],
                    tile_n: cutlass.Constexpr[int], causal: cutlass.Constexpr[bool],

@@ -4,11 +4,13 @@ reduce-add) and ptxas (when on PATH) reports no spills and no serialized wgmmas.
 import pytest
 from _compile_check import check_ptx, compile_ptx
 
-from fa3.hopper.flash_bwd import BwdConfig, build, variants
+from fa3.hopper.flash_bwd import BwdConfig, build, default_config, variants
 
 pytestmark = pytest.mark.compile
 
-VARIANTS = list(variants())
+# shipped variants (non-deterministic ones stagger their query-block walk), plus the plain
+# ascending walk once
+VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=False)]
 
 
 def _id(cfg):
@@ -17,7 +19,8 @@ def _id(cfg):
     flags = "".join(c for c, on in (("c", cfg.causal), ("d", cfg.deterministic), ("g", cfg.gqa),
                                           ("s", cfg.spt), ("l", cfg.local),
                                           ("t", cfg.softcap), ("v", cfg.varlen),
-                                          ("q", cfg.seqused_q), ("k", cfg.seqused_k)) if on)
+                                          ("q", cfg.seqused_q), ("k", cfg.seqused_k),
+                                          ("a", not (cfg.stagger or cfg.deterministic))) if on)
     return f"hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}-{flags or 'plain'}"
 
 

@@ -1,0 +1,54 @@
+"""CPU check of the sm90 backward's query-block walk (mask.m_block_at_bwd, the function the
+producer, consumer and dQ warp trace, here on Python ints) and of the config switch:
+
+* for every bounds and KV block, the walk is a permutation of [m_min, m_max): the masked blocks
+  first and ascending, then the unmasked run rotated to start at m_nomask + n_block % its length;
+* KV blocks with the same bounds (the non-causal CTAs of a head, running together) never visit the
+  same query block at the same step while there are no more of them than unmasked blocks;
+* stagger is on by default, off (and refused) when deterministic."""
+import itertools
+
+import pytest
+
+from fa3.hopper.flash_bwd import default_config
+from fa3.hopper.mask import m_block_at_bwd
+
+
+def walk(m_min, m_nomask, m_max, n_block):
+    return [m_block_at_bwd(p, m_nomask, m_max, n_block) for p in range(m_min, m_max)]
+
+
+def test_walk_is_masked_first_then_rotated():
+    for m_min, n_masked, cnt, n_block in itertools.product(range(4), range(4), range(9), range(20)):
+        m_nomask, m_max = m_min + n_masked, m_min + n_masked + cnt
+        seq = walk(m_min, m_nomask, m_max, n_block)
+        assert sorted(seq) == list(range(m_min, m_max))
+        assert seq[:n_masked] == list(range(m_min, m_nomask))
+        if cnt:
+            rot = n_block % cnt
+            run = list(range(m_nomask, m_max))
+            assert seq[n_masked:] == run[rot:] + run[:rot]
+
+
+def test_concurrent_kv_blocks_never_collide():
+    for cnt in range(1, 17):
+        walks = [walk(0, 0, cnt, n) for n in range(cnt)]
+        for step in range(cnt):
+            assert len({w[step] for w in walks}) == cnt
+
+
+def test_large_bounds():
+    # long sequences: 64-row tiles of 128k queries, a causal diagonal part in front
+    seq = walk(100, 103, 2048, 5000)
+    assert seq[:3] == [100, 101, 102] and seq[3] == 103 + 5000 % 1945
+    assert sorted(seq) == list(range(100, 2048))
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_stagger_default(d):
+    for causal, gqa in itertools.product((False, True), repeat=2):
+        assert default_config(d, d, "bfloat16", causal, False, gqa).stagger
+        assert not default_config(d, d, "bfloat16", causal, True, gqa).stagger
+    assert not default_config(d, d, "bfloat16", False, stagger=False).stagger
+    with pytest.raises(AssertionError):
+        default_config(d, d, "bfloat16", False, True, stagger=True)
