@@ -8,9 +8,9 @@ from fa3.hopper.flash_bwd import BwdConfig, build, default_config, variants
 
 pytestmark = pytest.mark.compile
 
-# shipped variants (non-deterministic ones stagger their query-block walk), plus the plain
-# ascending walk once
-VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=False)]
+# shipped variants (ascending query-block walk), plus the staggered walk (an A/B switch) twice
+VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=True),
+                               default_config(256, 256, "bfloat16", True, stagger=True)]
 
 
 def _id(cfg):
@@ -20,7 +20,7 @@ def _id(cfg):
                                           ("s", cfg.spt), ("l", cfg.local),
                                           ("t", cfg.softcap), ("v", cfg.varlen),
                                           ("q", cfg.seqused_q), ("k", cfg.seqused_k),
-                                          ("a", not (cfg.stagger or cfg.deterministic))) if on)
+                                          ("r", cfg.stagger)) if on)
     return f"hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}-{flags or 'plain'}"
 
 

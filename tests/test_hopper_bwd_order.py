@@ -5,7 +5,7 @@ producer, consumer and dQ warp trace, here on Python ints) and of the config swi
   first and ascending, then the unmasked run rotated to start at m_nomask + n_block % its length;
 * KV blocks with the same bounds (the non-causal CTAs of a head, running together) never visit the
   same query block at the same step while there are no more of them than unmasked blocks;
-* stagger is on by default, off (and refused) when deterministic."""
+* stagger is an opt-in switch (measured neutral on the H100), refused when deterministic."""
 import itertools
 
 import pytest
@@ -47,8 +47,8 @@ def test_large_bounds():
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_stagger_default(d):
     for causal, gqa in itertools.product((False, True), repeat=2):
-        assert default_config(d, d, "bfloat16", causal, False, gqa).stagger
+        assert not default_config(d, d, "bfloat16", causal, False, gqa).stagger
         assert not default_config(d, d, "bfloat16", causal, True, gqa).stagger
-    assert not default_config(d, d, "bfloat16", False, stagger=False).stagger
+    assert default_config(d, d, "bfloat16", False, stagger=True).stagger
     with pytest.raises(AssertionError):
         default_config(d, d, "bfloat16", False, True, stagger=True)
