@@ -97,8 +97,11 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # (~16-64 tiles: all query blocks of a few heads run together and share their K/V in L2) beat
     # 32 MB ones (H100 hd128 causal s512/1k/2k/4k: 254/364/453/499 -> 293/433/518/573 TFLOP/s;
     # hd64 s512/1k 214/291 -> 232/314, 2k/4k within 2%). One CTA per tile (hardware order) keeps
-    # 32 MB: its heaviest-first order is global there (hd256 causal 2k/4k: 553/633 -> 520/584 at 2 MB).
-    l2_group_mb = 2 if persistent else 32
+    # 32 MB: its heaviest-first order is global there (hd256 causal 2k/4k: 553/633 -> 520/584 at 2 MB),
+    # except with few query blocks, where K/V reuse wins (hd256 causal s512: 263 -> 297 at 8 MB, twice;
+    # s1k 414 -> 425; s2k, 16 blocks, 553 -> 533).
+    few_blocks = seqlen_q is not None and -(-rows_q // tile_m) <= 8
+    l2_group_mb = 2 if persistent else (8 if few_blocks else 32)
     if features.get("varlen"):  # tiles are only known on the device: persistent walk, O from
         persistent, o_in_q = True, False  # registers (a TMA store cannot stop at a sequence end)
     # keywords only: fields were added in the middle of FwdConfig before, and a positional o_in_q

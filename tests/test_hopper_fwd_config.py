@@ -41,4 +41,6 @@ def test_hd256_key_block_follows_padding(seqlen, tile_n):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_causal_l2_groups_small_only_for_the_static_split(d):
     cfg = default_config(d, d, "bfloat16", True, seqlen_q=1024, seqlen_k=1024)
-    assert cfg.l2_group_mb == (2 if cfg.persistent else 32)
+    assert cfg.l2_group_mb == (2 if cfg.persistent else 8)  # 1024 rows: 8 query blocks
+    long = default_config(d, d, "bfloat16", True, seqlen_q=2048, seqlen_k=2048)
+    assert long.l2_group_mb == (2 if long.persistent else 32)
