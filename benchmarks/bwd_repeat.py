@@ -9,7 +9,6 @@ table reports each config's median round. Peers are in `bench_attn.py --mode bwd
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,8 +26,8 @@ def main(argv=None):
     import torch
 
     import bench_utils as U
-    from fwd_repeat import parse_override
-    from timing import bench_ms, cycling
+    from fwd_repeat import parse_override, time_rounds
+    from timing import cycling
 
     if a.backend == "sm90":
         from fa3.hopper.flash_bwd import flash_bwd as bwd
@@ -52,22 +51,7 @@ def main(argv=None):
             ov = parse_override(ov_text)
             cells[ov_text] = cycling([lambda x=x, ov=ov: bwd(*x, scale, sh.causal, cfg_overrides=ov or None)
                                       for x in sets])
-        for k, fn in list(cells.items()):
-            try:
-                fn()
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - a config that fails to build or run is reported
-                print(f"  {sh.label()} [{k}] failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                del cells[k]
-        times = {k: [] for k in cells}
-        for _ in range(a.rounds):
-            for k, fn in cells.items():
-                times[k].append(bench_ms(fn))
-        flops = U.attn_flops(b, s, s, h, d, sh.causal, "bwd")
-        tf = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
-        base = tf.get("default")
-        line = "  ".join(f"{k} {v:.0f}" + (f" ({v / base:.3f})" if base and k != "default" else "")
-                         for k, v in tf.items())
+        times, tf, line = time_rounds(cells, a.rounds, sh.label(), U.attn_flops(b, s, s, h, d, sh.causal, "bwd"))
         print(f"{a.backend} {sh.label():40} {line}", flush=True)
         results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "d": d, "causal": bool(causal),
                         "tflops_median": tf, "rounds_ms": times})

@@ -24,6 +24,32 @@ def parse_override(text: str) -> dict:
     return {k.strip(): ast.literal_eval(v.strip()) for k, v in (kv.split("=") for kv in text.split(","))}
 
 
+def time_rounds(cells: dict, rounds: int, label: str, flops: float) -> tuple[dict, dict, str]:
+    """Call every cell once (a cell that fails to build or run is reported and dropped), then time
+    them round robin `rounds` times. -> (ms per cell per round, median TFLOP/s per cell, a table
+    line with each cell's ratio to "default")."""
+    import torch
+
+    from timing import bench_ms
+
+    for k, fn in list(cells.items()):
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            print(f"  {label} [{k}] failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            del cells[k]
+    times = {k: [] for k in cells}
+    for _ in range(rounds):
+        for k, fn in cells.items():
+            times[k].append(bench_ms(fn))
+    tf = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
+    base = tf.get("default")
+    line = "  ".join(f"{k} {v:.0f}" + (f" ({v / base:.3f})" if base and k != "default" else "")
+                     for k, v in tf.items())
+    return times, tf, line
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", action="append", required=True, help="b,s,h,d,causal (repeatable)")
@@ -36,7 +62,7 @@ def main(argv=None):
 
     import bench_utils as U
     import peers
-    from timing import bench_ms, cycling
+    from timing import cycling
 
     from fa3.hopper.flash_fwd import flash_fwd
 
@@ -66,22 +92,7 @@ def main(argv=None):
                 with impl.context():
                     return impl.fwd(*x, sh.causal)
             cells[impl.name] = cycling([lambda x=x, c=call: c(x) for x in sets])
-        for k, fn in list(cells.items()):
-            try:
-                fn()
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - a config that fails to build or run is reported
-                print(f"  {sh.label()} [{k}] failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                del cells[k]
-        times = {k: [] for k in cells}
-        for _ in range(a.rounds):
-            for k, fn in cells.items():
-                times[k].append(bench_ms(fn))
-        flops = U.attn_flops(b, s, s, h, d, sh.causal, "fwd")
-        tf = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
-        base = tf.get("default")
-        line = "  ".join(f"{k} {v:.0f}" + (f" ({v / base:.2f})" if base and k != "default" else "")
-                         for k, v in tf.items())
+        times, tf, line = time_rounds(cells, a.rounds, sh.label(), U.attn_flops(b, s, s, h, d, sh.causal, "fwd"))
         print(f"{sh.label():40} {line}", flush=True)
         results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "d": d, "causal": bool(causal),
                         "tflops_median": tf, "rounds_ms": times})
