@@ -3,7 +3,7 @@
 One CTA of 8 warps owns tile_n keys of one (batch, q head): K and V are loaded once into smem, then
 the Q tiles that can see them are visited: first those that need the mask, in order, then the
 unmasked run [m_mask_end, m_block_max), with `stagger` from an offset rot = n_block % its length,
-wrapping (q_tile_order), else in order. Non-causal, every CTA of a head would otherwise start at
+wrapping (fa3.hopper.mask.walk_block), else in order. Non-causal, every CTA of a head would otherwise start at
 tile 0 at once and walk in lockstep, all adding into the same dQ tile's lines with atomics at the
 same moment; rotated, the consecutive n_blocks that run together touch consecutive, different
 tiles (causal CTAs start at their own diagonal anyway: default_config leaves them in order).
@@ -54,23 +54,6 @@ from fa3.hopper import softmax as sm
 NUM_THREADS = 256
 LOG2_E = 1.4426950408889634
 LOOKAHEAD = 4  # ldmatrix of B in flight ahead of the MMAs (see sm80_utils.gemm)
-
-
-def _select(cond, a, b):
-    """a if cond else b: plain Python for Python values (the CPU test of q_tile_order), a select
-    instruction for traced ones."""
-    if isinstance(cond, bool):
-        return a if cond else b
-    return Int32(cutlass.select_(cond, a, b))
-
-
-def q_tile_order(pos, m_mask_end, m_block_max, rot):
-    """The Q tile visited at position pos = m_block_min + i (step i) of [m_block_min, m_block_max):
-    the masked tiles [m_block_min, m_mask_end) in order, then the unmasked run rotated by rot
-    (0 <= rot < its length, or 0): m_mask_end + rot .. m_block_max - 1, m_mask_end .. + rot - 1.
-    Branch-free (two selects, no division), for traced Int32 and Python ints alike."""
-    t = pos + _select(pos >= m_mask_end, rot, 0)
-    return _select(t >= m_block_max, t - (m_block_max - m_mask_end), t)
 
 
 class FlashBwdSm80:
@@ -328,9 +311,9 @@ class FlashBwdSm80:
                       seq, softmax_scale)
 
     def q_order(self, st, pos, m_block_max):
-        """The Q tile of position pos (q_tile_order; pos itself when not staggered)."""
+        """The Q tile of position pos (mask.walk_block; pos itself when not staggered)."""
         if const_expr(self.cfg.stagger):
-            return q_tile_order(pos, st.m_mask_end, m_block_max, st.rot)
+            return mask_mod.walk_block(pos, st.m_mask_end, m_block_max, st.rot)
         return pos
 
     @cute.jit

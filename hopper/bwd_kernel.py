@@ -4,7 +4,7 @@ One CTA per (KV block n, query head, batch); it walks the query blocks m that se
 masked ones first, then (BwdConfig.stagger) the unmasked ones rotated to start at an offset that
 depends on n, so the CTAs of a head that run together bulk-add into different dQaccum tiles (same-
 line reductions serialise in L2); producer, consumers and dQ warp walk the same order
-(mask.m_block_nomask_bwd / m_block_at_bwd). Deterministic keeps the ascending walk.
+(mask.m_block_nomask_bwd / walk_block). Deterministic keeps the ascending walk.
 Threads: warpgroup 0 holds the producer warp (TMA: K_n and V_n once; Q_m + LSE_m and dO_m + D_m
 into a `stages`-deep ring with full/empty mbarriers) and the dQ warp (adds each dQ_m tile to the
 fp32 dQaccum buffer in global memory with a bulk reduce-add, cp.reduce.async.bulk); two consumer
@@ -321,7 +321,7 @@ class FlashBwdSm90:
     def m_at(self, p, m_nomask, m_max, n_block):
         """The query block at walk position p (m_min <= p < m_max): p itself without stagger."""
         if const_expr(self.cfg.stagger):
-            return mask_mod.m_block_at_bwd(p, m_nomask, m_max, n_block)
+            return mask_mod.walk_block(p, m_nomask, m_max, n_block % cutlass.max(m_max - m_nomask, 1))
         return p
 
     @cute.jit

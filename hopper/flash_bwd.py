@@ -55,10 +55,10 @@ class BwdConfig:
     # Compile-tested only, so off by default: its H200 cost vs the ascending order (+57% time at
     # hd128 s16k causal) is still to be measured.
     spt: bool = False
-    # Each KV block walks its unmasked query blocks rotated by n_block (mask.m_block_at_bwd), so
-    # the CTAs of a head that run together reduce-add into different dQaccum tiles instead of
-    # all into tile 0, 1, ... at once. default_config turns it on unless deterministic (whose
-    # semaphores order the adds of each m by n: that walk stays as it was).
+    # Each KV block walks its unmasked query blocks rotated by n_block (mask.walk_block), so the
+    # CTAs of a head that run together reduce-add into different dQaccum tiles instead of all
+    # into tile 0, 1, ... at once. Off by default (measured neutral, see the module docstring);
+    # refused when deterministic (its semaphores order the adds of each m by n).
     stagger: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time

@@ -153,7 +153,7 @@ def m_block_nomask_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32, m_min: 
     """Query blocks [m_min, m_nomask) of KV block n_block need the mask, [m_nomask, m_max) not:
     the causal diagonal's blocks, and every block of a KV tile that ends past seqlen_k (its
     zero-filled keys would give P = exp2(-LSE), which may overflow); sliding window: all (simple,
-    not yet tuned). Every role of the backward walks the blocks in this split (m_block_at_bwd)."""
+    not yet tuned). Every role of the backward walks the blocks in this split (walk_block)."""
     m_nomask = m_min
     if cutlass.const_expr(causal):
         m_nomask = cutlass.max(m_min, m_block_min_no_mask_bwd(seqlen_q, seqlen_k, n_block, tile_m,
@@ -165,24 +165,23 @@ def m_block_nomask_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32, m_min: 
     return cutlass.min(m_nomask, m_max)
 
 
-def _select(cond, a, b):
-    """a if cond else b, for Python ints (the CPU test) or traced Int32 (a branch-free select)."""
+def select_int(cond, a, b):
+    """a if cond else b: plain Python for Python values (the CPU tests of walk_block), a branch-free
+    select for traced Int32."""
     if isinstance(cond, bool):
         return a if cond else b
     return Int32(cutlass.select_(cond, a, b))
 
 
-def m_block_at_bwd(p, m_nomask, m_max, n_block):
-    """The query block that walk position p (m_min <= p < m_max) of KV block n_block visits: the
-    masked blocks first, in order (p itself for p < m_nomask), then the unmasked run [m_nomask,
-    m_max) rotated to start at m_nomask + n_block % cnt (cnt = m_max - m_nomask). Rotating by
-    n_block staggers the CTAs of one head, which would otherwise start at the same m together and
-    bulk-add into the same dQaccum lines at once (L2 serialises same-line reductions); the causal
-    walks start at their diagonals anyway. Plain Python on ints too (tested on the CPU)."""
-    cnt = m_max - m_nomask
-    q = p - m_nomask + n_block % cutlass.max(cnt, 1)  # < 2 * cnt: one conditional wrap
-    q = _select(q >= cnt, q - cnt, q)
-    return _select(p < m_nomask, p, m_nomask + q)
+def walk_block(pos, m_nomask, m_max, rot):
+    """The query block a backward CTA (one KV block) visits at walk position pos of [m_min, m_max):
+    the masked blocks [m_min, m_nomask) in order, then the unmasked run rotated to start at
+    m_nomask + rot (0 <= rot < its length, or 0), wrapping. With rot = n_block % length, the CTAs
+    of one head that run together (consecutive n_blocks; non-causal they share the bounds) add
+    their dQ into different tiles instead of all into the same lines at once; causal walks start
+    at their diagonals anyway. Both backward kernels trace this (stagger); two selects, no division."""
+    t = pos + select_int(pos >= m_nomask, rot, 0)
+    return select_int(t >= m_max, t - (m_max - m_nomask), t)
 
 
 @cute.jit

@@ -1,4 +1,4 @@
-"""CPU check of the sm80 backward's Q-tile visit order (bwd_sm80_kernel.q_tile_order, the same function
+"""CPU check of the sm80 backward's Q-tile visit order (fa3.hopper.mask.walk_block, the function
 the kernel traces, here on Python ints) and of the Q/dO ring indexed by visit position:
 
 * the order is a permutation of [m_block_min, m_block_max), the masked tiles first and ascending,
@@ -10,7 +10,7 @@ the kernel traces, here on Python ints) and of the Q/dO ring indexed by visit po
 The replay mirrors kv_tile / m_tile by hand: change one, change the other."""
 import itertools
 
-from fa3.ampere.bwd_sm80_kernel import q_tile_order
+from fa3.hopper.mask import walk_block
 
 
 def rot_of(n_block, m_mask_end, m_block_max):
@@ -19,7 +19,7 @@ def rot_of(n_block, m_mask_end, m_block_max):
 
 def order(m_block_min, m_mask_end, m_block_max, n_block):
     rot = rot_of(n_block, m_mask_end, m_block_max)
-    return [q_tile_order(pos, m_mask_end, m_block_max, rot) for pos in range(m_block_min, m_block_max)]
+    return [walk_block(pos, m_mask_end, m_block_max, rot) for pos in range(m_block_min, m_block_max)]
 
 
 def replay_ring(m_block_min, m_mask_end, m_block_max, n_block, stages):
@@ -28,7 +28,7 @@ def replay_ring(m_block_min, m_mask_end, m_block_max, n_block, stages):
     rot = rot_of(n_block, m_mask_end, m_block_max)
 
     def tile(pos):
-        return q_tile_order(pos, m_mask_end, m_block_max, rot)
+        return walk_block(pos, m_mask_end, m_block_max, rot)
 
     slots = [None] * stages
     for s in range(stages - 1):  # prologue
@@ -66,7 +66,7 @@ def test_order_is_masked_first_then_rotated_unmasked_run():
 
 def test_no_rotation_is_ascending():
     for lo, me, hi, _ in CASES:
-        assert [q_tile_order(p, me, hi, 0) for p in range(lo, hi)] == list(range(lo, hi))
+        assert [walk_block(p, me, hi, 0) for p in range(lo, hi)] == list(range(lo, hi))
 
 
 def test_ring_delivers_each_steps_tile():

@@ -1,4 +1,4 @@
-"""CPU check of the sm90 backward's query-block walk (mask.m_block_at_bwd, the function the
+"""CPU check of the sm90 backward's query-block walk (mask.walk_block with rot = n_block % length, as the
 producer, consumer and dQ warp trace, here on Python ints) and of the config switch:
 
 * for every bounds and KV block, the walk is a permutation of [m_min, m_max): the masked blocks
@@ -11,11 +11,12 @@ import itertools
 import pytest
 
 from fa3.hopper.flash_bwd import default_config
-from fa3.hopper.mask import m_block_at_bwd
+from fa3.hopper.mask import walk_block
 
 
 def walk(m_min, m_nomask, m_max, n_block):
-    return [m_block_at_bwd(p, m_nomask, m_max, n_block) for p in range(m_min, m_max)]
+    rot = n_block % max(m_max - m_nomask, 1)  # bwd_kernel.m_at
+    return [walk_block(p, m_nomask, m_max, rot) for p in range(m_min, m_max)]
 
 
 def test_walk_is_masked_first_then_rotated():
