@@ -15,6 +15,7 @@ import argparse
 import datetime as _dt
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -144,6 +145,9 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="varlen,gqa,window")
     p.add_argument("--impls", default="fa3,fa4,cudnn")
     p.add_argument("--rep-ms", type=float, default=200)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every impl of a case round robin this many times (the first impl "
+                        "rotating), report the median: clocks drift by several %% over a run")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -158,23 +162,29 @@ def main(argv=None) -> int:
     for c in cases(names):
         fl = flops(c)
         print(f"{c['name']}", flush=True)
+        calls = {}
         for impl, call in make_calls(c, impls).items():
-            if isinstance(call, str):
-                skipped.append(dict(case=c["name"], impl=impl, reason=call))
-                print(f"  {impl:6} -- {call}", flush=True)
-                continue
-            try:
-                with torch.no_grad():
-                    call()
+            if not isinstance(call, str):
+                try:  # first call compiles (fa3, FA4): never inside a timed round
+                    with torch.no_grad():
+                        call()
                     torch.cuda.synchronize()
-                    ms = bench_ms(call, 25, args.rep_ms)
-            except Exception as e:  # noqa: BLE001
-                reason = f"FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                skipped.append(dict(case=c["name"], impl=impl, reason=reason))
-                print(f"  {impl:6} {reason}", flush=True)
-                continue
+                    calls[impl] = call
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    call = f"FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            skipped.append(dict(case=c["name"], impl=impl, reason=call))
+            print(f"  {impl:6} -- {call}", flush=True)
+        times = {impl: [] for impl in calls}
+        order = list(calls)
+        for rnd in range(max(1, args.rounds)):
+            for impl in order[rnd % len(order):] + order[:rnd % len(order)] if order else []:
+                with torch.no_grad():
+                    times[impl].append(bench_ms(calls[impl], 25, args.rep_ms))
+        for impl in order:
+            ms = statistics.median(times[impl])
             tf = fl / ms / 1e9
-            rows.append(dict(case=c["name"], impl=impl, ms=ms, tflops=tf))
+            rows.append(dict(case=c["name"], impl=impl, ms=ms, tflops=tf, rounds_ms=times[impl]))
             print(f"  {impl:6} {ms:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
         torch.cuda.empty_cache()
     doc = dict(device=device, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
