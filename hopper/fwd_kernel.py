@@ -206,7 +206,8 @@ class FlashFwdSm90(PingpongMixin):
         group = None
         if const_expr(self.lpt and self.cfg.l2_group and not self.cfg.varlen):
             group = lpt_group(seqlen_k, (self.d + self.dv) * 2,  # 16-bit K and V
-                              qhead_per_kvhead, num_hb, num_m_blocks, self.cfg.l2_group_mb << 20)
+                              qhead_per_kvhead, num_hb, num_m_blocks, self.cfg.l2_group_mb << 20,
+                              static_split=self.cfg.persistent)
         # per-call inputs of the features; loop-invariant
         feat = SimpleNamespace(cu_q=mCuSeqlensQ, cu_k=mCuSeqlensK, used_q=mSeqUsedQ, used_k=mSeqUsedK,
                                sink=mSink, softcap_pre=softcap_pre, window_left=window_left,

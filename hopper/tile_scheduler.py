@@ -38,21 +38,25 @@ def grid_size(total_tiles: int, num_sms: int, persistent: bool) -> int:
 L2_GROUP_BYTES = 32 << 20
 
 
-# Groups only pay off with few query blocks per head (short sequences: many (batch, head) pairs,
-# each re-read from HBM). With many blocks a group spans rounds whose tiles differ a lot in cost,
-# and the jump from one group's lightest tiles to the next group's heaviest unbalances the static
-# split (H100, fp8 hd256 causal 16k: 1083 -> 973 TFLOP/s), so there all heads form one group.
+# With the static persistent split, groups only pay off with few query blocks per head (short
+# sequences: many (batch, head) pairs, each re-read from HBM). With many blocks a group spans
+# rounds whose tiles differ a lot in cost, and the jump from one group's lightest tiles to the next
+# group's heaviest unbalances the static split (H100, fp8 hd256 causal 16k: 1083 -> 973 TFLOP/s),
+# so there all heads form one group. With one CTA per tile the hardware hands out tiles as SMs free
+# up, so nothing unbalances and groups stay on at any length (FA4's LPT order does the same).
 MAX_GROUPED_M_BLOCKS = 32
 
 
 def lpt_group(seqlen_k, bytes_per_key: int, qhead_per_kvhead, num_hb, num_m_blocks,
-              group_bytes: int = L2_GROUP_BYTES):
+              group_bytes: int = L2_GROUP_BYTES, static_split: bool = True):
     """(batch, head) pairs per causal LPT group: as many as keep their K/V within group_bytes
-    (query heads sharing a kv head count once), at least one, at most all; all of them above
-    MAX_GROUPED_M_BLOCKS query blocks per head."""
+    (query heads sharing a kv head count once), at least one, at most all; with static_split
+    (persistent kernels), all of them above MAX_GROUPED_M_BLOCKS query blocks per head."""
     kv_heads = cutlass.max(Int32(group_bytes) // cutlass.max(seqlen_k * bytes_per_key, 1), 1)
     group = cutlass.min(kv_heads * qhead_per_kvhead, num_hb)
-    return Int32(cutlass.select_(num_m_blocks > MAX_GROUPED_M_BLOCKS, num_hb, group))
+    if static_split:
+        group = cutlass.select_(num_m_blocks > MAX_GROUPED_M_BLOCKS, num_hb, group)
+    return Int32(group)
 
 
 def decode_tile(tile, num_m_blocks, num_heads, num_hb, lpt: bool, group=None):
