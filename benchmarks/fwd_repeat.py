@@ -52,7 +52,7 @@ def time_rounds(cells: dict, rounds: int, label: str, flops: float) -> tuple[dic
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", action="append", required=True, help="b,s,h,d,causal (repeatable)")
+    p.add_argument("--shape", action="append", required=True, help="b,s,h,d,causal[,h_kv] (repeatable; h_kv < h: GQA)")
     p.add_argument("--override", action="append", default=[], help="k=v[,k=v] FwdConfig overrides (repeatable)")
     p.add_argument("--peers", default="fa4,cudnn", help="comma list of peers timed in each round")
     p.add_argument("--rounds", type=int, default=3)
@@ -76,9 +76,10 @@ def main(argv=None):
             print(f"[{name}] unavailable: {e}")
     results = []
     for text in a.shape:
-        b, s, h, d, causal = (int(x) for x in text.split(","))
-        sh = U.Shape(b, s, s, h, h, d, bool(causal))
-        sets = [tuple(torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        b, s, h, d, causal, *rest = (int(x) for x in text.split(","))
+        hk = rest[0] if rest else h
+        sh = U.Shape(b, s, s, h, hk, d, bool(causal))
+        sets = [tuple(torch.randn(b, s, hh, d, device="cuda", dtype=torch.bfloat16) for hh in (h, hk, hk))
                 for _ in range(3)]
         out = torch.empty(b, s, h, d, device="cuda", dtype=torch.bfloat16)
         lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
@@ -94,7 +95,7 @@ def main(argv=None):
             cells[impl.name] = cycling([lambda x=x, c=call: c(x) for x in sets])
         times, tf, line = time_rounds(cells, a.rounds, sh.label(), U.attn_flops(b, s, s, h, d, sh.causal, "fwd"))
         print(f"{sh.label():40} {line}", flush=True)
-        results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "d": d, "causal": bool(causal),
+        results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "h_kv": hk, "d": d, "causal": bool(causal),
                         "tflops_median": tf, "rounds_ms": times})
     if a.out:
         Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rounds": a.rounds,

@@ -100,8 +100,13 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # 32 MB: its heaviest-first order is global there (hd256 causal 2k/4k: 553/633 -> 520/584 at 2 MB),
     # except with few query blocks, where K/V reuse wins (hd256 causal s512: 263 -> 297 at 8 MB, twice;
     # s1k 414 -> 425; s2k, 16 blocks, 553 -> 533).
-    few_blocks = seqlen_q is not None and -(-rows_q // tile_m) <= 8
-    l2_group_mb = 2 if persistent else (8 if few_blocks else 32)
+    # Past 32 query blocks only one-CTA-per-tile kernels group (lpt_group's static_split); there
+    # 16 MB groups measured best (H100, causal: hd128 16k 593 -> 625, hd256 16k 675 -> 728, 8k
+    # hd128 541 -> 594, hd256 640 -> 659 vs all heads at once; 32 MB: 600 / 659 / 593 / 665).
+    m_blocks = None if seqlen_q is None else -(-rows_q // tile_m)
+    few_blocks = m_blocks is not None and m_blocks <= 8
+    many_blocks = m_blocks is not None and m_blocks > 32
+    l2_group_mb = 2 if persistent else (8 if few_blocks else (16 if many_blocks else 32))
     if features.get("varlen"):  # tiles are only known on the device: persistent walk, O from
         persistent, o_in_q = True, False  # registers (a TMA store cannot stop at a sequence end)
     # keywords only: fields were added in the middle of FwdConfig before, and a positional o_in_q

@@ -44,3 +44,9 @@ def test_causal_l2_groups_small_only_for_the_static_split(d):
     assert cfg.l2_group_mb == (2 if cfg.persistent else 8)  # 1024 rows: 8 query blocks
     long = default_config(d, d, "bfloat16", True, seqlen_q=2048, seqlen_k=2048)
     assert long.l2_group_mb == (2 if long.persistent else 32)
+
+
+@pytest.mark.parametrize("d, seqlen", [(128, 8192), (128, 16384), (256, 8192), (256, 16384)])
+def test_long_causal_one_cta_per_tile_uses_16mb_groups(d, seqlen):
+    cfg = default_config(d, d, "bfloat16", True, seqlen_q=seqlen, seqlen_k=seqlen)
+    assert not cfg.persistent and cfg.l2_group and cfg.l2_group_mb == 16  # > 32 query blocks
