@@ -49,7 +49,7 @@ class FwdConfig:
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     sink: bool = False  # learnable per-head sink logit (fp32 (h,)) in the softmax denominator
-    varlen: bool = False  # cu_seqlens_q/k: packed sequences (always persistent)
+    varlen: bool = False  # cu_seqlens_q/k: packed sequences
     seqused_q: bool = False  # valid rows per sequence (rows past it: O = 0, LSE = -inf/sink)
     seqused_k: bool = False  # valid keys per sequence
     # pack_gqa: query heads per kv head folded into one Q tile's rows (1 = off); compile-time, so
@@ -107,8 +107,11 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     few_blocks = m_blocks is not None and m_blocks <= 8
     many_blocks = m_blocks is not None and m_blocks > 32
     l2_group_mb = 2 if persistent else (8 if few_blocks else (16 if many_blocks else 32))
-    if features.get("varlen"):  # tiles are only known on the device: persistent walk, O from
-        persistent, o_in_q = True, False  # registers (a TMA store cannot stop at a sequence end)
+    if features.get("varlen"):
+        # tiles are only known on the device: a persistent walk, or (persistent=False) a grid
+        # sized for the most tiles the packed rows can make, whose spare CTAs exit at once;
+        # O from registers (a TMA store cannot stop at a sequence end)
+        persistent, o_in_q = True, False
     # keywords only: fields were added in the middle of FwdConfig before, and a positional o_in_q
     # once landed in q_early (hd256 lost its staged O store, every other head dim its early Q)
     cfg = FwdConfig(d=d, dv=dv, dtype=dtype, causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
@@ -117,7 +120,6 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
                     pack_gqa=pack)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert not (cfg.causal and cfg.local), cfg
-    assert cfg.persistent or not cfg.varlen, cfg
     assert cfg.tile_m % cfg.pack_gqa == 0 and cfg.pack_gqa in (1, qpk), cfg
     assert cfg.tile_m in (128, 192) and cfg.tile_n % 16 == 0, cfg
     assert cfg.overlap or not cfg.rescale_early, cfg
@@ -257,8 +259,12 @@ def _plan(q, k, v, out, lse, causal, window, softcap, sink, varlen, seqused_q, s
                          seqlen_k=max_seqlen_k if varlen else sk,
                          features=features, qhead_per_kvhead=h // hk, **(config_overrides or {}))
     fn = _compile.get_kernel(cfg, build)
-    if varlen:
+    if varlen and cfg.persistent:
         grid = _num_sms(q.device)  # the tile count is known only on the device
+    elif varlen:  # sum over sequences of ceil(rows / tile_m) <= total rows / tile_m + sequences;
+        # the number of sequences is not part of the plan's key: the grid is a function of it
+        rows_tiles, heads = q.shape[1] * cfg.pack_gqa // cfg.tile_m, h // cfg.pack_gqa
+        grid = lambda nseq: max(1, (rows_tiles + nseq) * heads)  # noqa: E731
     else:
         tiles = num_tiles(sq * cfg.pack_gqa, cfg.tile_m, h // cfg.pack_gqa, b)
         grid = grid_size(tiles, _num_sms(q.device), cfg.persistent)
@@ -297,6 +303,8 @@ def flash_fwd(q, k, v, out, lse, softmax_scale: float, causal: bool, *, window=N
             _PLANS.clear()
         _PLANS[key] = plan
     fn, grid, local, left, right = plan
+    if callable(grid):
+        grid = grid(cu_seqlens_q.shape[0] - 1)
     if sink is not None:
         sink = sink.float().contiguous()
     b, sq, h, _ = q.shape
