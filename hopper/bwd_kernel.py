@@ -493,6 +493,12 @@ class FlashBwdSm90:
             gemm(c["sdp"], acc_S, c["tSrA"], c["tSrB"][None, None, None, state.index], True, -1)
         else:
             gemm(c["sdp"], acc_S, c["tSrA"][None, None, None, state.index], c["tSrB"], True, -1)
+        # stats_early: this thread's LSE values into registers now, so their smem loads complete
+        # under the GEMMs instead of stalling the exp2 loop (D likewise, under the rest of dP's
+        # GEMM); else each is loaded where it is used (fewer live registers)
+        lse_r = None
+        if const_expr(self.cfg.stats_early):
+            lse_r = self.load_stats(c["tScS_mn"], c["sLSE"][None, state.index])
         c["pipe_do"].consumer_wait(state)
         acc_dP = cute.make_rmem_tensor(c["shape_S"], Float32)
         if const_expr(self.swap):
@@ -515,10 +521,10 @@ class FlashBwdSm90:
             mask_mod.apply_mask_bwd(S_mn, coord, c["seqlen_q"], c["seqlen_k"], m, c["n_block"], tm,
                                     self.tile_n, self.causal, self.swap, self.cfg.local,
                                     c["window_left"], c["window_right"])
-        sLSE = c["sLSE"][None, state.index]
-        sD = c["sD"][None, state.index]
         # P = exp2(S * scale*log2e - LSE_log2); LSE rows past seqlen_q are +inf (P = 0)
-        self.pointwise(S_mn, None, coord, sLSE, c["scale_log2"])
+        if const_expr(not self.cfg.stats_early):
+            lse_r = self.load_stats(coord, c["sLSE"][None, state.index])
+        self.pointwise(S_mn, None, lse_r, c["scale_log2"])
         if const_expr(self.swap):
             self.pack(c["tdVrP"], acc_S, c["bf16"])
         else:
@@ -527,10 +533,15 @@ class FlashBwdSm90:
             cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)  # last sP / sdS reads
             thr_st = c["thr_st"]
             cute.copy(c["st_atom"], thr_st.retile(rP), thr_st.partition_D(c["sP"][None, None, 0]))
+        d_r = None
+        if const_expr(self.cfg.stats_early):
+            d_r = self.load_stats(coord, c["sD"][None, state.index])
         warpgroup.wait_group(0)
         # dS = P * (dP - D)  (softcap: times d tanh)
         dP_mn = acc_to_mn(acc_dP)
-        self.pointwise(dP_mn, S_mn, coord, sD, None)
+        if const_expr(not self.cfg.stats_early):
+            d_r = self.load_stats(coord, c["sD"][None, state.index])
+        self.pointwise(dP_mn, S_mn, d_r, None)
         if const_expr(self.cfg.softcap):
             for r in cutlass.range_constexpr(cute.size(dP_mn, mode=[0])):
                 for j in cutlass.range_constexpr(cute.size(dP_mn, mode=[1])):
@@ -576,25 +587,26 @@ class FlashBwdSm90:
         return state
 
     @cute.jit
-    def pointwise(self, acc_mn, p_mn, coord, s_vec, scale_log2):
-        """p_mn is None: acc <- exp2(acc * scale_log2 - vec); else acc <- p * (acc - vec). vec is
-        indexed by the query of each element (the column when swapped, else the row)."""
-        if const_expr(self.swap):
+    def load_stats(self, coord, s_vec):
+        """The per-query values (LSE2 or D) of this thread's S elements, one per query it holds:
+        its columns when swapped, else its rows."""
+        mode = 1 if const_expr(self.swap) else 0
+        vec = cute.make_rmem_tensor((cute.size(coord, mode=[mode]),), Float32)
+        for i in cutlass.range_constexpr(cute.size(vec)):
+            vec[i] = s_vec[coord[0, i][1]] if const_expr(self.swap) else s_vec[coord[i, 0][0]]
+        return vec
+
+    @cute.jit
+    def pointwise(self, acc_mn, p_mn, vec, scale_log2):
+        """p_mn is None: acc <- exp2(acc * scale_log2 - vec); else acc <- p * (acc - vec). vec
+        (load_stats) holds the value of each element's query (the column when swapped, else the row)."""
+        for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
             for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
-                v = s_vec[coord[0, c][1]]
-                for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
-                    if const_expr(p_mn is None):
-                        acc_mn[r, c] = cute.arch.exp2(acc_mn[r, c] * scale_log2 - v)
-                    else:
-                        acc_mn[r, c] = p_mn[r, c] * (acc_mn[r, c] - v)
-        else:
-            for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
-                v = s_vec[coord[r, 0][0]]
-                for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
-                    if const_expr(p_mn is None):
-                        acc_mn[r, c] = cute.arch.exp2(acc_mn[r, c] * scale_log2 - v)
-                    else:
-                        acc_mn[r, c] = p_mn[r, c] * (acc_mn[r, c] - v)
+                v = vec[c] if const_expr(self.swap) else vec[r]
+                if const_expr(p_mn is None):
+                    acc_mn[r, c] = cute.arch.exp2(acc_mn[r, c] * scale_log2 - v)
+                else:
+                    acc_mn[r, c] = p_mn[r, c] * (acc_mn[r, c] - v)
 
     @cute.jit
     def pack(self, dst, src, bf16: cutlass.Constexpr[bool]):

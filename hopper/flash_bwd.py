@@ -60,6 +60,10 @@ class BwdConfig:
     # into tile 0, 1, ... at once. Off by default (measured neutral, see the module docstring);
     # refused when deterministic (its semaphores order the adds of each m by n).
     stagger: bool = False
+    # Load each m block's LSE / D values into registers right after the S / dP GEMMs are issued,
+    # not where the exp2 / dS loops use them (ncu, hd128 1k: short-scoreboard stalls 1.6 vs
+    # FA4's 0.9 per issued instruction). Costs live registers: hd64 and causal builds spill.
+    stats_early: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -141,6 +145,8 @@ def variants() -> Iterator:
         yield cfg
         posts.add(post_config(cfg))
     yield default_config(128, 128, "bfloat16", True, True, False, spt=True)
+    yield default_config(128, 128, "bfloat16", False, stats_early=True)
+    yield default_config(256, 256, "float16", True, stats_early=True)
     for d in (64, 128, 256):  # sliding window and softcap
         yield default_config(d, d, "bfloat16", False, False, False, local=True)
         yield default_config(d, d, "float16", False, True, True, local=True)
