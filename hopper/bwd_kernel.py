@@ -168,12 +168,22 @@ class FlashBwdSm90:
         # P / dS tiles in the SdP accumulator's orientation (S^T: keys x queries when swapped)
         pds_shape = (tn, tm) if const_expr(self.swap) else (tm, tn)
         sPdS_layout = smem_layout(dtype, *pds_shape, self.pds_stages)
+        # dkv_tma: dK / dV staged in Q's / dO's buffers (free after the last m block)
+        sdKV_layout = smem_layout(dtype, tn, d, swizzle_cols=sw_qdo)  # its atoms divide dK's N split
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_Q, tQ = cpasync.make_tiled_tma_atom(g2s, mQ, cute.select(sQ_layout, mode=[0, 1]), (tm, d))
         tma_dO, tdO = cpasync.make_tiled_tma_atom(g2s, mdO, cute.select(sdO_layout, mode=[0, 1]),
                                                   (tm, d))
         tma_K, tK = cpasync.make_tiled_tma_atom(g2s, mK, sK_layout, (tn, d))
         tma_V, tV = cpasync.make_tiled_tma_atom(g2s, mV, sV_layout, (tn, d))
+        tma_dK, tma_dV = tma_K, tma_V  # placeholders, unused without dkv_tma
+        sQ_elems, sdO_elems = cute.cosize(sQ_layout), cute.cosize(sdO_layout)
+        if const_expr(self.cfg.dkv_tma):
+            s2g = cpasync.CopyBulkTensorTileS2GOp()
+            tma_dK, mdK = cpasync.make_tiled_tma_atom(s2g, mdK, sdKV_layout, (tn, d))
+            tma_dV, mdV = cpasync.make_tiled_tma_atom(s2g, mdV, sdKV_layout, (tn, d))
+            sQ_elems = max(sQ_elems, cute.cosize(sdKV_layout))
+            sdO_elems = max(sdO_elems, cute.cosize(sdKV_layout))
         self.bytes_q = cute.size_in_bytes(dtype, cute.select(sQ_layout, mode=[0, 1])) + tm * 4
         self.bytes_kv = cute.size_in_bytes(dtype, sK_layout) * 2
         pds_elems = cute.cosize(sPdS_layout)
@@ -186,8 +196,8 @@ class FlashBwdSm90:
             mbar_kv: cute.struct.MemRange[cutlass.Int64, 2]
             sLSE: cute.struct.Align[cute.struct.MemRange[Float32, tm * st], 128]
             sD: cute.struct.Align[cute.struct.MemRange[Float32, tm * st], 128]
-            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
-            sdO: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sdO_layout)], 1024]
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, sQ_elems], 1024]
+            sdO: cute.struct.Align[cute.struct.MemRange[dtype, sdO_elems], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sV_layout)], 1024]
             sdS: cute.struct.Align[cute.struct.MemRange[dtype, pds_elems], 1024]
@@ -201,7 +211,8 @@ class FlashBwdSm90:
             num_n_blocks = (max_seqlen_k + (tn - 1)) // tn
             num_batch = mCuSeqlensQ.shape[0] - 1
         self.kernel(tQ, tK, tV, tdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, tma_Q, tma_K, tma_V, tma_dO,
-                    sdp, dkv, dq, sQ_layout, sdO_layout, sK_layout, sV_layout, sPdS_layout,
+                    tma_dK, tma_dV, sdp, dkv, dq, sQ_layout, sdO_layout, sK_layout, sV_layout,
+                    sPdS_layout, sdKV_layout,
                     softmax_scale, window_left, window_right, softcap, mCuSeqlensQ, mCuSeqlensK,
                     mSeqUsedQ, mSeqUsedK).launch(
             grid=[num_n_blocks, mQ.shape[2], num_batch], block=[384, 1, 1], stream=stream,
@@ -211,10 +222,12 @@ class FlashBwdSm90:
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
                mLSE2: cute.Tensor, mD: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
                mdV: cute.Tensor, mSem: cute.Tensor, tma_Q: cute.CopyAtom, tma_K: cute.CopyAtom,
-               tma_V: cute.CopyAtom, tma_dO: cute.CopyAtom, sdp: cute.TiledMma, dkv: cute.TiledMma,
+               tma_V: cute.CopyAtom, tma_dO: cute.CopyAtom, tma_dK: cute.CopyAtom,
+               tma_dV: cute.CopyAtom, sdp: cute.TiledMma, dkv: cute.TiledMma,
                dq: cute.TiledMma, sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout,
                sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
-               sPdS_layout: cute.ComposedLayout, softmax_scale: Float32, window_left: Int32,
+               sPdS_layout: cute.ComposedLayout, sdKV_layout: cute.ComposedLayout,
+               softmax_scale: Float32, window_left: Int32,
                window_right: Int32, softcap: Float32, mCuSeqlensQ: Optional[cute.Tensor],
                mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
                mSeqUsedK: Optional[cute.Tensor]):
@@ -249,6 +262,10 @@ class FlashBwdSm90:
         sLSE = storage.sLSE.get_tensor(cute.make_layout((self.tile_m, self.stages)))
         sD = storage.sD.get_tensor(cute.make_layout((self.tile_m, self.stages)))
         sdQ = storage.sdQ.get_tensor(cute.make_layout((self.tile_m * self.d // 2, 2)))
+        sdK, sdV = sQ, sdO  # unused without dkv_tma
+        if const_expr(self.cfg.dkv_tma):
+            sdK = storage.sQ.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner)
+            sdV = storage.sdO.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner)
 
         n_block, head, batch = cute.arch.block_idx()
         if const_expr(self.cfg.spt):
@@ -284,7 +301,7 @@ class FlashBwdSm90:
         roles = (mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP, sdS, sLSE,
                  sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
                  softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
-                 bidx, m_min, m_max, seqlen_q, seqlen_k)
+                 bidx, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV)
         if const_expr(self.cfg.varlen or self.cfg.seqused_k):
             if n_block * self.tile_n < seqlen_k:  # blocks past this sequence's keys: no work
                 self.roles(*roles)
@@ -295,7 +312,7 @@ class FlashBwdSm90:
     def roles(self, mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP, sdS,
               sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
               softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
-              batch, m_min, m_max, seqlen_q, seqlen_k):
+              batch, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV):
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[0])
             if warp_idx == 0:
@@ -310,7 +327,8 @@ class FlashBwdSm90:
             cute.arch.setmaxregister_increase(REGS[1])
             self.consumer(mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq, pipe_q,
                           pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch, m_min,
-                          m_max, seqlen_q, seqlen_k, window_left, window_right, softcap)
+                          m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,
+                          (tma_dK, tma_dV, sdK, sdV))
 
     # ------------------------------------------------------------------------------------------
     def m_nomask(self, seqlen_q, seqlen_k, n_block, m_min, m_max):
@@ -416,7 +434,7 @@ class FlashBwdSm90:
     @cute.jit
     def consumer(self, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq, pipe_q,
                  pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
-                 seqlen_q, seqlen_k, window_left, window_right, softcap):
+                 seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out):
         wg = cute.arch.make_warp_uniform(tidx // 128)
         tm, tn, d = self.tile_m, self.tile_n, self.d
         wg_sdp, wg_dkv, wg_dq = sdp.get_slice(wg * 128), dkv.get_slice(wg * 128), dq.get_slice(wg * 128)
@@ -480,8 +498,13 @@ class FlashBwdSm90:
         for p in cutlass.range(m_nomask, m_max, unroll=1):
             state = self.one_m_block(ctx, state, self.m_at(p, m_nomask, m_max, n_block), False)
         acc_dK.store(acc_dK.load() * softmax_scale)
-        self.store_rows(acc_dK, mdK, dkv, tidx, n_block, head, batch, seqlen_k)
-        self.store_rows(acc_dV, mdV, dkv, tidx, n_block, head, batch, seqlen_k)
+        if const_expr(self.cfg.dkv_tma):
+            tma_dK, tma_dV, sdK, sdV = dkv_out
+            self.store_tma(acc_dK, acc_dV, sdK, sdV, mdK, mdV, tma_dK, tma_dV, dkv, tidx, n_block,
+                           head, batch)
+        else:
+            self.store_rows(acc_dK, mdK, dkv, tidx, n_block, head, batch, seqlen_k)
+            self.store_rows(acc_dV, mdV, dkv, tidx, n_block, head, batch, seqlen_k)
 
     @cute.jit
     def one_m_block(self, c, state, m, masked: cutlass.Constexpr[bool]):
@@ -615,6 +638,32 @@ class FlashBwdSm90:
         d32 = cute.recast_tensor(dst, Int32)
         for i in cutlass.range_constexpr(cute.size(d32)):
             d32[i] = pack_f16x2(src[2 * i], src[2 * i + 1], bf16)
+
+    @cute.jit
+    def store_tma(self, acc_dK, acc_dV, sdK, sdV, mdK, mdV, tma_dK, tma_dV, tiled_mma, tidx, n_block,
+                  head, batch):
+        """dK / dV tiles through smem (Q's and dO's buffers, free once both warpgroups are past
+        their last m block) and one TMA store each, rows past seqlen_k clipped by the TMA unit:
+        the register path's 4-byte stores queued in the LSU at every CTA's end (ncu hd128 1k:
+        lg-throttle stalls 0.9 per instruction; FA4 stores these tiles by TMA too)."""
+        cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)  # last wgmma reads of Q / dO
+        st_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4),
+                                      self.dtype)
+        thr = cute.make_tiled_copy_C(st_atom, tiled_mma).get_slice(tidx)
+        for acc, s in ((acc_dK, sdK), (acc_dV, sdV)):
+            r = cute.make_rmem_tensor_like(acc, self.dtype)
+            r.store(acc.load().to(self.dtype))
+            cute.copy(st_atom, thr.retile(r), thr.partition_D(s))
+        cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> TMA (async proxy)
+        cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
+        if tidx < 32:
+            for atom, s, m in ((tma_dK, sdK, mdK), (tma_dV, sdV, mdV)):
+                g = cute.local_tile(m[None, None, head, batch], (self.tile_n, self.d), (n_block, 0))
+                ts, tg = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(s, 0, 2),
+                                               cute.group_modes(g, 0, 2))
+                cute.copy(atom, ts, tg)
+            cute.arch.cp_async_bulk_commit_group()
+            cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the stores' reads
 
     @cute.jit
     def store_rows(self, acc, mOut, tiled_mma, tidx, n_block, head, batch, seqlen_k):

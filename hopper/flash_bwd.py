@@ -65,6 +65,10 @@ class BwdConfig:
     # FA4's 0.9 per issued instruction). Costs live registers: default_config turns it on where
     # the build does not spill.
     stats_early: bool = False
+    # dK / dV stored by TMA from smem (Q's / dO's buffers) instead of from registers; MHA dense
+    # only (GQA's fp32 partials do not fit those buffers; a TMA store cannot stop at a varlen
+    # sequence's or seqused_k's end)
+    dkv_tma: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -112,6 +116,8 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
     assert not (cfg.stagger and cfg.deterministic), cfg
+    assert not (cfg.dkv_tma and (cfg.gqa or cfg.varlen or cfg.seqused_k)), cfg
+    assert not cfg.dkv_tma or cfg.stages * cfg.tile_m >= cfg.tile_n, cfg  # dK fits Q's buffer
     assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap) <= SMEM_LIMIT, cfg
@@ -151,6 +157,9 @@ def variants() -> Iterator:
         posts.add(post_config(cfg))
     yield default_config(128, 128, "bfloat16", True, True, False, spt=True)
     yield default_config(128, 128, "bfloat16", False, stats_early=False)
+    for d, causal in ((64, False), (128, True), (192, True), (256, False)):  # dK/dV by TMA
+        yield default_config(d, d, "float16" if causal else "bfloat16", causal, dkv_tma=True)
+    yield default_config(128, 128, "bfloat16", True, True, False, dkv_tma=True)  # deterministic
     yield default_config(256, 256, "float16", True, stats_early=False)
     for d in (64, 128, 256):  # sliding window and softcap
         yield default_config(d, d, "bfloat16", False, False, False, local=True)
