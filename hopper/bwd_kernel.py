@@ -25,8 +25,9 @@ deterministic: the dQ warp adds tile m only after the CTAs of lower KV blocks ha
 per (batch, head, m) counts them), so the fp32 sums run in one order on every run. With `spt`
 (causal only) KV blocks launch and add from the last one down: a CTA then waits on one that started
 before it and is ahead in m, instead of on block 0, which reaches m last.
-dK (times softmax_scale) and dV are stored from registers once per CTA; with GQA they are per
-query head fp32 partials that the caller sums over the group.
+dK (times softmax_scale) and dV are stored once per CTA: by TMA from Q's / dO's smem buffers
+(BwdConfig.dkv_tma, MHA dense), else from registers; with GQA they are per query head fp32
+partials that the caller sums over the group.
 Varlen / seqused (compile-time switches; the plain kernels' code is unchanged): a CTA finds its
 sequence's rows from cu_seqlens (domain offsets on the packed tensors) and valid lengths from
 seqused, and exits when its KV block starts past the sequence's keys. Rows past a sequence's end
