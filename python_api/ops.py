@@ -110,9 +110,9 @@ def call_fwd(q, k, v, *args):
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return fwd(q, k, v, *args)
     if needs_grad:
-        # eager training: a plain autograd.Function around the same implementations; the op's
-        # autograd layer cost ~390 us of host time per forward and ~270 us per backward (H100 host,
-        # tiny shapes: more than the GPU time of a 1k-token backward)
+        # eager training: a plain autograd.Function around the same implementations; through the
+        # op's autograd layer a forward with grad took 436 us of host time, this way 89 (H100
+        # host, tiny shape; without grad 50), and the backward skips the op's ~60 us dispatch
         return _EagerAttention.apply(q, k, v, *args)
     return _fwd_impl(q, k, v, *args)
 
