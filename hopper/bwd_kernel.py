@@ -21,6 +21,10 @@ Two layouts (BwdConfig.swap):
   key columns, P and dS through smem, dV/dK/dQ split by head-dim columns (wgmma SS).
 The dQ tile goes to smem in register order (16-byte stores, no bank conflicts), and so to
 dQaccum: the postprocess kernel (bwd_postprocess.py) maps it back with the same tiled MMA.
+dq_red (BwdConfig): the consumers add their dQ registers to dQaccum themselves with
+red.global.add.v4.f32, at the addresses the smem chunk would go to (same element order, same
+postprocess); no smem staging and no dQ warp, which frees tile_m * d * 4 bytes of smem for a
+second Q / dO stage at hd256 (FA3's C++ backward adds dQ from registers at hd256 too).
 deterministic: the dQ warp adds tile m only after the CTAs of lower KV blocks have (a semaphore
 per (batch, head, m) counts them), so the fp32 sums run in one order on every run. With `spt`
 (causal only) KV blocks launch and add from the last one down: a CTA then waits on one that started
@@ -83,6 +87,18 @@ def bulk_reduce_add_f32(gmem_ptr: cute.Pointer, smem_ptr: cute.Pointer, nbytes: 
 
 
 @dsl_user_op
+def red_add_v4_f32(gmem_ptr: cute.Pointer, v0: Float32, v1: Float32, v2: Float32, v3: Float32, *,
+                   loc=None, ip=None):
+    """red.global.add.v4.f32: four fp32 adds into 16 aligned bytes of global memory (sm_90+), no
+    return value, so the thread does not wait for it."""
+    llvm.inline_asm(
+        None, [gmem_ptr.toint(loc=loc, ip=ip).ir_value()]
+        + [Float32(v).ir_value(loc=loc, ip=ip) for v in (v0, v1, v2, v3)],
+        "red.global.add.v4.f32 [$0], {$1, $2, $3, $4};", "l,f,f,f,f", has_side_effects=True,
+        is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
 def ld_acquire(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
     return Int32(llvm.inline_asm(
         T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value()], "ld.global.acquire.gpu.b32 $0, [$1];",
@@ -136,6 +152,7 @@ class FlashBwdSm90:
         self.causal, self.swap = cfg.causal, cfg.swap
         self.pds_stages = cfg.stages if cfg.swap else 1
         assert not (cfg.stagger and cfg.deterministic)  # the semaphores order adds per m by n
+        assert not (cfg.dq_red and (cfg.deterministic or cfg.swap))  # unordered adds; hd192/256
         if cfg.swap:
             assert self.tile_n == 128 and self.tile_m in (64, 128)
         else:
@@ -203,7 +220,8 @@ class FlashBwdSm90:
             sV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sV_layout)], 1024]
             sdS: cute.struct.Align[cute.struct.MemRange[dtype, pds_elems], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[dtype, p_elems], 1024]
-            sdQ: cute.struct.Align[cute.struct.MemRange[Float32, tm * d], 1024]
+            sdQ: cute.struct.Align[cute.struct.MemRange[Float32, 0 if self.cfg.dq_red else tm * d],
+                                   1024]
 
         self.shared_storage = SharedStorage
         num_n_blocks = (mK.shape[0] + (tn - 1)) // tn
@@ -262,7 +280,9 @@ class FlashBwdSm90:
             sP = storage.sP.get_tensor(sPdS_layout.outer, swizzle=sPdS_layout.inner)
         sLSE = storage.sLSE.get_tensor(cute.make_layout((self.tile_m, self.stages)))
         sD = storage.sD.get_tensor(cute.make_layout((self.tile_m, self.stages)))
-        sdQ = storage.sdQ.get_tensor(cute.make_layout((self.tile_m * self.d // 2, 2)))
+        sdQ = None  # dq_red: no dQ staging
+        if const_expr(not self.cfg.dq_red):
+            sdQ = storage.sdQ.get_tensor(cute.make_layout((self.tile_m * self.d // 2, 2)))
         sdK, sdV = sQ, sdO  # unused without dkv_tma
         if const_expr(self.cfg.dkv_tma):
             sdK = storage.sQ.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner)
@@ -321,14 +341,15 @@ class FlashBwdSm90:
                 self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K,
                               tma_V, tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch,
                               m_min, m_max, seqlen_q, seqlen_k)
-            if warp_idx == 1:
-                self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, tidx % 32,
-                               seqlen_q, seqlen_k, window_left)
+            if const_expr(not self.cfg.dq_red):  # (dq_red: the consumers add dQ)
+                if warp_idx == 1:
+                    self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max,
+                                   tidx % 32, seqlen_q, seqlen_k, window_left)
         else:
             cute.arch.setmaxregister_increase(REGS[1])
-            self.consumer(mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq, pipe_q,
-                          pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch, m_min,
-                          m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,
+            self.consumer(mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
+                          pipe_q, pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch,
+                          m_min, m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,
                           (tma_dK, tma_dV, sdK, sdV))
 
     # ------------------------------------------------------------------------------------------
@@ -433,8 +454,8 @@ class FlashBwdSm90:
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
-    def consumer(self, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq, pipe_q,
-                 pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
+    def consumer(self, mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
+                 pipe_q, pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
                  seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out):
         wg = cute.arch.make_warp_uniform(tidx // 128)
         tm, tn, d = self.tile_m, self.tile_n, self.d
@@ -472,7 +493,13 @@ class FlashBwdSm90:
                                       self.dtype)
         thr_st = cute.make_tiled_copy_C(st_atom, sdp).get_slice(tidx)
         thr_dq_copy = dq_copy(self.cfg).get_slice(tidx)
-        tdQsdQ = thr_dq_copy.partition_D(sdQ)
+        if const_expr(self.cfg.dq_red):
+            # this thread's 4-float vectors of query block 0's dQaccum tile, where the dQ warp
+            # would bulk-add them (chunk wg at wg * chunk); block m's tile is m * tm * d further
+            tdQsdQ = thr_dq_copy.partition_D(cute.make_tensor(
+                mdQacc[batch, head, None].iterator, cute.make_layout((tm * d // 2, 2))))
+        else:
+            tdQsdQ = thr_dq_copy.partition_D(sdQ)
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
         softcap_pre = Float32(0.0)
         if const_expr(self.cfg.softcap):
@@ -599,12 +626,18 @@ class FlashBwdSm90:
         else:
             gemm(c["dkv"], c["acc_dK"], c["tdKrdS"][None, None, None, 0],
                  c["tdKrQ"][None, None, None, state.index], False, 1)
-        # dQ -> smem chunk of this warpgroup, once the dQ warp has read the previous one
-        cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + c["wg"], number_of_threads=160)
         flat = cute.make_tensor(acc_dQ.iterator, cute.make_layout(c["tdQsdQ"].shape))
-        cute.autovec_copy(flat, c["tdQsdQ"])
-        cute.arch.fence_view_async_shared()
-        cute.arch.barrier_arrive(barrier_id=BAR_DQ_FULL + c["wg"], number_of_threads=160)
+        if const_expr(self.cfg.dq_red):
+            # dQ -> dQaccum from registers, one 16-byte reduction per vector (under dK's GEMM)
+            g = cute.make_tensor(c["tdQsdQ"].iterator + m * (tm * self.d), c["tdQsdQ"].layout)
+            for j in cutlass.range_constexpr(cute.size(g, mode=[1])):
+                red_add_v4_f32(g[None, j, 0].iterator, *(flat[v, j, 0] for v in range(4)))
+        else:
+            # dQ -> smem chunk of this warpgroup, once the dQ warp has read the previous one
+            cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + c["wg"], number_of_threads=160)
+            cute.autovec_copy(flat, c["tdQsdQ"])
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier_arrive(barrier_id=BAR_DQ_FULL + c["wg"], number_of_threads=160)
         warpgroup.wait_group(0)
         c["pipe_q"].consumer_release(state)
         state.advance()

@@ -69,6 +69,11 @@ class BwdConfig:
     # only (GQA's fp32 partials do not fit those buffers; a TMA store cannot stop at a varlen
     # sequence's or seqused_k's end)
     dkv_tma: bool = False
+    # dQ added to dQaccum from the consumers' registers (red.global.add.v4.f32) instead of smem
+    # staging + the dQ warp's bulk reduce-add: frees tile_m * d * 4 bytes of smem, which at hd256
+    # buys a second Q / dO stage (one stage exposes each block's 64 KB Q / dO load). Unswapped
+    # layout only (hd192/256); refused when deterministic (adds in any order). Off until GPU A/B.
+    dq_red: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -88,9 +93,10 @@ class PostConfig:
     varlen: bool = False
 
 
-def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2) -> int:
+def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False) -> int:
     pds = tile_m * tile_n * elem * (stages if swap else 2)  # dS ring (swap) or P + dS
-    return (2 * stages * tile_m * d * elem + 2 * tile_n * d * elem + pds + tile_m * d * 4
+    dq = 0 if dq_red else tile_m * d * 4  # fp32 dQ staging
+    return (2 * stages * tile_m * d * elem + 2 * tile_n * d * elem + pds + dq
             + 2 * stages * tile_m * 4 + 1024)
 
 
@@ -104,7 +110,8 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
         # registers), but two Q/dO stages fit in smem (210 KB)
         tile = dict(tile_m=64, tile_n=64, stages=2, swap=False)
     else:  # 64 x 64 tiles, one stage: dK + dV + dQ accumulators fill the registers
-        tile = dict(tile_m=64, tile_n=64, stages=1, swap=False)
+        # (dq_red: no dQ staging, so two stages fit: 210 KB)
+        tile = dict(tile_m=64, tile_n=64, stages=2 if overrides.get("dq_red") else 1, swap=False)
     if d <= 64 and overrides.get("softcap"):
         tile["tile_m"] = 64  # 1 - tanh^2 of a 128-query S^T tile would not fit in registers
     tile["stagger"] = False  # measured neutral on the H100 (module docstring); kept for A/B
@@ -120,10 +127,12 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
     assert not (cfg.stagger and cfg.deterministic), cfg
     assert not (cfg.dkv_tma and (cfg.gqa or cfg.varlen or cfg.seqused_k)), cfg
+    assert not (cfg.dq_red and (cfg.deterministic or cfg.swap)), cfg
     assert not cfg.dkv_tma or cfg.stages * cfg.tile_m >= cfg.tile_n, cfg  # dK fits Q's buffer
     assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
-    assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap) <= SMEM_LIMIT, cfg
+    assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
+                      dq_red=cfg.dq_red) <= SMEM_LIMIT, cfg
     return cfg
 
 

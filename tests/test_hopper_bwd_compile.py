@@ -4,13 +4,25 @@ reduce-add) and ptxas (when on PATH) reports no spills and no serialized wgmmas.
 import pytest
 from _compile_check import check_ptx, compile_ptx
 
-from fa3.hopper.flash_bwd import BwdConfig, build, default_config, variants
+from fa3.hopper.flash_bwd import SMEM_LIMIT, BwdConfig, build, default_config, smem_bytes, variants
 
 pytestmark = pytest.mark.compile
 
+# dq_red (dQ added from registers, a second Q / dO stage at hd256; an A/B switch): hd256 / hd192,
+# causal or not, GQA, both dtypes, and the features it must keep (varlen, window, softcap, stagger)
+DQ_RED = [default_config(256, 256, "bfloat16", False, dq_red=True),
+          default_config(256, 256, "float16", True, dq_red=True),
+          default_config(256, 256, "bfloat16", True, False, True, dq_red=True),
+          default_config(256, 256, "float16", False, False, True, dq_red=True, varlen=True),
+          default_config(256, 256, "bfloat16", False, local=True, dq_red=True),
+          default_config(256, 256, "bfloat16", True, False, True, softcap=True, dq_red=True),
+          default_config(256, 256, "bfloat16", False, stagger=True, dq_red=True),
+          default_config(192, 192, "bfloat16", False, dq_red=True),
+          default_config(192, 192, "float16", True, False, True, dq_red=True),
+          default_config(192, 192, "bfloat16", False, stages=3, dq_red=True)]
 # shipped variants (ascending query-block walk), plus the staggered walk (an A/B switch) twice
 VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=True),
-                               default_config(256, 256, "bfloat16", True, stagger=True)]
+                               default_config(256, 256, "bfloat16", True, stagger=True)] + DQ_RED
 
 
 def _id(cfg):
@@ -20,8 +32,8 @@ def _id(cfg):
                                           ("s", cfg.spt), ("l", cfg.local),
                                           ("t", cfg.softcap), ("v", cfg.varlen),
                                           ("q", cfg.seqused_q), ("k", cfg.seqused_k),
-                                          ("r", cfg.stagger)) if on)
-    return f"hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}-{flags or 'plain'}"
+                                          ("r", cfg.stagger), ("a", cfg.dq_red)) if on)
+    return f"hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=_id)
@@ -33,6 +45,25 @@ def test_compile_bwd(cfg, tmp_path):
     # softcap keeps 1 - tanh^2 of the S tile in registers: hd128 spills ~100 bytes; the
     # all-masked sliding-window loop hd128 8-16 bytes (accepted until tuned on a GPU);
     # everything else spills nothing
+    dq_add = "red.global.add.v4.f32" if cfg.dq_red else "cp.reduce.async.bulk"
     check_ptx(ptx_path, ptx, tmp_path, ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg",
-                                        "mbarrier", "cp.reduce.async.bulk"),
+                                        "mbarrier", dq_add),
               spill_limit=160 if cfg.softcap else 32 if cfg.local else 0)
+    if cfg.dq_red:  # no smem dQ path left (its bulk add is the only cp.reduce in this kernel)
+        assert "cp.reduce.async.bulk" not in ptx
+
+
+def test_dq_red_config():
+    """dq_red frees the fp32 dQ tile's smem: hd256 gets two Q / dO stages (one without it), and
+    the switch is refused where its adds would break a promise (deterministic) or where it was
+    never tested (the swapped hd <= 128 layout)."""
+    assert default_config(256, 256, "bfloat16", False).stages == 1
+    cfg = default_config(256, 256, "bfloat16", False, dq_red=True)
+    assert cfg.stages == 2
+    assert smem_bytes(64, 64, 256, 2, False) > SMEM_LIMIT
+    assert smem_bytes(64, 64, 256, 2, False, dq_red=True) <= SMEM_LIMIT
+    assert default_config(192, 192, "bfloat16", False, dq_red=True).stages == 2
+    for bad in (dict(d=256, deterministic=True), dict(d=128)):
+        d = bad.pop("d")
+        with pytest.raises(AssertionError):
+            default_config(d, d, "bfloat16", False, dq_red=True, **bad)
