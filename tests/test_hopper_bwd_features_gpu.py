@@ -57,7 +57,7 @@ def _flash_bwd(do, q, k, v, out, lse, causal, deterministic=False, **features):
 
 
 def _varlen_case(lens_q, lens_k, h, hk, d, dtype, causal, deterministic=False, used_q=None,
-                 used_k=None, sink=False, window=None):
+                 used_k=None, sink=False, window=None, cfg=None):
     torch.manual_seed(sum(lens_q) + 3 * sum(lens_k) + d + h)
     tq, tk = sum(lens_q), sum(lens_k)
     q = torch.randn(tq, h, d, device="cuda", dtype=dtype)
@@ -80,7 +80,7 @@ def _varlen_case(lens_q, lens_k, h, hk, d, dtype, causal, deterministic=False, u
     for name, t in (("seqused_q", used_q), ("seqused_k", used_k), ("sink", s), ("window", window)):
         if t is not None:
             feats[name] = t
-    got = _flash_bwd(do, q, k, v, out, lse, causal, deterministic, **feats)
+    got = _flash_bwd(do, q, k, v, out, lse, causal, deterministic, cfg_overrides=cfg, **feats)
     names = ("dq", "dk", "dv", "dsink")[:len(got)]
     _check(got, ref(True), ref(False), names, dtype)
     return got, (q, k, v, out, lse, do, feats)
@@ -91,6 +91,13 @@ def _varlen_case(lens_q, lens_k, h, hk, d, dtype, causal, deterministic=False, u
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_varlen(d, causal, gqa):
     _varlen_case(MIX_Q, MIX_K, 6, 2 if gqa else 6, d, torch.bfloat16, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [192, 256])
+def test_varlen_dq_red(d, causal):
+    """BwdConfig.dq_red: dQ reductions from registers land in the per-sequence padded rows."""
+    _varlen_case(MIX_Q, MIX_K, 6, 2, d, torch.bfloat16, causal, cfg=dict(dq_red=True))
 
 
 @pytest.mark.parametrize("d", [96, 192])

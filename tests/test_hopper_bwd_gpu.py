@@ -102,6 +102,25 @@ def test_bwd_deterministic_spt(sq, sk):
             assert torch.equal(a, g), "deterministic backward differs between runs"
 
 
+@pytest.mark.parametrize("bhs", [(2, 4, 4), (1, 6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1024, 1024), (1000, 1357)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [192, 256])
+def test_bwd_dq_red(d, causal, sq, sk, bhs):
+    """BwdConfig.dq_red (dQ added from registers; hd256 then runs two Q / dO stages)."""
+    check(*bhs, sq, sk, d, torch.bfloat16, causal, dq_red=True)
+
+
+@pytest.mark.parametrize("feat", [dict(window=(100, 50)), dict(softcap=30.0), dict(stages=3)],
+                         ids=["window", "softcap", "stages3"])
+@pytest.mark.parametrize("d", [192, 256])
+def test_bwd_dq_red_features(d, feat):
+    """dq_red with a sliding window, softcap (GQA), and hd192's third Q / dO stage."""
+    if "stages" in feat and d == 256:
+        pytest.skip("three hd256 stages do not fit in smem")
+    check(1, 6, 2, 1000, 1357, d, torch.bfloat16, False, dq_red=True, **feat)
+
+
 WINDOWS = [(64, 0), (100, 50), (-1, 32), (0, 0), (256, -1)]
 
 
