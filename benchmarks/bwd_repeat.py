@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Interleaved repeat timing of fa3's backward (the whole call: preprocess, main kernel, dQ
 conversion) under config overrides, in one process; each round times every config once, and the
-table reports each config's median round. Peers are in `bench_attn.py --mode bwd --rounds`.
+table reports each config's median round. --peers adds other implementations to every round
+(their backward as bench_attn.py times it: autograd.grad through their forward's graph).
 
     python benchmarks/bwd_repeat.py --backend sm90 --shape 1,16384,32,64,0 --override stagger=False
+    python benchmarks/bwd_repeat.py --shape 1,16384,8,256,1 --override dq_red=True --peers fa4,cudnn
     python benchmarks/bwd_repeat.py --backend sm80 --shape 4,4096,32,64,0 --override stagger=False
 """
 import argparse
@@ -20,12 +22,14 @@ def main(argv=None):
     p.add_argument("--backend", choices=("sm90", "sm80"), default="sm90")
     p.add_argument("--shape", action="append", required=True, help="b,s,h,d,causal (repeatable)")
     p.add_argument("--override", action="append", default=[], help="k=v[,k=v] config overrides (repeatable)")
+    p.add_argument("--peers", default="", help="comma list of peers timed in each round (e.g. fa4,cudnn)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     import torch
 
     import bench_utils as U
+    import peers
     from fwd_repeat import parse_override, time_rounds
     from timing import cycling
 
@@ -35,6 +39,14 @@ def main(argv=None):
     else:
         from fa3.ampere.flash_bwd_sm80 import flash_bwd_sm80 as bwd
         from fa3.ampere.flash_fwd_sm80 import flash_fwd_sm80 as fwd
+    impls = []
+    for name in filter(None, a.peers.split(",")):
+        impl = peers.make_impl(name)
+        try:
+            impl.load()
+            impls.append(impl)
+        except peers.Unavailable as e:
+            print(f"[{name}] unavailable: {e}")
     results = []
     for text in a.shape:
         b, s, h, d, causal = (int(x) for x in text.split(","))
@@ -51,6 +63,22 @@ def main(argv=None):
             ov = parse_override(ov_text)
             cells[ov_text] = cycling([lambda x=x, ov=ov: bwd(*x, scale, sh.causal, cfg_overrides=ov or None)
                                       for x in sets])
+        for impl in impls:  # the peer's own forward graph per input set, its backward timed
+            graphs = []
+            for do, q, k, v, _, _ in sets:
+                qkv = tuple(t.detach().requires_grad_() for t in (q, k, v))
+                try:
+                    impl.check(sh, "bwd")
+                    with impl.context(), torch.enable_grad():
+                        graphs.append((impl.fwd(*qkv, sh.causal), qkv, do))
+                except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
+                    print(f"  [{impl.name}] skipped: {type(e).__name__}: {str(e)[:200]}")
+                    break
+            else:
+                def grad(g, impl=impl):
+                    with impl.context():
+                        return torch.autograd.grad(g[0], g[1], g[2], retain_graph=True)
+                cells[impl.name] = cycling([lambda g=g, f=grad: f(g) for g in graphs])
         times, tf, line = time_rounds(cells, a.rounds, sh.label(), U.attn_flops(b, s, s, h, d, sh.causal, "bwd"))
         print(f"{a.backend} {sh.label():40} {line}", flush=True)
         results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "d": d, "causal": bool(causal),
