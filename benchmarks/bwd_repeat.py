@@ -39,14 +39,7 @@ def main(argv=None):
     else:
         from fa3.ampere.flash_bwd_sm80 import flash_bwd_sm80 as bwd
         from fa3.ampere.flash_fwd_sm80 import flash_fwd_sm80 as fwd
-    impls = []
-    for name in filter(None, a.peers.split(",")):
-        impl = peers.make_impl(name)
-        try:
-            impl.load()
-            impls.append(impl)
-        except peers.Unavailable as e:
-            print(f"[{name}] unavailable: {e}")
+    impls = peers.load_available(a.peers)
     results = []
     for text in a.shape:
         b, s, h, d, causal = (int(x) for x in text.split(","))

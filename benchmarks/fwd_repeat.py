@@ -66,14 +66,7 @@ def main(argv=None):
 
     from fa3.hopper.flash_fwd import flash_fwd
 
-    impls = []
-    for name in filter(None, a.peers.split(",")):
-        impl = peers.make_impl(name)
-        try:
-            impl.load()
-            impls.append(impl)
-        except peers.Unavailable as e:
-            print(f"[{name}] unavailable: {e}")
+    impls = peers.load_available(a.peers)
     results = []
     for text in a.shape:
         b, s, h, d, causal, *rest = (int(x) for x in text.split(","))

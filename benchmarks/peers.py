@@ -153,3 +153,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float32 (NaN anywhere gives NaN)."""
     o, r = out.float(), ref.float()
     return float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r))
+
+
+def load_available(names: str) -> list:
+    """The peers of a comma list that load here; the others are reported and skipped."""
+    impls = []
+    for name in filter(None, names.split(",")):
+        impl = make_impl(name)
+        try:
+            impl.load()
+            impls.append(impl)
+        except Unavailable as e:
+            print(f"[{name}] unavailable: {e}")
+    return impls
