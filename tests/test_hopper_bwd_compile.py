@@ -8,14 +8,10 @@ from fa3.hopper.flash_bwd import SMEM_LIMIT, BwdConfig, build, default_config, s
 
 pytestmark = pytest.mark.compile
 
-# dq_red (dQ added from registers, a second Q / dO stage at hd256; an A/B switch): hd256 / hd192,
-# causal or not, GQA, both dtypes, and the features it must keep (varlen, window, softcap, stagger)
-DQ_RED = [default_config(256, 256, "bfloat16", False, dq_red=True),
-          default_config(256, 256, "float16", True, dq_red=True),
-          default_config(256, 256, "bfloat16", True, False, True, dq_red=True),
-          default_config(256, 256, "float16", False, False, True, dq_red=True, varlen=True),
-          default_config(256, 256, "bfloat16", False, local=True, dq_red=True),
-          default_config(256, 256, "bfloat16", True, False, True, softcap=True, dq_red=True),
+# dq_red (dQ added from registers, a second Q / dO stage): the hd256 default unless deterministic
+# (variants() covers those); here the one-stage smem path it replaced (an A/B switch) and hd192,
+# where it is an A/B switch too
+DQ_RED = [default_config(256, 256, "bfloat16", False, dq_red=False),
           default_config(256, 256, "bfloat16", False, stagger=True, dq_red=True),
           default_config(192, 192, "bfloat16", False, dq_red=True),
           default_config(192, 192, "float16", True, False, True, dq_red=True),
@@ -54,12 +50,16 @@ def test_compile_bwd(cfg, tmp_path):
 
 
 def test_dq_red_config():
-    """dq_red frees the fp32 dQ tile's smem: hd256 gets two Q / dO stages (one without it), and
-    the switch is refused where its adds would break a promise (deterministic) or where it was
-    never tested (the swapped hd <= 128 layout)."""
-    assert default_config(256, 256, "bfloat16", False).stages == 1
-    cfg = default_config(256, 256, "bfloat16", False, dq_red=True)
-    assert cfg.stages == 2
+    """dq_red frees the fp32 dQ tile's smem: hd256 gets two Q / dO stages by default (one without
+    it, as deterministic keeps), and the switch is refused where its adds would break a promise
+    (deterministic) or where it was never tested (the swapped hd <= 128 layout)."""
+    cfg = default_config(256, 256, "bfloat16", False)
+    assert cfg.dq_red and cfg.stages == 2
+    for gqa in (False, True):
+        cfg = default_config(256, 256, "float16", True, True, gqa)
+        assert not cfg.dq_red and cfg.stages == 1
+    assert default_config(256, 256, "bfloat16", False, dq_red=False).stages == 1
+    assert not default_config(192, 192, "bfloat16", False).dq_red
     assert smem_bytes(64, 64, 256, 2, False) > SMEM_LIMIT
     assert smem_bytes(64, 64, 256, 2, False, dq_red=True) <= SMEM_LIMIT
     assert default_config(192, 192, "bfloat16", False, dq_red=True).stages == 2
