@@ -6,6 +6,7 @@ table reports each config's median round. --peers adds other implementations to 
 
     python benchmarks/bwd_repeat.py --backend sm90 --shape 1,16384,32,64,0 --override stagger=False
     python benchmarks/bwd_repeat.py --shape 1,16384,8,256,1 --override dq_red=True --peers fa4,cudnn
+    python benchmarks/bwd_repeat.py --shape 4,4096,8,256,0 --override deterministic=True  (its cost)
     python benchmarks/bwd_repeat.py --backend sm80 --shape 4,4096,32,64,0 --override stagger=False
 """
 import argparse
@@ -54,7 +55,9 @@ def main(argv=None):
         cells = {}
         for ov_text in ["default"] + a.override:
             ov = parse_override(ov_text)
-            cells[ov_text] = cycling([lambda x=x, ov=ov: bwd(*x, scale, sh.causal, cfg_overrides=ov or None)
+            det = bool(ov.pop("deterministic", False))  # an argument of its own, not a config field
+            cells[ov_text] = cycling([lambda x=x, ov=ov, det=det: bwd(*x, scale, sh.causal, det,
+                                                                      cfg_overrides=ov or None)
                                       for x in sets])
         for impl in impls:  # the peer's own forward graph per input set, its backward timed
             graphs = []
