@@ -67,3 +67,15 @@ def test_dq_red_config():
         d = bad.pop("d")
         with pytest.raises(AssertionError):
             default_config(d, d, "bfloat16", False, dq_red=True, **bad)
+
+
+def test_spt_default():
+    """Deterministic causal adds dQ last-block-first (spt) by default; not varlen (it reverses the
+    grid, not each sequence), never without deterministic or causal."""
+    for d in (64, 128, 256):
+        assert default_config(d, d, "bfloat16", True, True).spt
+        assert default_config(d, d, "float16", True, True, True).spt
+        assert not default_config(d, d, "bfloat16", True, False).spt
+        assert not default_config(d, d, "bfloat16", False, True).spt
+        assert not default_config(d, d, "bfloat16", True, True, varlen=True).spt
+        assert not default_config(d, d, "bfloat16", False, True, local=True).spt
