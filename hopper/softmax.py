@@ -75,11 +75,13 @@ def online_softmax(acc_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tens
         m_scaled = m * scale_log2 if m != -Float32.inf else Float32(0.0)
         row_scale[r] = cute.arch.exp2(row_max[r] * scale_log2 - m_scaled)
         row_max[r] = m
-        s = [Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)]
+        # 4 partial sums that start at the first 4 P values: 0 + p is an FADD the compiler keeps
+        # (it cannot assume p != -0); p >= +0, so the sums are the same
+        s = [None, None, None, None]
         for c in cutlass.range_constexpr(n):
             p = cute.arch.exp2(acc_mn[r, c] * scale_log2 - m_scaled)  # FFMA + EX2
             acc_mn[r, c] = p
-            s[c % 4] = s[c % 4] + p
+            s[c % 4] = p if c < 4 else s[c % 4] + p
         row_sum[r] = row_sum[r] * row_scale[r] + ((s[0] + s[1]) + (s[2] + s[3]))
 
 
