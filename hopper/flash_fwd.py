@@ -45,6 +45,9 @@ class FwdConfig:
     # (persistent: Q is then released after the store has read smem), instead of storing it
     # from registers straight to global memory.
     o_in_q: bool = False
+    # wgmma smem descriptors built once per kernel and stepped by 32-bit static offsets
+    # (wgmma_utils.DescFrag) instead of rebuilt by the DSL in every KV block
+    desc_hoist: bool = False
     # Features, each a compile-time switch (off: the plain kernel, unchanged).
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time

@@ -40,7 +40,8 @@ from fa3.hopper.fwd_common import (BAR_PINGPONG, REGS, PingpongMixin, consumer_f
                                    tma_tiles)
 from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index, varlen_decode, varlen_window
 from fa3.hopper.tile_size import separate_o_fits
-from fa3.hopper.wgmma_utils import acc_to_frag_a, acc_to_mn, gemm, pack_f16x2, smem_layout, transpose_view
+from fa3.hopper.wgmma_utils import (DescFrag, acc_to_frag_a, acc_to_mn, gemm, gemm_desc, pack_f16x2,
+                                    smem_layout, transpose_view)
 
 # Named barriers (0 is __syncthreads; BAR_PINGPONG.. in fwd_common).
 BAR_EPILOGUE = 1
@@ -364,6 +365,11 @@ class FlashFwdSm90(PingpongMixin):
             tOrV=tOrV, shape_S=shape_S, acc_O=acc_O, acc_O_mn=acc_O_mn, tScS_mn=tScS_mn,
             row_max=row_max, row_sum=row_sum, row_scale=row_scale, scale_log2=scale_log2,
             pipe_k=pipe_k, pipe_v=pipe_v, wg=wg, feat=feat)
+        if const_expr(self.cfg.desc_hoist):
+            # wgmma smem descriptors taken once here, not rebuilt each KV block (DescFrag); Q's
+            # 16 k-blocks at hd256 would hold 32 registers (hd256 causal spills): DSL slices there
+            ctx.dK, ctx.dV = DescFrag(tSrK), DescFrag(tOrV)
+            ctx.dQ = DescFrag(tSrQ) if const_expr(cute.size(tSrQ.shape[2]) <= 8) else tSrQ
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         cta = cute.arch.block_idx()[0]
@@ -396,7 +402,7 @@ class FlashFwdSm90(PingpongMixin):
                     # first half: S of the highest block, softmax, P ready; no PV yet
                     pipe_k.consumer_wait(kv_state)
                     acc_S = cute.make_rmem_tensor(shape_S, Float32)
-                    gemm(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, kv_state.index], True, 0)
+                    self.gemm_qk(tctx, acc_S, kv_state.index, 0)
                     pipe_k.consumer_release(kv_state)
                     if const_expr(self.q_early):
                         if n_max - 1 == n_min:  # that was the tile's only S GEMM
@@ -417,7 +423,7 @@ class FlashFwdSm90(PingpongMixin):
                     if const_expr(self.cfg.rescale_early):
                         sm.rescale_o(acc_O_mn, row_scale)
                     pipe_v.consumer_wait(kv_state)
-                    gemm(tiled_mma_pv, acc_O, tOrP, tOrV[None, None, None, kv_state.index], False, 0)
+                    self.gemm_pv(tctx, kv_state.index, 0)
                     pipe_v.consumer_release(kv_state)
                     kv_state.advance()
 
@@ -460,6 +466,22 @@ class FlashFwdSm90(PingpongMixin):
                 cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the last store
 
     @cute.jit
+    def gemm_qk(self, ctx, acc_S, stage, wait: cutlass.Constexpr[int]):
+        """acc_S = Q K^T with K from ring slot `stage`."""
+        if const_expr(self.cfg.desc_hoist):
+            gemm_desc(ctx.tiled_mma_qk, acc_S, ctx.dQ, ctx.dK, stage, True, wait)
+        else:
+            gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, stage], True, wait)
+
+    @cute.jit
+    def gemm_pv(self, ctx, stage, wait: cutlass.Constexpr[int]):
+        """acc_O += P V with P in registers and V from ring slot `stage`."""
+        if const_expr(self.cfg.desc_hoist):
+            gemm_desc(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.dV, stage, False, wait)
+        else:
+            gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, stage], False, wait)
+
+    @cute.jit
     def softmax_block(self, ctx, acc_S, m_block, n, masked: cutlass.Constexpr[bool]):
         acc_S_mn = acc_to_mn(acc_S)
         if const_expr(self.cfg.softcap):
@@ -486,7 +508,7 @@ class FlashFwdSm90(PingpongMixin):
         ctx.pipe_k.consumer_wait(kv_state)
         self.pingpong_sync(ctx.wg)
         acc_S = cute.make_rmem_tensor(ctx.shape_S, Float32)
-        gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, kv_state.index], True, -1)
+        self.gemm_qk(ctx, acc_S, kv_state.index, -1)
         self.pingpong_arrive(ctx.wg)
         warpgroup.wait_group(0)
         ctx.pipe_k.consumer_release(kv_state)
@@ -494,7 +516,7 @@ class FlashFwdSm90(PingpongMixin):
         self.to_p(ctx, acc_S)
         sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
         ctx.pipe_v.consumer_wait(kv_state)
-        gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, kv_state.index], False, 0)
+        self.gemm_pv(ctx, kv_state.index, 0)
         ctx.pipe_v.consumer_release(kv_state)
         kv_state.advance()
         return kv_state
@@ -509,13 +531,13 @@ class FlashFwdSm90(PingpongMixin):
         ctx.pipe_k.consumer_wait(kv_state)
         self.pingpong_sync(ctx.wg)
         acc_S = cute.make_rmem_tensor(ctx.shape_S, Float32)
-        gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, kv_state.index], True, -1)
+        self.gemm_qk(ctx, acc_S, kv_state.index, -1)
         if const_expr(self.cfg.rescale_early):
             # O *= scale of the previous softmax while S = Q K^T runs on the tensor cores (pays off
             # when O is large, dv > 128, and no other warpgroup's GEMM hides the FMULs)
             sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
         ctx.pipe_v.consumer_wait(v_state)
-        gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, v_state.index], False, -1)
+        self.gemm_pv(ctx, v_state.index, -1)
         self.pingpong_arrive(ctx.wg)
         warpgroup.wait_group(1)  # S_n done, PV may still run
         ctx.pipe_k.consumer_release(kv_state)

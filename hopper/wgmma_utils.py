@@ -6,8 +6,9 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
-from cutlass._mlir.dialects import llvm
+from cutlass._mlir.dialects import arith, llvm
 from cutlass.cute.nvgpu import warpgroup
+from cutlass.cute.nvgpu.tcgen05.helpers import int_to_smem_descriptor, smem_descriptor_to_int
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.tensor_utils import LayoutEnum
 
@@ -69,6 +70,87 @@ def gemm(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a: cute.Tensor, frag_b
     atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
     for k in cutlass.range_constexpr(cute.size(frag_a.shape[2])):
         cute.gemm(atom, acc, frag_a[None, None, k], frag_b[None, None, k], acc)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.commit_group()
+    if const_expr(wait >= 0):
+        warpgroup.wait_group(wait)
+
+
+@dsl_user_op
+def _opaque_i64(x: cutlass.Int64, *, loc=None, ip=None) -> cutlass.Int64:
+    """x through a volatile move: computed where it is written, not re-derived inside loops."""
+    return cutlass.Int64(llvm.inline_asm(
+        T.i64(), [cutlass.Int64(x).ir_value(loc=loc, ip=ip)], "mov.b64 $0, $1;", "=l,l",
+        has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@dsl_user_op
+def _zext_i64(x: Int32, *, loc=None, ip=None) -> cutlass.Int64:
+    """Zero-extend: from a sign-extended slot offset ptxas splits every descriptor add in two."""
+    return cutlass.Int64(arith.extui(T.i64(), Int32(x).ir_value(loc=loc, ip=ip), loc=loc, ip=ip))
+
+
+class DescFrag:
+    """A shared-memory wgmma operand (the DSL's descriptor view from make_fragment_A/B) held as
+    its first 64-bit descriptor plus its static layout (offsets in 16-byte units).
+
+    Slicing the DSL view by ring slot inside the main loop rebuilds the descriptor from the smem
+    pointer every KV block and steps it per k-block by adds that ptxas splits around the constant
+    high word: ~70 uniform-datapath instructions per KV block at hd128 (S and PV GEMMs). Here the
+    descriptors are taken once, before the loops: Q's per k-block, K's / V's for slot 0, and a
+    slot / k-block is one 64-bit add of a zero-extended offset (hd128: 72 -> 40 uniform ops)."""
+
+    def __init__(self, frag: cute.Tensor):
+        # pinned here (an opaque move): otherwise the compilers rebuild it inside the loops
+        self.base = _opaque_i64(smem_descriptor_to_int(frag.iterator))
+        self.layout = frag.layout
+        self.k_layout = frag[(None, None, 0) + (0,) * (cute.rank(frag) - 3)].layout
+        self.num_k = cute.size(frag.shape[2])
+        # an unstaged operand (Q): every k-block's descriptor, loop-invariant; ptxas keeps them
+        # in uniform registers (8 k-blocks, hd128), and the loop only fills the wgmma operands
+        self.fixed = None
+        if cute.rank(frag) == 3:
+            self.fixed = [_opaque_i64(self.base + cutlass.Int64(self.offset(k)))
+                          for k in range(self.num_k)]
+
+    def offset(self, k: int) -> int:
+        """Static offset of k-block k (stage 0) in 16-byte units."""
+        coord = (0, 0, k) + ((0,) * (cute.rank(self.layout) - 3))
+        return cute.crd2idx(coord, self.layout)
+
+    def stage_desc(self, stage) -> cutlass.Int64:
+        """First descriptor of ring slot `stage` (a runtime index)."""
+        step = cute.crd2idx((0, 0, 0, 1), self.layout)
+        return self.base + _zext_i64(Int32(stage * step))
+
+    @dsl_user_op
+    def view(self, desc: cutlass.Int64, k: int, *, loc=None, ip=None) -> cute.Tensor:
+        """The k-block-k view of the slot whose first descriptor is `desc`."""
+        desc_k = desc + cutlass.Int64(self.offset(k))
+        return cute.make_tensor(int_to_smem_descriptor(desc_k, loc=loc, ip=ip), self.k_layout,
+                                loc=loc, ip=ip)
+
+
+@cute.jit
+def gemm_desc(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a, frag_b: DescFrag, stage,
+              zero_init: cutlass.Constexpr[bool], wait: cutlass.Constexpr[int]):
+    """gemm() with B (and A, when it is not a DSL fragment: registers or a smem view) given as
+    DescFrag: B's k-blocks are taken from ring slot `stage`."""
+    b_desc = frag_b.stage_desc(stage)
+    a_is_desc = const_expr(isinstance(frag_a, DescFrag))
+    # every k-block's descriptors before the first wgmma: ptxas then fills the operand
+    # registers of later wgmmas while earlier ones issue
+    b_k = [frag_b.view(b_desc, k) for k in range(frag_b.num_k)]
+    if const_expr(not a_is_desc):  # a DSL fragment (registers: the RS GEMM)
+        a_k = [frag_a[None, None, k] for k in range(frag_b.num_k)]
+    else:
+        a_k = [cute.make_tensor(int_to_smem_descriptor(frag_a.fixed[k]), frag_a.k_layout)
+               for k in range(frag_b.num_k)]
+    warpgroup.fence()
+    atom = cute.make_mma_atom(tiled_mma.op)
+    atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
+    for k in cutlass.range_constexpr(frag_b.num_k):
+        cute.gemm(atom, acc, a_k[k], b_k[k], acc)
         atom.set(warpgroup.Field.ACCUMULATE, True)
     warpgroup.commit_group()
     if const_expr(wait >= 0):

@@ -2,10 +2,12 @@
 wgmma, TMA (cp.async.bulk.tensor), setmaxnreg, mbarriers; no local-memory spills (when ptxas is
 on PATH to report them; hd64 causal with three consumer warpgroups at 160 registers keeps one
 4-byte value in local memory across a tile, outside the main loop, which is tolerated)."""
+import dataclasses
+
 import pytest
 from _compile_check import check_ptx, compile_ptx
 
-from fa3.hopper.flash_fwd import FEATURES, build, variants
+from fa3.hopper.flash_fwd import FEATURES, build, default_config, variants
 
 pytestmark = pytest.mark.compile
 
@@ -24,3 +26,21 @@ def test_compile_fwd(cfg, tmp_path):
     _, ptx_path, ptx = compile_ptx(build, cfg, tmp_path)
     check_ptx(ptx_path, ptx, tmp_path, ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg", "mbarrier"),
               spill_limit=8)
+
+
+# desc_hoist (wgmma descriptors built once, wgmma_utils.DescFrag): off by default until the GPU
+# A/B; every main-loop shape it changes: head dims, causal, fp16, no overlap, features, GQA pack
+DESC_HOIST = [dataclasses.replace(c, desc_hoist=True) for c in (
+    default_config(64, 64, "bfloat16", False), default_config(128, 128, "bfloat16", False),
+    default_config(128, 128, "bfloat16", True), default_config(256, 256, "bfloat16", False),
+    default_config(256, 256, "float16", True), default_config(192, 128, "bfloat16", False),
+    dataclasses.replace(default_config(128, 128, "bfloat16", False), overlap=False),
+    default_config(128, 128, "bfloat16", True, qhead_per_kvhead=4),
+    default_config(64, 64, "bfloat16", False, features=dict(
+        local=True, softcap=True, sink=True, varlen=True, seqused_q=True, seqused_k=True)))]
+
+
+@pytest.mark.parametrize("cfg", DESC_HOIST, ids=_id)
+def test_compile_fwd_desc_hoist(cfg, tmp_path):
+    _, ptx_path, ptx = compile_ptx(build, cfg, tmp_path)
+    check_ptx(ptx_path, ptx, tmp_path, ("wgmma.mma_async",), spill_limit=8)
