@@ -366,10 +366,8 @@ class FlashFwdSm90(PingpongMixin):
             row_max=row_max, row_sum=row_sum, row_scale=row_scale, scale_log2=scale_log2,
             pipe_k=pipe_k, pipe_v=pipe_v, wg=wg, feat=feat)
         if const_expr(self.cfg.desc_hoist):
-            # wgmma smem descriptors taken once here, not rebuilt each KV block (DescFrag); Q's
-            # 16 k-blocks at hd256 would hold 32 registers (hd256 causal spills): DSL slices there
-            ctx.dK, ctx.dV = DescFrag(tSrK), DescFrag(tOrV)
-            ctx.dQ = DescFrag(tSrQ) if const_expr(cute.size(tSrQ.shape[2]) <= 8) else tSrQ
+            # wgmma smem descriptors taken once here, not rebuilt each KV block (DescFrag)
+            ctx.dQ, ctx.dK, ctx.dV = DescFrag(tSrQ), DescFrag(tSrK), DescFrag(tOrV)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         cta = cute.arch.block_idx()[0]

@@ -106,12 +106,13 @@ class DescFrag:
         self.layout = frag.layout
         self.k_layout = frag[(None, None, 0) + (0,) * (cute.rank(frag) - 3)].layout
         self.num_k = cute.size(frag.shape[2])
-        # an unstaged operand (Q): every k-block's descriptor, loop-invariant; ptxas keeps them
-        # in uniform registers (8 k-blocks, hd128), and the loop only fills the wgmma operands
-        self.fixed = None
+        # an unstaged operand (Q): the first 8 k-blocks' descriptors, loop-invariant; ptxas keeps
+        # them in uniform registers and the loop only fills the wgmma operands. Further k-blocks
+        # (hd256) keep the DSL's slices of `frag`: 16 fixed ones spill (hd256 causal).
+        self.fixed, self.frag = None, frag
         if cute.rank(frag) == 3:
             self.fixed = [_opaque_i64(self.base + cutlass.Int64(self.offset(k)))
-                          for k in range(self.num_k)]
+                          for k in range(min(self.num_k, 8))]
 
     def offset(self, k: int) -> int:
         """Static offset of k-block k (stage 0) in 16-byte units."""
@@ -145,7 +146,7 @@ def gemm_desc(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a, frag_b: DescFr
         a_k = [frag_a[None, None, k] for k in range(frag_b.num_k)]
     else:
         a_k = [cute.make_tensor(int_to_smem_descriptor(frag_a.fixed[k]), frag_a.k_layout)
-               for k in range(frag_b.num_k)]
+               if k < len(frag_a.fixed) else frag_a.frag[None, None, k] for k in range(frag_b.num_k)]
     warpgroup.fence()
     atom = cute.make_mma_atom(tiled_mma.op)
     atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
