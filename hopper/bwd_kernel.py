@@ -19,6 +19,9 @@ Two layouts (BwdConfig.swap):
   goes through smem (for dQ, whose reduction runs over all keys of the tile).
 * not swap (hd256: dK and dV are too large to keep 64 full rows per warpgroup): S = Q K^T split by
   key columns, P and dS through smem, dV/dK/dQ split by head-dim columns (wgmma SS).
+GEMM issue order (swapped layout, BwdConfig A/B switches): dv_early issues dV before the dS step
+(the tensor pipe runs it while the warpgroup computes dS), dk_early issues dK before the P / dS
+barrier (GEMM work across the warpgroups' wait; Q released before dQ's store).
 The dQ tile goes to smem in register order (16-byte stores, no bank conflicts), and so to
 dQaccum: the postprocess kernel (bwd_postprocess.py) maps it back with the same tiled MMA.
 dq_red (BwdConfig): the consumers add their dQ registers to dQaccum themselves with
@@ -578,6 +581,11 @@ class FlashBwdSm90:
         self.pointwise(S_mn, None, lse_r, c["scale_log2"])
         if const_expr(self.swap):
             self.pack(c["tdVrP"], acc_S, c["bf16"])
+            if const_expr(self.cfg.dv_early):
+                # dV += P^T dO now: the tensor pipe runs it while this warpgroup computes dS
+                # (else it idles there, both warpgroups being in their dS step at once)
+                gemm(c["dkv"], c["acc_dV"], c["tdVrP"], c["tdVrdO"][None, None, None, state.index],
+                     False, -1)
         else:
             rP = cute.make_rmem_tensor(acc_S.layout.shape, self.dtype)
             self.pack(rP, acc_S, c["bf16"])
@@ -587,7 +595,8 @@ class FlashBwdSm90:
         d_r = None
         if const_expr(self.cfg.stats_early):
             d_r = self.load_stats(coord, c["sD"][None, state.index])
-        warpgroup.wait_group(0)
+        # dP done (dv_early: dV may still run)
+        warpgroup.wait_group(1 if const_expr(self.swap and self.cfg.dv_early) else 0)
         # dS = P * (dP - D)  (softcap: times d tanh)
         dP_mn = acc_to_mn(acc_dP)
         if const_expr(not self.cfg.stats_early):
@@ -605,9 +614,15 @@ class FlashBwdSm90:
             self.pack(rdS, acc_dP, c["bf16"])
         thr_st = c["thr_st"]
         cute.copy(c["st_atom"], thr_st.retile(rdS), thr_st.partition_D(c["sdS"][None, None, pds_idx]))
-        if const_expr(self.swap):
+        if const_expr(self.swap and not self.cfg.dv_early):
             # dV += P^T dO (P^T in registers) while the other warpgroup finishes its dS
             gemm(c["dkv"], c["acc_dV"], c["tdVrP"], c["tdVrdO"][None, None, None, state.index],
+                 False, -1)
+        dk_early = const_expr(self.swap and self.cfg.dk_early)
+        if const_expr(dk_early):
+            # dK += dS^T Q needs only this warpgroup's dS (registers): issued before the barrier,
+            # it keeps the tensor pipe busy while the warpgroups wait for each other there
+            gemm(c["dkv"], c["acc_dK"], c["tdKrdS"], c["tdKrQ"][None, None, None, state.index],
                  False, -1)
         cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> wgmma (async proxy)
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
@@ -620,7 +635,10 @@ class FlashBwdSm90:
         gemm(c["dq"], acc_dQ, c["tdQrdS"][None, None, None, pds_idx], c["tdQrK"], True, 1)
         c["pipe_do"].consumer_release(state)  # dV is done with dO
         # dK += dS^T Q
-        if const_expr(self.swap):
+        if const_expr(dk_early):  # dK is done too (Q free); dQ, the last GEMM, before its store
+            c["pipe_q"].consumer_release(state)
+            warpgroup.wait_group(0)
+        elif const_expr(self.swap):
             gemm(c["dkv"], c["acc_dK"], c["tdKrdS"], c["tdKrQ"][None, None, None, state.index],
                  False, 1)
         else:
@@ -638,8 +656,9 @@ class FlashBwdSm90:
             cute.autovec_copy(flat, c["tdQsdQ"])
             cute.arch.fence_view_async_shared()
             cute.arch.barrier_arrive(barrier_id=BAR_DQ_FULL + c["wg"], number_of_threads=160)
-        warpgroup.wait_group(0)
-        c["pipe_q"].consumer_release(state)
+        if const_expr(not dk_early):
+            warpgroup.wait_group(0)
+            c["pipe_q"].consumer_release(state)
         state.advance()
         return state
 

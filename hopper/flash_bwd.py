@@ -74,6 +74,14 @@ class BwdConfig:
     # layout only (hd192/256); refused when deterministic (adds in any order). default_config
     # turns it on at hd256 (measured: see there); neutral at hd192 (H100: -1.5..+0.8%), so off.
     dq_red: bool = False
+    # Swapped layout: issue dV += P^T dO right after P is packed, before the dS step, so the tensor
+    # pipe runs it while the warpgroup computes dS (FA4's sm90 backward issues it after dS: the pipe
+    # idles there when both warpgroups reach dS together). Off until the GPU A/B.
+    dv_early: bool = False
+    # Swapped layout: issue dK += dS^T Q (dS in registers) before the P / dS barrier instead of
+    # after dQ, so the warpgroups' wait there overlaps GEMM work, and Q is released before dQ's
+    # store; dQ, now the last GEMM, is no longer hidden under dK. Off until the GPU A/B.
+    dk_early: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -136,6 +144,10 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not (cfg.stagger and cfg.deterministic), cfg
     assert not (cfg.dkv_tma and (cfg.gqa or cfg.varlen or cfg.seqused_k)), cfg
     assert not (cfg.dq_red and (cfg.deterministic or cfg.swap)), cfg
+    # unswapped, P and dS reach dV / dK through smem; a 128-query S^T tile (hd64) runs out of
+    # registers with dV in flight during dS (ptxas serializes the wgmmas, 96 B spill)
+    assert not cfg.dv_early or (cfg.swap and cfg.tile_m == 64), cfg
+    assert not cfg.dk_early or cfg.swap, cfg
     assert not cfg.dkv_tma or cfg.stages * cfg.tile_m >= cfg.tile_n, cfg  # dK fits Q's buffer
     assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's

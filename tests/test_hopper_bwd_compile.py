@@ -16,9 +16,20 @@ DQ_RED = [default_config(256, 256, "bfloat16", False, dq_red=False),
           default_config(192, 192, "bfloat16", False, dq_red=True),
           default_config(192, 192, "float16", True, False, True, dq_red=True),
           default_config(192, 192, "bfloat16", False, stages=3, dq_red=True)]
+# dv_early / dk_early (GEMM issue order, swapped layout): A/B switches; dv_early only at 64-query
+# tiles (hd64's 128-query S^T tile serializes the wgmmas)
+EARLY = [default_config(128, 128, "bfloat16", False, dv_early=True),
+         default_config(128, 128, "bfloat16", True, dk_early=True),
+         default_config(128, 128, "float16", False, dv_early=True, dk_early=True),
+         default_config(128, 128, "bfloat16", True, dv_early=True, dk_early=True),
+         default_config(128, 128, "bfloat16", True, True, True, dv_early=True, dk_early=True),
+         default_config(128, 128, "bfloat16", False, local=True, dv_early=True, dk_early=True),
+         default_config(64, 64, "bfloat16", False, dk_early=True),
+         default_config(64, 64, "float16", True, dk_early=True)]
 # shipped variants (ascending query-block walk), plus the staggered walk (an A/B switch) twice
 VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=True),
-                               default_config(256, 256, "bfloat16", True, stagger=True)] + DQ_RED
+                               default_config(256, 256, "bfloat16", True, stagger=True)] + DQ_RED \
+    + EARLY
 
 
 def _id(cfg):
@@ -28,7 +39,8 @@ def _id(cfg):
                                           ("s", cfg.spt), ("l", cfg.local),
                                           ("t", cfg.softcap), ("v", cfg.varlen),
                                           ("q", cfg.seqused_q), ("k", cfg.seqused_k),
-                                          ("r", cfg.stagger), ("a", cfg.dq_red)) if on)
+                                          ("r", cfg.stagger), ("a", cfg.dq_red),
+                                          ("E", cfg.dv_early), ("K", cfg.dk_early)) if on)
     return f"hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"
 
 
@@ -79,3 +91,16 @@ def test_spt_default():
         assert not default_config(d, d, "bfloat16", False, True).spt
         assert not default_config(d, d, "bfloat16", True, True, varlen=True).spt
         assert not default_config(d, d, "bfloat16", False, True, local=True).spt
+
+
+def test_early_config():
+    """dv_early / dk_early are off by default and refused where they do not apply: the unswapped
+    layout (P / dS through smem), and dv_early with hd64's 128-query tile."""
+    for d in (64, 128, 192, 256):
+        for causal in (False, True):
+            cfg = default_config(d, d, "bfloat16", causal)
+            assert not cfg.dv_early and not cfg.dk_early
+    for bad in (dict(d=64, dv_early=True), dict(d=256, dv_early=True), dict(d=192, dk_early=True)):
+        d = bad.pop("d")
+        with pytest.raises(AssertionError):
+            default_config(d, d, "bfloat16", False, **bad)
