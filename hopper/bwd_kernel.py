@@ -55,7 +55,8 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
-from fa3.hopper.wgmma_utils import acc_to_mn, gemm, pack_f16x2, smem_layout, transpose_view
+from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
+                                    transpose_view)
 
 # Named barriers (0 is __syncthreads)
 BAR_PDS = 1  # both consumer warpgroups: P / dS tiles complete in smem
@@ -521,6 +522,13 @@ class FlashBwdSm90:
                    sdp=sdp, dkv=dkv, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
                    window_right=window_right, softcap_pre=softcap_pre)
+        if const_expr(self.cfg.desc_hoist):
+            # wgmma smem descriptors taken once here, not rebuilt from the smem pointers in every
+            # m block (wgmma_utils.DescFrag); registers stay DSL fragments. K's (S's A) k-block
+            # descriptors are pinned too (hd128: 6 uniform ops fewer per m block); V's and K^T's
+            # as well spill (24 B with V's, 180 B with all three), so those add to one base
+            for key in ("tSrA", "tSrB", "tPrA", "tPrB", "tdVrdO", "tdKrQ", "tdQrdS", "tdQrK"):
+                ctx["h_" + key] = DescFrag(ctx[key], fixed_k=8 if key == "tSrA" else 0)
         # two loops, so that unmasked blocks run no mask code; the walk's masked part is in order
         # (m_at(p) = p there), its unmasked part goes through m_at like the producer's and dQ's
         m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
@@ -544,7 +552,7 @@ class FlashBwdSm90:
         c["pipe_q"].consumer_wait(state)
         acc_S = cute.make_rmem_tensor(c["shape_S"], Float32)
         if const_expr(self.swap):
-            gemm(c["sdp"], acc_S, c["tSrA"], c["tSrB"][None, None, None, state.index], True, -1)
+            self.mm(c, "sdp", acc_S, "tSrA", "tSrB", state.index, True, -1)
         else:
             gemm(c["sdp"], acc_S, c["tSrA"][None, None, None, state.index], c["tSrB"], True, -1)
         # stats_early: this thread's LSE values into registers now, so their smem loads complete
@@ -556,7 +564,7 @@ class FlashBwdSm90:
         c["pipe_do"].consumer_wait(state)
         acc_dP = cute.make_rmem_tensor(c["shape_S"], Float32)
         if const_expr(self.swap):
-            gemm(c["sdp"], acc_dP, c["tPrA"], c["tPrB"][None, None, None, state.index], True, 1)
+            self.mm(c, "sdp", acc_dP, "tPrA", "tPrB", state.index, True, 1)
         else:
             gemm(c["sdp"], acc_dP, c["tPrA"][None, None, None, state.index], c["tPrB"], True, 1)
         S_mn = acc_to_mn(acc_S)
@@ -584,8 +592,7 @@ class FlashBwdSm90:
             if const_expr(self.cfg.dv_early):
                 # dV += P^T dO now: the tensor pipe runs it while this warpgroup computes dS
                 # (else it idles there, both warpgroups being in their dS step at once)
-                gemm(c["dkv"], c["acc_dV"], c["tdVrP"], c["tdVrdO"][None, None, None, state.index],
-                     False, -1)
+                self.mm(c, "dkv", c["acc_dV"], "tdVrP", "tdVrdO", state.index, False, -1)
         else:
             rP = cute.make_rmem_tensor(acc_S.layout.shape, self.dtype)
             self.pack(rP, acc_S, c["bf16"])
@@ -616,14 +623,12 @@ class FlashBwdSm90:
         cute.copy(c["st_atom"], thr_st.retile(rdS), thr_st.partition_D(c["sdS"][None, None, pds_idx]))
         if const_expr(self.swap and not self.cfg.dv_early):
             # dV += P^T dO (P^T in registers) while the other warpgroup finishes its dS
-            gemm(c["dkv"], c["acc_dV"], c["tdVrP"], c["tdVrdO"][None, None, None, state.index],
-                 False, -1)
+            self.mm(c, "dkv", c["acc_dV"], "tdVrP", "tdVrdO", state.index, False, -1)
         dk_early = const_expr(self.swap and self.cfg.dk_early)
         if const_expr(dk_early):
             # dK += dS^T Q needs only this warpgroup's dS (registers): issued before the barrier,
             # it keeps the tensor pipe busy while the warpgroups wait for each other there
-            gemm(c["dkv"], c["acc_dK"], c["tdKrdS"], c["tdKrQ"][None, None, None, state.index],
-                 False, -1)
+            self.mm(c, "dkv", c["acc_dK"], "tdKrdS", "tdKrQ", state.index, False, -1)
         cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> wgmma (async proxy)
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
         if const_expr(not self.swap):
@@ -632,15 +637,14 @@ class FlashBwdSm90:
         # dQ = dS K
         acc_dQ = cute.make_rmem_tensor(c["dq"].get_slice(c["wg"] * 128).partition_shape_C((tm, self.d)),
                                        Float32)
-        gemm(c["dq"], acc_dQ, c["tdQrdS"][None, None, None, pds_idx], c["tdQrK"], True, 1)
+        self.mm(c, "dq", acc_dQ, "tdQrdS", "tdQrK", pds_idx, True, 1)
         c["pipe_do"].consumer_release(state)  # dV is done with dO
         # dK += dS^T Q
         if const_expr(dk_early):  # dK is done too (Q free); dQ, the last GEMM, before its store
             c["pipe_q"].consumer_release(state)
             warpgroup.wait_group(0)
         elif const_expr(self.swap):
-            gemm(c["dkv"], c["acc_dK"], c["tdKrdS"], c["tdKrQ"][None, None, None, state.index],
-                 False, 1)
+            self.mm(c, "dkv", c["acc_dK"], "tdKrdS", "tdKrQ", state.index, False, 1)
         else:
             gemm(c["dkv"], c["acc_dK"], c["tdKrdS"][None, None, None, 0],
                  c["tdKrQ"][None, None, None, state.index], False, 1)
@@ -661,6 +665,19 @@ class FlashBwdSm90:
             c["pipe_q"].consumer_release(state)
         state.advance()
         return state
+
+    def mm(self, c, mma, acc, a, b, stage, zero_init, wait):
+        """One GEMM of ctx operands a, b (keys); the one in a smem ring takes slot `stage`.
+        desc_hoist: the smem operands' DescFrags, built before the m loop (ctx "h_" keys)."""
+        if const_expr(self.cfg.desc_hoist):
+            gemm_desc(c[mma], acc, c.get("h_" + a, c[a]), c["h_" + b], stage, zero_init, wait)
+        else:
+            fa, fb = c[a], c[b]
+            if const_expr(cute.rank(fa) == 4):
+                fa = fa[None, None, None, stage]
+            if const_expr(cute.rank(fb) == 4):
+                fb = fb[None, None, None, stage]
+            gemm(c[mma], acc, fa, fb, zero_init, wait)
 
     @cute.jit
     def load_stats(self, coord, s_vec):

@@ -82,6 +82,10 @@ class BwdConfig:
     # after dQ, so the warpgroups' wait there overlaps GEMM work, and Q is released before dQ's
     # store; dQ, now the last GEMM, is no longer hidden under dK. Off until the GPU A/B.
     dk_early: bool = False
+    # Swapped layout: the wgmma smem descriptors built once before the m loop (wgmma_utils.DescFrag,
+    # as FwdConfig.desc_hoist) instead of re-derived from the smem pointers in every m block
+    # (hd128: 118 of the loop's 389 SASS instructions are uniform-datapath). Off until the GPU A/B.
+    desc_hoist: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -148,6 +152,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # registers with dV in flight during dS (ptxas serializes the wgmmas, 96 B spill)
     assert not cfg.dv_early or (cfg.swap and cfg.tile_m == 64), cfg
     assert not cfg.dk_early or cfg.swap, cfg
+    assert not cfg.desc_hoist or cfg.swap, cfg  # unswapped, dV / dK read two smem rings
     assert not cfg.dkv_tma or cfg.stages * cfg.tile_m >= cfg.tile_n, cfg  # dK fits Q's buffer
     assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's

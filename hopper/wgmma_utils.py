@@ -100,7 +100,7 @@ class DescFrag:
     descriptors are taken once, before the loops: Q's per k-block, K's / V's for slot 0, and a
     slot / k-block is one 64-bit add of a zero-extended offset (hd128: 72 -> 40 uniform ops)."""
 
-    def __init__(self, frag: cute.Tensor):
+    def __init__(self, frag: cute.Tensor, fixed_k: int = 8):
         # pinned here (an opaque move): otherwise the compilers rebuild it inside the loops
         self.base = _opaque_i64(smem_descriptor_to_int(frag.iterator))
         self.layout = frag.layout
@@ -110,9 +110,11 @@ class DescFrag:
         # them in uniform registers and the loop only fills the wgmma operands. Further k-blocks
         # (hd256) keep the DSL's slices of `frag`: 16 fixed ones spill (hd256 causal).
         self.fixed, self.frag = None, frag
-        if cute.rank(frag) == 3:
+        # (fixed_k = 0: none, each k-block one add to `base`, where registers are short: the
+        # backward's 24 would spill)
+        if cute.rank(frag) == 3 and fixed_k > 0:
             self.fixed = [_opaque_i64(self.base + cutlass.Int64(self.offset(k)))
-                          for k in range(min(self.num_k, 8))]
+                          for k in range(min(self.num_k, fixed_k))]
 
     def offset(self, k: int) -> int:
         """Static offset of k-block k (stage 0) in 16-byte units."""
@@ -120,9 +122,20 @@ class DescFrag:
         return cute.crd2idx(coord, self.layout)
 
     def stage_desc(self, stage) -> cutlass.Int64:
-        """First descriptor of ring slot `stage` (a runtime index)."""
+        """First descriptor of ring slot `stage` (a runtime index; unstaged: `base`)."""
+        if cute.rank(self.layout) == 3:
+            return self.base
         step = cute.crd2idx((0, 0, 0, 1), self.layout)
         return self.base + _zext_i64(Int32(stage * step))
+
+    def k_views(self, stage) -> list:
+        """Every k-block's view: an unstaged operand's fixed ones (then the DSL slices), else ring
+        slot `stage`'s."""
+        if self.fixed is not None:
+            return [cute.make_tensor(int_to_smem_descriptor(self.fixed[k]), self.k_layout)
+                    if k < len(self.fixed) else self.frag[None, None, k] for k in range(self.num_k)]
+        desc = self.stage_desc(stage)
+        return [self.view(desc, k) for k in range(self.num_k)]
 
     @dsl_user_op
     def view(self, desc: cutlass.Int64, k: int, *, loc=None, ip=None) -> cute.Tensor:
@@ -136,17 +149,16 @@ class DescFrag:
 def gemm_desc(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a, frag_b: DescFrag, stage,
               zero_init: cutlass.Constexpr[bool], wait: cutlass.Constexpr[int]):
     """gemm() with B (and A, when it is not a DSL fragment: registers or a smem view) given as
-    DescFrag: B's k-blocks are taken from ring slot `stage`."""
-    b_desc = frag_b.stage_desc(stage)
+    DescFrag: a staged operand's k-blocks are taken from ring slot `stage` (the backward's dQ GEMM
+    has a staged A, dS, and a fixed B, K)."""
     a_is_desc = const_expr(isinstance(frag_a, DescFrag))
     # every k-block's descriptors before the first wgmma: ptxas then fills the operand
     # registers of later wgmmas while earlier ones issue
-    b_k = [frag_b.view(b_desc, k) for k in range(frag_b.num_k)]
+    b_k = frag_b.k_views(stage)
     if const_expr(not a_is_desc):  # a DSL fragment (registers: the RS GEMM)
         a_k = [frag_a[None, None, k] for k in range(frag_b.num_k)]
     else:
-        a_k = [cute.make_tensor(int_to_smem_descriptor(frag_a.fixed[k]), frag_a.k_layout)
-               if k < len(frag_a.fixed) else frag_a.frag[None, None, k] for k in range(frag_b.num_k)]
+        a_k = frag_a.k_views(stage)
     warpgroup.fence()
     atom = cute.make_mma_atom(tiled_mma.op)
     atom.set(warpgroup.Field.ACCUMULATE, not zero_init)

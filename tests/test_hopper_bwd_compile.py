@@ -26,10 +26,17 @@ EARLY = [default_config(128, 128, "bfloat16", False, dv_early=True),
          default_config(128, 128, "bfloat16", False, local=True, dv_early=True, dk_early=True),
          default_config(64, 64, "bfloat16", False, dk_early=True),
          default_config(64, 64, "float16", True, dk_early=True)]
+# desc_hoist (wgmma smem descriptors built once, swapped layout): an A/B switch
+HOIST = [default_config(128, 128, "bfloat16", False, desc_hoist=True),
+         default_config(128, 128, "bfloat16", True, desc_hoist=True, dv_early=True, dk_early=True),
+         default_config(128, 128, "float16", False, True, True, desc_hoist=True),
+         default_config(128, 128, "bfloat16", False, local=True, softcap=True, desc_hoist=True),
+         default_config(64, 64, "bfloat16", False, desc_hoist=True),
+         default_config(64, 64, "bfloat16", True, desc_hoist=True, dk_early=True)]
 # shipped variants (ascending query-block walk), plus the staggered walk (an A/B switch) twice
 VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=True),
                                default_config(256, 256, "bfloat16", True, stagger=True)] + DQ_RED \
-    + EARLY
+    + EARLY + HOIST
 
 
 def _id(cfg):
@@ -40,7 +47,8 @@ def _id(cfg):
                                           ("t", cfg.softcap), ("v", cfg.varlen),
                                           ("q", cfg.seqused_q), ("k", cfg.seqused_k),
                                           ("r", cfg.stagger), ("a", cfg.dq_red),
-                                          ("E", cfg.dv_early), ("K", cfg.dk_early)) if on)
+                                          ("E", cfg.dv_early), ("K", cfg.dk_early),
+                                          ("H", cfg.desc_hoist)) if on)
     return f"hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"
 
 
@@ -94,13 +102,14 @@ def test_spt_default():
 
 
 def test_early_config():
-    """dv_early / dk_early are off by default and refused where they do not apply: the unswapped
-    layout (P / dS through smem), and dv_early with hd64's 128-query tile."""
+    """dv_early / dk_early / desc_hoist are off by default and refused where they do not apply:
+    the unswapped layout (P / dS through smem), and dv_early with hd64's 128-query tile."""
     for d in (64, 128, 192, 256):
         for causal in (False, True):
             cfg = default_config(d, d, "bfloat16", causal)
-            assert not cfg.dv_early and not cfg.dk_early
-    for bad in (dict(d=64, dv_early=True), dict(d=256, dv_early=True), dict(d=192, dk_early=True)):
+            assert not cfg.dv_early and not cfg.dk_early and not cfg.desc_hoist
+    for bad in (dict(d=64, dv_early=True), dict(d=256, dv_early=True), dict(d=192, dk_early=True),
+                dict(d=256, desc_hoist=True)):
         d = bad.pop("d")
         with pytest.raises(AssertionError):
             default_config(d, d, "bfloat16", False, **bad)

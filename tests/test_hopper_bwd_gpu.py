@@ -121,16 +121,19 @@ def test_bwd_dq_red_features(d, feat):
     check(1, 6, 2, 1000, 1357, d, torch.bfloat16, False, dq_red=True, **feat)
 
 
-EARLY = [dict(dv_early=True), dict(dk_early=True), dict(dv_early=True, dk_early=True)]
+EARLY = [dict(dv_early=True), dict(dk_early=True), dict(dv_early=True, dk_early=True),
+         dict(desc_hoist=True), dict(desc_hoist=True, dv_early=True, dk_early=True),
+         dict(desc_hoist=True, dk_early=True)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d,sw", [(128, 0), (128, 1), (128, 2), (64, 1)],
-                         ids=["hd128-dv", "hd128-dk", "hd128-dvdk", "hd64-dk"])
+@pytest.mark.parametrize("d,sw", [(128, 0), (128, 1), (128, 2), (128, 3), (128, 4), (64, 1), (64, 5)],
+                         ids=["hd128-dv", "hd128-dk", "hd128-dvdk", "hd128-hoist", "hd128-all",
+                              "hd64-dk", "hd64-hoistdk"])
 def test_bwd_early(d, sw, causal):
-    """BwdConfig.dv_early / dk_early (GEMM issue order in the swapped layout): ragged, square and
-    long-K shapes; the combination with GQA too."""
-    bhs = [(2, 4, 4), (1, 6, 2)] if sw == 2 else [(2, 4, 4)]
+    """BwdConfig.dv_early / dk_early (GEMM issue order in the swapped layout) and desc_hoist:
+    ragged, square and long-K shapes; the combinations with GQA too."""
+    bhs = [(2, 4, 4), (1, 6, 2)] if sw in (2, 4, 5) else [(2, 4, 4)]
     for b, h, hk in bhs:
         for sq, sk in [(113, 203), (1024, 1024), (1000, 1357)]:
             check(b, h, hk, sq, sk, d, torch.bfloat16, causal, **EARLY[sw])
@@ -139,9 +142,9 @@ def test_bwd_early(d, sw, causal):
 @pytest.mark.parametrize("feat", [dict(window=(100, 50)), dict(deterministic=True)],
                          ids=["window", "deterministic"])
 def test_bwd_early_features(feat):
-    """Both switches with a sliding window, and deterministic causal (spt) fp16."""
+    """All three switches with a sliding window, and deterministic causal (spt) fp16."""
     causal = "deterministic" in feat
-    check(1, 6, 2, 1000, 1357, 128, torch.float16, causal, **feat, **EARLY[2])
+    check(1, 6, 2, 1000, 1357, 128, torch.float16, causal, **feat, **EARLY[4])
 
 
 WINDOWS = [(64, 0), (100, 50), (-1, 32), (0, 0), (256, -1)]
