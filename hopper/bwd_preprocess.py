@@ -11,6 +11,12 @@ kernel serves sm80 and sm90.
 Varlen (packed (1, total, h, dv) O/dO, LSE (1, h, total)): one CTA column per sequence, and D /
 LSE2 written at the sm90 backward's per-sequence padded offsets (pad_tile = its tile_m; see
 bwd_kernel.py). seqused: rows past it are not written (the caller fills LSE2 = +inf, D = 0).
+
+fill (dense, the sm90 backward): the kernel also writes what the caller used to pre-fill, so the
+caller allocates with torch.empty (each torch.zeros / full is a memset launch plus ~14 us of host
+time): LSE2 = +inf and D = 0 for rows past the sequence (or seqused) up to the pad_tile boundary,
+dQaccum's rows zeroed (FA3's C++ preprocess clears dq_accum too; the same bytes a memset writes),
+and with `sem` the deterministic semaphores, one per pad_tile rows, zeroed.
 """
 
 import dataclasses
@@ -31,15 +37,21 @@ class PreprocessConfig:
     head_dim_v: int
     varlen: bool = False
     seqused: bool = False
-    pad_tile: int = 0  # varlen: the main kernel's tile_m (padded output rows)
+    pad_tile: int = 0  # varlen / fill: the main kernel's tile_m (padded output rows)
+    fill: bool = False  # dense: write padded rows, zero dQaccum (head_dim_v floats a row)
+    sem: bool = False  # fill: zero the deterministic semaphores (one int32 per pad_tile rows)
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "fp16"):
             raise ValueError(f"dtype must be bf16 or fp16, got {self.dtype}")
         if self.head_dim_v % VEC or not 0 < self.head_dim_v <= 256:
             raise ValueError(f"head_dim_v must be a multiple of {VEC} in 8..256, got {self.head_dim_v}")
-        if self.varlen != (self.pad_tile > 0):
-            raise ValueError("varlen needs pad_tile (the main kernel's tile_m), and only it")
+        if (self.varlen or self.fill) != (self.pad_tile > 0):
+            raise ValueError("varlen and fill need pad_tile (the main kernel's tile_m), and only they")
+        if self.fill and (self.varlen or self.pad_tile % self.rows_per_cta):
+            raise ValueError("fill is dense only, with pad_tile a multiple of rows_per_cta")
+        if self.sem and not self.fill:
+            raise ValueError("sem needs fill")
 
     @property
     def lanes(self) -> int:
@@ -52,7 +64,16 @@ class PreprocessConfig:
 
 
 def variants():
-    return [PreprocessConfig(dt, dv) for dt in ("bf16", "fp16") for dv in (64, 96, 128, 192, 256)]
+    plain = [PreprocessConfig(dt, dv) for dt in ("bf16", "fp16") for dv in (64, 96, 128, 192, 256)]
+    # the sm90 backward's dense fills at its tile_m (hopper/flash_bwd.py: 128 at hd64, else 64),
+    # deterministic (sem) or not, seqused_q or not (a few corners for the last two)
+    fills = [PreprocessConfig(dt, dv, pad_tile=128 if dv <= 64 else 64, fill=True)
+             for dt in ("bf16", "fp16") for dv in (64, 96, 128, 192, 256)]
+    fills += [PreprocessConfig("bf16", 128, pad_tile=64, fill=True, sem=True),
+              PreprocessConfig("fp16", 64, pad_tile=128, fill=True, sem=True, seqused=True),
+              PreprocessConfig("bf16", 256, pad_tile=64, fill=True, seqused=True),
+              PreprocessConfig("bf16", 64, pad_tile=64, fill=True)]  # hd64 softcap: tile_m 64
+    return plain + fills
 
 
 def build(cfg: PreprocessConfig, extra_options: str = ""):
@@ -64,11 +85,12 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
     dv, lanes, rows = cfg.head_dim_v, cfg.lanes, cfg.rows_per_cta
     log2e = math.log2(math.e)
 
-    varlen, seqused, pad_tile = cfg.varlen, cfg.seqused, cfg.pad_tile
+    varlen, seqused, pad_tile, fill, sem = cfg.varlen, cfg.seqused, cfg.pad_tile, cfg.fill, cfg.sem
 
     @cute.kernel
     def kernel(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,
-               mLSE2: cute.Tensor, mCu: Optional[cute.Tensor], mUsed: Optional[cute.Tensor]):
+               mLSE2: cute.Tensor, mCu: Optional[cute.Tensor], mUsed: Optional[cute.Tensor],
+               mdQacc: Optional[cute.Tensor], mSem: Optional[cute.Tensor]):
         tidx, _, _ = cute.arch.thread_idx()
         m_blk, hi, bi = cute.arch.block_idx()
         lane = tidx % lanes
@@ -83,6 +105,9 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
             mLSE = cute.domain_offset((0, 0, off), mLSE)
             mD, mLSE2 = [cute.domain_offset((0, 0, pad), t) for t in (mD, mLSE2)]
             bidx = 0
+        end = seqlen  # rows this CTA column writes
+        if cutlass.const_expr(fill):  # padded rows too, up to the main kernel's tile boundary
+            end = (seqlen + (pad_tile - 1)) // pad_tile * pad_tile
         if cutlass.const_expr(seqused):
             seqlen = cutlass.min(mUsed[bi], seqlen)
         acc = cutlass.Float32(0.0)
@@ -102,6 +127,20 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
                 mD[bidx, hi, row] = acc
                 lse = mLSE[bidx, hi, row]
                 mLSE2[bidx, hi, row] = lse * log2e if lse != -cutlass.Float32.inf else cutlass.Float32.inf
+        if cutlass.const_expr(fill):
+            if row < end:
+                if row >= seqlen:  # padding / past seqused: P = exp2(-inf) = 0, no dS
+                    if lane == 0:
+                        mD[bidx, hi, row] = cutlass.Float32(0.0)
+                        mLSE2[bidx, hi, row] = cutlass.Float32.inf
+                if lane * VEC < dv:  # this row's dQaccum floats, 8 a lane (two 16-byte stores)
+                    gAcc = cute.local_tile(mdQacc[bidx, hi, None], (VEC,), (row * (dv // VEC) + lane,))
+                    zero = cute.make_fragment_like(gAcc)
+                    zero.fill(0.0)
+                    cute.autovec_copy(zero, gAcc)
+                if cutlass.const_expr(sem):
+                    if lane == 0 and row % pad_tile == 0:
+                        mSem[bidx, hi, row // pad_tile] = cutlass.Int32(0)
 
     @cute.jit
     def launch_seqs(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,
@@ -110,8 +149,17 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
         b, s, h = mO.shape[0], mO.shape[1], mO.shape[2]
         if cutlass.const_expr(varlen):
             b, s = mCu.shape[0] - 1, max_seqlen
-        kernel(mO, mdO, mLSE, mD, mLSE2, mCu, mUsed).launch(
+        kernel(mO, mdO, mLSE, mD, mLSE2, mCu, mUsed, None, None).launch(
             grid=[(s + rows - 1) // rows, h, b], block=[THREADS, 1, 1], stream=stream)
+
+    @cute.jit
+    def launch_fill(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,
+                    mLSE2: cute.Tensor, mdQacc: cute.Tensor, mSem: Optional[cute.Tensor],
+                    mUsed: Optional[cute.Tensor], stream):
+        b, s, h = mO.shape[0], mO.shape[1], mO.shape[2]
+        tiles = (s + pad_tile - 1) // pad_tile
+        kernel(mO, mdO, mLSE, mD, mLSE2, None, mUsed, mdQacc, mSem).launch(
+            grid=[tiles * (pad_tile // rows), h, b], block=[THREADS, 1, 1], stream=stream)
 
     @cute.jit
     def launch(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,
@@ -132,6 +180,15 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
         return make_fake_tensor(cutlass.Int32, (cute.sym_int(),), stride=(1,), assumed_align=4)
 
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    if fill:  # dQaccum as the main kernel sees it: (b, h, rows * dv), 16-byte aligned rows
+        acc = make_fake_tensor(cutlass.Float32, (cute.sym_int(), cute.sym_int(), cute.sym_int()),
+                               stride=(cute.sym_int64(divisibility=4), cute.sym_int64(divisibility=4), 1),
+                               assumed_align=16)
+        sems = make_fake_tensor(cutlass.Int32, (cute.sym_int(), cute.sym_int(), cute.sym_int()),
+                                stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+        return cute.compile(launch_fill, bshd(), bshd(), bhs(), bhs(), bhs(), acc,
+                            sems if sem else None, vec() if seqused else None, stream,
+                            options=_compile.compile_options(extra=extra_options))
     if not (varlen or seqused):
         return cute.compile(launch, bshd(), bshd(), bhs(), bhs(), bhs(), stream,
                             options=_compile.compile_options(extra=extra_options))

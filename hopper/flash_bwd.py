@@ -291,6 +291,37 @@ _FEATURE_NAMES = {"cu_seqlens_q": "varlen", "cu_seqlens_k": "varlen", "max_seqle
                   "max_seqlen_k": "varlen", "seqused_q": "seqused", "seqused_k": "seqused"}
 
 
+_PLANS: dict = {}
+_PLANS_MAX = 1024
+_NO_SEM: dict = {}  # device -> a zeroed (1, 1, 1) int32: the non-deterministic kernel never reads it
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything flash_bwd derives from a call's signature (see _plan)."""
+    cfg: BwdConfig
+    main: object  # compiled callables
+    post: object
+    pre: object
+    dims: tuple  # b, sq, h, d, sk, hk (after varlen's unsqueeze)
+    rows: int  # LSE2 / D rows per (batch, head), padded to whole tiles
+    split: tuple  # dense: the workspace's (b, h, n) pieces: LSE2, D, dQaccum[, semaphores]
+    left: int
+    right: int
+    softcap: float
+    nseq: int
+    max_q: int
+    max_k: int
+    empty: bool  # nothing to compute: zero gradients
+
+
+def _freeze(x):
+    """A call's feature / override value as a plan-key part: tensors by what decides the launch."""
+    if hasattr(x, "data_ptr"):
+        return ("tensor", tuple(x.shape), x.dtype, x.device)
+    return tuple(sorted(x.items())) if isinstance(x, dict) else x
+
+
 def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deterministic: bool = False,
               *, cfg_overrides: dict | None = None, allow_unverified: bool = False, **features):
     """Gradients (dq, dk, dv) of attention. Dense: q/out/dout (b, sq, h, d), k/v (b, sk, hk, d),
@@ -302,8 +333,86 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     outside every sequence, get zero gradients."""
     import torch
 
-    from fa3.hopper.bwd_preprocess import PreprocessConfig, compile_preprocess
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
+    # Checks, config, compiled kernels and buffer sizes depend only on this signature: looked up
+    # once per signature (H100 host, tiny shape: they were about half of the backward's ~200 us
+    # of Python + allocations); the dict is cleared past _PLANS_MAX.
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), out.shape, out.stride(),
+           dout.shape, dout.stride(), lse.shape, lse.stride(), q.dtype, k.dtype, v.dtype, out.dtype,
+           dout.dtype, lse.dtype, q.device, bool(causal), bool(deterministic), allow_unverified,
+           _freeze(cfg_overrides), tuple((n, _freeze(f)) for n, f in sorted(features.items())))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides,
+                     allow_unverified, features)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    # TMA: 16-byte aligned bases (the strides' alignment is checked with the plan)
+    assert (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr() | dout.data_ptr()) % 16 == 0, \
+        "q, k, v, out and dout must be 16-byte aligned"
+    cfg = plan.cfg
+    varlen = cfg.varlen
+    sink = features.get("sink")
+    if varlen:  # one batch of packed rows; the kernels find each sequence's rows
+        q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
+    b, sq, h, d, sk, hk = plan.dims
+    if plan.empty:
+        unpack = (lambda t: t.squeeze(0)) if varlen else (lambda t: t)
+        grads = unpack(torch.zeros_like(q)), unpack(torch.zeros_like(k)), unpack(torch.zeros_like(v))
+        return grads if sink is None else (*grads, torch.zeros_like(sink, dtype=torch.float32))
+    dev = q.device
+    cu_q, cu_k = features.get("cu_seqlens_q"), features.get("cu_seqlens_k")
+    used_q, used_k = features.get("seqused_q"), features.get("seqused_k")
+    rows, tm = plan.rows, cfg.tile_m
+    if varlen:  # rows outside every sequence and gaps between them: the caller's fill (below)
+        dq = torch.zeros_like(q)  # rows outside every sequence are never written
+        lse2 = torch.full((b, h, rows), math.inf, device=dev, dtype=torch.float32)
+        dsum = torch.zeros((b, h, rows), device=dev, dtype=torch.float32)
+        plan.pre(out, dout, lse, dsum, lse2, cu_q, used_q, plan.max_q)
+        dqacc = torch.zeros((b, h, rows * d), device=dev, dtype=torch.float32)
+        sem = (torch.zeros((b, h, rows // tm), device=dev, dtype=torch.int32) if deterministic
+               else None)
+    else:  # one workspace; the preprocess writes every element the main kernel reads
+        dq = torch.empty_like(q)
+        ws = torch.empty((b, h, sum(plan.split)), device=dev, dtype=torch.float32).split(plan.split, 2)
+        lse2, dsum, dqacc = ws[0], ws[1], ws[2]
+        sem = ws[3].view(torch.int32) if deterministic else None
+        plan.pre(out, dout, lse, dsum, lse2, dqacc, sem, used_q)
+    if sem is None:
+        sem = _NO_SEM.get(dev)
+        if sem is None:
+            sem = _NO_SEM[dev] = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
+    if cfg.gqa:  # per-query-head fp32 partials, summed over each group below
+        part = torch.empty((2, b, sk, h, d), device=dev, dtype=torch.float32)
+        if used_k is not None or varlen:
+            part.zero_()  # keys past seqused_k or outside every sequence are not written
+        dk_part, dv_part = part.unbind(0)
+    elif used_k is not None or varlen:
+        dk_part, dv_part = torch.zeros_like(k), torch.zeros_like(v)
+    else:
+        dk_part, dv_part = torch.empty_like(k), torch.empty_like(v)
+    scale = float(softmax_scale)
+    plan.main(q, k, v, dout, lse2, dsum, dqacc, dk_part, dv_part, sem, scale, plan.left,
+              plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None)
+    plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
+    if cfg.gqa:
+        g = h // hk
+        dk_part = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
+        dv_part = dv_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
+    if varlen:
+        dq, dk_part, dv_part = dq.squeeze(0), dk_part.squeeze(0), dv_part.squeeze(0)
+    return (dq, dk_part, dv_part) if sink is None else (dq, dk_part, dv_part,
+                                                        sink_grad(sink, lse2, dsum))
 
+
+def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_unverified,
+          features) -> _Plan:
+    """flash_bwd's checks and launch decisions for one call signature (a plan-cache miss)."""
+    import torch
+
+    from fa3.hopper.bwd_preprocess import PreprocessConfig, compile_preprocess
     from fa3.hopper.flash_fwd import _window
 
     names = {_FEATURE_NAMES.get(f, f) for f in features}
@@ -320,75 +429,46 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     used_q, used_k = features.get("seqused_q"), features.get("seqused_k")
     varlen = cu_q is not None
     assert varlen == (cu_k is not None), "cu_seqlens_q and cu_seqlens_k go together"
-    if varlen:  # one batch of packed rows; the kernels find each sequence's rows
-        assert q.dim() == 3 and lse.shape == (q.shape[1], q.shape[0])
+    if varlen:
+        assert q.dim() == 3 and tuple(lse.shape) == (q.shape[1], q.shape[0])
         q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
     b, sq, h, d = q.shape
     _, sk, hk, dv = v.shape
     if d != dv or d not in HEAD_DIMS:  # the forward takes more head dims than this backward
         raise NotImplementedError(f"fa3: sm90 backward for head dims q/k {d}, v {dv} is not built "
                                   f"yet (it supports {', '.join(map(str, HEAD_DIMS))}, q/k = v)")
-    assert k.shape == (b, sk, hk, d) and dout.shape == out.shape == (b, sq, h, dv)
-    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    assert tuple(k.shape) == (b, sk, hk, d) and tuple(dout.shape) == tuple(out.shape) == (b, sq, h, dv)
+    assert tuple(lse.shape) == (b, h, sq) and lse.dtype == torch.float32
     assert h % hk == 0 and q.dtype == k.dtype == v.dtype == out.dtype == dout.dtype
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    for t in (q, k, v, out, dout):  # TMA: 16-byte aligned base and strides
-        assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+    for t in (q, k, v, out, dout):  # TMA: 16-byte aligned strides (bases: every call)
+        assert t.stride(-1) == 1
         assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-    gqa = h != hk
     softcap = float(features.get("softcap", 0.0))
-    cfg = default_config(d, dv, q.dtype, causal, deterministic, gqa, local=local,
+    cfg = default_config(d, dv, q.dtype, causal, deterministic, h != hk, local=local,
                          softcap=softcap > 0, varlen=varlen, seqused_q=used_q is not None,
                          seqused_k=used_k is not None, **(cfg_overrides or {}))
-    sink = features.get("sink")
     nseq = cu_q.shape[0] - 1 if varlen else b
     max_q = int(features["max_seqlen_q"]) if varlen else sq
     max_k = int(features["max_seqlen_k"]) if varlen else sk
-    unpack = (lambda t: t.squeeze(0)) if varlen else (lambda t: t)
-    # rows the kernels may leave unwritten (outside every sequence, keys past seqused_k) must be 0
-    dq = torch.zeros_like(q) if varlen else torch.empty_like(q)
-    if nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0:
-        grads = unpack(dq.zero_()), unpack(torch.zeros_like(k)), unpack(torch.zeros_like(v))
-        return grads if sink is None else (*grads, torch.zeros_like(sink, dtype=torch.float32))
     tm = cfg.tile_m
     # LSE (log2) and D padded to whole query tiles: the kernel bulk-loads tile_m values per
     # block; padded rows (and rows past seqused_q) get LSE = +inf so their P is 0. Varlen: each
     # sequence's rows start at a tile boundary, (cu_q[i] + i * tile_m) // tile_m tiles in
     # (bwd_kernel.py), so the padded length is (total_q // tile_m + nseq) tiles.
     rows = (sq // tm + nseq) * tm if varlen else -(-sq // tm) * tm
-    lse2 = torch.full((b, h, rows), math.inf, device=q.device, dtype=torch.float32)
-    dsum = torch.zeros((b, h, rows), device=q.device, dtype=torch.float32)
-    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
     dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
     if varlen:
         pre = PreprocessConfig(dt, dv, varlen=True, seqused=used_q is not None, pad_tile=tm)
-        compile_preprocess(pre)(out, dout, lse, dsum, lse2, cu_q, used_q, max_q)
-    elif used_q is not None:
-        compile_preprocess(PreprocessConfig(dt, dv, seqused=True))(
-            out, dout, lse, dsum[:, :, :sq], lse2[:, :, :sq], None, used_q, None)
-    else:
-        compile_preprocess(PreprocessConfig(dt, dv))(out, dout, lse, dsum[:, :, :sq], lse2[:, :, :sq])
-    dqacc = torch.zeros((b, h, rows * d), device=q.device, dtype=torch.float32)
-    sem = torch.zeros((b, h, rows // tm) if deterministic else (1, 1, 1), device=q.device,
-                      dtype=torch.int32)
-    alloc = torch.zeros if (varlen or used_k is not None) else torch.empty
-    if gqa:
-        dk_part = alloc((b, sk, h, d), device=q.device, dtype=torch.float32)
-        dv_part = alloc((b, sk, h, dv), device=q.device, dtype=torch.float32)
-    else:
-        dk_part = alloc(k.shape, device=q.device, dtype=k.dtype)
-        dv_part = alloc(v.shape, device=q.device, dtype=v.dtype)
-    _compile.get_kernel(cfg, build)(q, k, v, dout, lse2, dsum, dqacc, dk_part, dv_part, sem,
-                                    float(softmax_scale), left, right, softcap, cu_q, cu_k, used_q,
-                                    used_k, max_k if varlen else None)
-    _compile.get_kernel(post_config(cfg), build)(dqacc, dq, float(softmax_scale), cu_q,
-                                                 max_q if varlen else None)
-    if gqa:
-        g = h // hk
-        dk_part = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
-        dv_part = dv_part.view(b, sk, hk, g, dv).sum(3).to(q.dtype)
-    grads = unpack(dq), unpack(dk_part), unpack(dv_part)
-    return grads if sink is None else (*grads, sink_grad(sink, lse2, dsum))
+    else:  # the fill variant: it writes the padded rows, dQaccum and semaphores the kernel reads
+        pre = PreprocessConfig(dt, dv, seqused=used_q is not None, pad_tile=tm, fill=True,
+                               sem=bool(deterministic))
+    # workspace pieces per (batch, head), each a multiple of 4 floats so every piece (and the
+    # strides) stays 16-byte aligned: LSE2, D, dQaccum, semaphores (int32, deterministic)
+    split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,) if deterministic else ())
+    empty = nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0
+    return _Plan(cfg, _compile.get_kernel(cfg, build), _compile.get_kernel(post_config(cfg), build),
+                 compile_preprocess(pre), (b, sq, h, d, sk, hk), rows, split, left, right, softcap,
+                 nseq, max_q, max_k, empty)
 
 
 def sink_grad(sink, lse2, dsum):

@@ -180,10 +180,15 @@ def bwd_missing(backend: str, r: FwdRequest) -> str | None:
 def run_bwd(backend: str, dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
             deterministic: bool, **features):
     """Gradients (dq, dk, dv) of ``backend`` (same features convention as run_fwd)."""
-    module, fn, kernel_name = _BWD_FAMILIES[backend]
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        raise NotImplementedError(f"fa3: {kernel_name} is not implemented yet") from None
-    return getattr(mod, fn)(dout, q, k, v, out, lse, softmax_scale, causal, deterministic,
-                            **features)
+    run = _BWD_RUN.get(backend)
+    if run is None:  # importlib.import_module costs microseconds per call: look it up once
+        module, fn, kernel_name = _BWD_FAMILIES[backend]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            raise NotImplementedError(f"fa3: {kernel_name} is not implemented yet") from None
+        run = _BWD_RUN[backend] = getattr(mod, fn)
+    return run(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, **features)
+
+
+_BWD_RUN: dict = {}  # backend -> its backward function

@@ -147,7 +147,7 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, se
                                           cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
                                           max_seqlen_k, sink))
     if len(grads) == 3:  # no sink: a family returns its gradient only when given one
-        grads = (*grads, q.new_zeros(0, dtype=torch.float32))
+        grads = (*grads, q.new_empty(0, dtype=torch.float32))  # 0 elements: no fill needed
     return tuple(grads)
 
 
