@@ -76,15 +76,15 @@ class BwdConfig:
     dq_red: bool = False
     # Swapped layout: issue dV += P^T dO right after P is packed, before the dS step, so the tensor
     # pipe runs it while the warpgroup computes dS (FA4's sm90 backward issues it after dS: the pipe
-    # idles there when both warpgroups reach dS together). Off until the GPU A/B.
+    # idles there when both warpgroups reach dS together). default_config: hd128 non-causal.
     dv_early: bool = False
     # Swapped layout: issue dK += dS^T Q (dS in registers) before the P / dS barrier instead of
     # after dQ, so the warpgroups' wait there overlaps GEMM work, and Q is released before dQ's
-    # store; dQ, now the last GEMM, is no longer hidden under dK. Off until the GPU A/B.
+    # store; dQ, now the last GEMM, is no longer hidden under dK. Off: H100 A/B 0.94-1.01x.
     dk_early: bool = False
     # Swapped layout: the wgmma smem descriptors built once before the m loop (wgmma_utils.DescFrag,
     # as FwdConfig.desc_hoist) instead of re-derived from the smem pointers in every m block
-    # (hd128: 118 of the loop's 389 SASS instructions are uniform-datapath). Off until the GPU A/B.
+    # (hd128: 118 of the loop's 389 SASS instructions are uniform-datapath). Off: H100 A/B mixed.
     desc_hoist: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
@@ -142,6 +142,12 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # time vs the non-deterministic default: hd128 4k 0.55 -> 0.90x, 16k 0.61 -> 0.87x, hd256 4k
     # 0.41 -> 0.76x
     tile["spt"] = bool(causal and deterministic and not overrides.get("varlen"))
+    # dV's GEMM issued before the dS step (so it overlaps it): H100, two runs of 3 and 5 rounds,
+    # hd128 non-causal 1k-16k +0.8..4.6%; causal measured 0.98-1.01x, hd64 refuses it (spills).
+    # Not with dK / dV stored from registers (GQA, varlen, seqused_k: 12 / 28 B spills) or a
+    # window / softcap (more registers, never measured)
+    tile["dv_early"] = (d == 128 and not causal and tile["dkv_tma"] and not overrides.get("local")
+                        and not overrides.get("softcap"))
     tile.update(overrides)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg

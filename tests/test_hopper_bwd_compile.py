@@ -102,12 +102,19 @@ def test_spt_default():
 
 
 def test_early_config():
-    """dv_early / dk_early / desc_hoist are off by default and refused where they do not apply:
-    the unswapped layout (P / dS through smem), and dv_early with hd64's 128-query tile."""
+    """dk_early / desc_hoist are off by default, dv_early on only at hd128 MHA without a mask or
+    softcap (where it was measured to win; with dK / dV stored from registers it spills); all
+    are refused where they do not apply: the unswapped layout (P / dS through smem), and dv_early
+    with hd64's 128-query tile."""
     for d in (64, 128, 192, 256):
         for causal in (False, True):
-            cfg = default_config(d, d, "bfloat16", causal)
-            assert not cfg.dv_early and not cfg.dk_early and not cfg.desc_hoist
+            for det in (False, True):
+                for gqa in (False, True):
+                    cfg = default_config(d, d, "bfloat16", causal, det, gqa)
+                    assert cfg.dv_early == (d == 128 and not causal and not gqa)
+                    assert not cfg.dk_early and not cfg.desc_hoist
+    for feat in ("local", "softcap", "varlen", "seqused_k"):
+        assert not default_config(128, 128, "bfloat16", False, **{feat: True}).dv_early
     for bad in (dict(d=64, dv_early=True), dict(d=256, dv_early=True), dict(d=192, dk_early=True),
                 dict(d=256, desc_hoist=True)):
         d = bad.pop("d")
