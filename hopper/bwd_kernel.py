@@ -28,6 +28,8 @@ dq_red (BwdConfig): the consumers add their dQ registers to dQaccum themselves w
 red.global.add.v4.f32, at the addresses the smem chunk would go to (same element order, same
 postprocess); no smem staging and no dQ warp, which frees tile_m * d * 4 bytes of smem for a
 second Q / dO stage at hd256 (FA3's C++ backward adds dQ from registers at hd256 too).
+Deterministic keeps the dQ warp: consumers that wait for their turn on the semaphores before
+their own adds (tried, H100: 0.82-0.86x of the smem path at hd256, 0.73x at hd192) stall the GEMMs.
 deterministic: the dQ warp adds tile m only after the CTAs of lower KV blocks have (a semaphore
 per (batch, head, m) counts them), so the fp32 sums run in one order on every run. With `spt`
 (causal only) KV blocks launch and add from the last one down: a CTA then waits on one that started
