@@ -76,7 +76,7 @@ class BwdConfig:
     dq_red: bool = False
     # Swapped layout: issue dV += P^T dO right after P is packed, before the dS step, so the tensor
     # pipe runs it while the warpgroup computes dS (FA4's sm90 backward issues it after dS: the pipe
-    # idles there when both warpgroups reach dS together). default_config: hd128 non-causal.
+    # idles there when both warpgroups reach dS together). default_config: hd128 MHA non-causal.
     dv_early: bool = False
     # Swapped layout: issue dK += dS^T Q (dS in registers) before the P / dS barrier instead of
     # after dQ, so the warpgroups' wait there overlaps GEMM work, and Q is released before dQ's
