@@ -47,7 +47,7 @@ from fa3.hopper import softmax as sm
 from fa3.hopper.fwd_common import (REGS, PingpongMixin, consumer_fragments, make_qkv_pipes, store_lse,
                                    store_o_rows, tma_load, tma_load_block, tma_tiles)
 from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index
-from fa3.hopper.wgmma_utils import acc_to_mn, gemm, smem_layout
+from fa3.hopper.wgmma_utils import DescFrag, acc_to_mn, gemm, gemm_desc, smem_layout
 
 P_EXP_OFFSET = 8.0  # P is computed as 2^8 * softmax numerator (uses e4m3's range; exact power of 2
 
@@ -248,6 +248,9 @@ class FlashFwdFp8Sm90(PingpongMixin):
             row_max=row_max, row_sum=row_sum, row_scale=row_scale, sv_cur=sv_cur,
             pipe_k=pipe_k, pipe_v=pipe_v, seqlen_q=dims.seqlen_q, seqlen_k=dims.seqlen_k, wg=wg,
             mKs=mKs, mVs=mVs)
+        if const_expr(self.cfg.desc_hoist):
+            # wgmma smem descriptors taken once here, not rebuilt each KV block (DescFrag)
+            ctx.dQ, ctx.dK, ctx.dV = DescFrag(tSrQ), DescFrag(tSrK), DescFrag(tOrV)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         cta = cute.arch.block_idx()[0]
@@ -277,7 +280,7 @@ class FlashFwdFp8Sm90(PingpongMixin):
                 sv_cur[0] = mVs[batch, head_kv, n0]
                 pipe_k.consumer_wait(kv_state)
                 acc_S = cute.make_rmem_tensor(shape_S, Float32)
-                gemm(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, kv_state.index], True, 0)
+                self.gemm_qk(ctx, acc_S, kv_state.index, 0)
                 pipe_k.consumer_release(kv_state)
                 self.softmax_block(ctx, acc_S, c0, m_block, n0, True)
                 self.to_p(ctx, acc_S)
@@ -291,7 +294,7 @@ class FlashFwdFp8Sm90(PingpongMixin):
                 if const_expr(self.cfg.rescale_early):
                     sm.rescale_o(acc_O_mn, row_scale)
                 pipe_v.consumer_wait(kv_state)
-                gemm(tiled_mma_pv, acc_O, tOrP, tOrV[None, None, None, kv_state.index], False, 0)
+                self.gemm_pv(ctx, kv_state.index, 0)
                 pipe_v.consumer_release(kv_state)
                 kv_state.advance()
             pipe_q.consumer_release(q_state)
@@ -335,6 +338,20 @@ class FlashFwdFp8Sm90(PingpongMixin):
         for i, (a, b, c, d) in enumerate(p_pack_sources(cute.size(dst))):
             dst[i] = pack_e4m3x4(src[a], src[b], src[c], src[d])
 
+    def gemm_qk(self, ctx, acc_S, stage, wait: cutlass.Constexpr[int]):
+        """S = Q K^T with K from ring slot `stage`."""
+        if const_expr(self.cfg.desc_hoist):
+            gemm_desc(ctx.tiled_mma_qk, acc_S, ctx.dQ, ctx.dK, stage, True, wait)
+        else:
+            gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, stage], True, wait)
+
+    def gemm_pv(self, ctx, stage, wait: cutlass.Constexpr[int]):
+        """O += P V with P in registers, Vt from ring slot `stage`."""
+        if const_expr(self.cfg.desc_hoist):
+            gemm_desc(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.dV, stage, False, wait)
+        else:
+            gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, stage], False, wait)
+
     @cute.jit
     def block_overlap(self, ctx, kv_state, c_q, batch, head_kv, m_block, n,
                       masked: cutlass.Constexpr[bool]):
@@ -347,12 +364,12 @@ class FlashFwdFp8Sm90(PingpongMixin):
         ctx.pipe_k.consumer_wait(kv_state)
         self.pingpong_sync(ctx.wg)
         acc_S = cute.make_rmem_tensor(ctx.shape_S, Float32)
-        gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, kv_state.index], True, -1)
+        self.gemm_qk(ctx, acc_S, kv_state.index, -1)
         if const_expr(self.cfg.rescale_early):
             # O *= the previous step's factor while S = Q K^T runs (nothing else hides it without pingpong)
             sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
         ctx.pipe_v.consumer_wait(v_state)
-        gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, v_state.index], False, -1)
+        self.gemm_pv(ctx, v_state.index, -1)
         self.pingpong_arrive(ctx.wg)
         warpgroup.wait_group(1)  # S_n done, PV may still run
         ctx.pipe_k.consumer_release(kv_state)
