@@ -18,7 +18,7 @@ import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync
 
-from fa3.hopper.wgmma_utils import acc_to_mn
+from fa3.hopper.wgmma_utils import DescFrag, acc_to_mn, gemm, gemm_desc
 
 BAR_PINGPONG = 2  # named barriers 2 + consumer warpgroup index (0, 1[, 2]); 0 is __syncthreads
 
@@ -84,6 +84,32 @@ class PingpongMixin:
         if const_expr(self.cfg.pingpong):
             cute.arch.barrier_arrive(barrier_id=BAR_PINGPONG + (wg + 1) % self.num_consumers,
                                     number_of_threads=256)
+
+
+class StagedGemmMixin:
+    """The consumers' two GEMMs, S = Q K^T and O += P V, with K / V from a ring slot. With
+    cfg.desc_hoist their smem operands are wgmma descriptors taken once (hoist_descs), not
+    rebuilt by the DSL in every KV block. ctx: consumer_fragments' operands and tiled MMAs."""
+
+    def hoist_descs(self, ctx):
+        if const_expr(self.cfg.desc_hoist):
+            ctx.dQ, ctx.dK, ctx.dV = DescFrag(ctx.tSrQ), DescFrag(ctx.tSrK), DescFrag(ctx.tOrV)
+
+    @cute.jit
+    def gemm_qk(self, ctx, acc_S, stage, wait: cutlass.Constexpr[int]):
+        """acc_S = Q K^T with K from ring slot `stage`."""
+        if const_expr(self.cfg.desc_hoist):
+            gemm_desc(ctx.tiled_mma_qk, acc_S, ctx.dQ, ctx.dK, stage, True, wait)
+        else:
+            gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, stage], True, wait)
+
+    @cute.jit
+    def gemm_pv(self, ctx, stage, wait: cutlass.Constexpr[int]):
+        """acc_O += P V with P in registers and V (fp8: Vt) from ring slot `stage`."""
+        if const_expr(self.cfg.desc_hoist):
+            gemm_desc(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.dV, stage, False, wait)
+        else:
+            gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, stage], False, wait)
 
 
 def consumer_fragments(tiled_mma_qk, tiled_mma_pv, sQ, sK, sV_B, tidx, tile_m: int, tile_n: int,

@@ -44,10 +44,11 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
-from fa3.hopper.fwd_common import (REGS, PingpongMixin, consumer_fragments, make_qkv_pipes, store_lse,
-                                   store_o_rows, tma_load, tma_load_block, tma_tiles)
+from fa3.hopper.fwd_common import (REGS, PingpongMixin, StagedGemmMixin, consumer_fragments,
+                                   make_qkv_pipes, store_lse, store_o_rows, tma_load, tma_load_block,
+                                   tma_tiles)
 from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index
-from fa3.hopper.wgmma_utils import DescFrag, acc_to_mn, gemm, gemm_desc, smem_layout
+from fa3.hopper.wgmma_utils import acc_to_mn, smem_layout
 
 P_EXP_OFFSET = 8.0  # P is computed as 2^8 * softmax numerator (uses e4m3's range; exact power of 2
 
@@ -84,7 +85,7 @@ def p_pack_sources(n_regs: int):
     return out
 
 
-class FlashFwdFp8Sm90(PingpongMixin):
+class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
     def __init__(self, cfg):
         self.cfg = cfg
         self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
@@ -248,9 +249,7 @@ class FlashFwdFp8Sm90(PingpongMixin):
             row_max=row_max, row_sum=row_sum, row_scale=row_scale, sv_cur=sv_cur,
             pipe_k=pipe_k, pipe_v=pipe_v, seqlen_q=dims.seqlen_q, seqlen_k=dims.seqlen_k, wg=wg,
             mKs=mKs, mVs=mVs)
-        if const_expr(self.cfg.desc_hoist):
-            # wgmma smem descriptors taken once here, not rebuilt each KV block (DescFrag)
-            ctx.dQ, ctx.dK, ctx.dV = DescFrag(tSrQ), DescFrag(tSrK), DescFrag(tOrV)
+        self.hoist_descs(ctx)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         cta = cute.arch.block_idx()[0]
@@ -337,20 +336,6 @@ class FlashFwdFp8Sm90(PingpongMixin):
         src = cute.make_tensor(acc_S.iterator, cute.make_layout(cute.size(acc_S)))
         for i, (a, b, c, d) in enumerate(p_pack_sources(cute.size(dst))):
             dst[i] = pack_e4m3x4(src[a], src[b], src[c], src[d])
-
-    def gemm_qk(self, ctx, acc_S, stage, wait: cutlass.Constexpr[int]):
-        """S = Q K^T with K from ring slot `stage`."""
-        if const_expr(self.cfg.desc_hoist):
-            gemm_desc(ctx.tiled_mma_qk, acc_S, ctx.dQ, ctx.dK, stage, True, wait)
-        else:
-            gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, stage], True, wait)
-
-    def gemm_pv(self, ctx, stage, wait: cutlass.Constexpr[int]):
-        """O += P V with P in registers, Vt from ring slot `stage`."""
-        if const_expr(self.cfg.desc_hoist):
-            gemm_desc(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.dV, stage, False, wait)
-        else:
-            gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, stage], False, wait)
 
     @cute.jit
     def block_overlap(self, ctx, kv_state, c_q, batch, head_kv, m_block, n,

@@ -35,20 +35,19 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
-from fa3.hopper.fwd_common import (BAR_PINGPONG, REGS, PingpongMixin, consumer_fragments,
-                                   make_qkv_pipes, store_lse, store_o_rows, tma_load, tma_load_block,
-                                   tma_tiles)
+from fa3.hopper.fwd_common import (BAR_PINGPONG, REGS, PingpongMixin, StagedGemmMixin,
+                                   consumer_fragments, make_qkv_pipes, store_lse, store_o_rows,
+                                   tma_load, tma_load_block, tma_tiles)
 from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index, varlen_decode, varlen_window
 from fa3.hopper.tile_size import separate_o_fits
-from fa3.hopper.wgmma_utils import (DescFrag, acc_to_frag_a, acc_to_mn, gemm, gemm_desc, pack_f16x2,
-                                    smem_layout, transpose_view)
+from fa3.hopper.wgmma_utils import acc_to_frag_a, acc_to_mn, pack_f16x2, smem_layout, transpose_view
 
 # Named barriers (0 is __syncthreads; BAR_PINGPONG.. in fwd_common).
 BAR_EPILOGUE = 1
 assert BAR_EPILOGUE < BAR_PINGPONG
 
 
-class FlashFwdSm90(PingpongMixin):
+class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
     def __init__(self, cfg):
         self.cfg = cfg
         self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
@@ -365,9 +364,7 @@ class FlashFwdSm90(PingpongMixin):
             tOrV=tOrV, shape_S=shape_S, acc_O=acc_O, acc_O_mn=acc_O_mn, tScS_mn=tScS_mn,
             row_max=row_max, row_sum=row_sum, row_scale=row_scale, scale_log2=scale_log2,
             pipe_k=pipe_k, pipe_v=pipe_v, wg=wg, feat=feat)
-        if const_expr(self.cfg.desc_hoist):
-            # wgmma smem descriptors taken once here, not rebuilt each KV block (DescFrag)
-            ctx.dQ, ctx.dK, ctx.dV = DescFrag(tSrQ), DescFrag(tSrK), DescFrag(tOrV)
+        self.hoist_descs(ctx)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         cta = cute.arch.block_idx()[0]
@@ -462,22 +459,6 @@ class FlashFwdSm90(PingpongMixin):
         if const_expr(self.tma_o):
             if tidx < 32:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the last store
-
-    @cute.jit
-    def gemm_qk(self, ctx, acc_S, stage, wait: cutlass.Constexpr[int]):
-        """acc_S = Q K^T with K from ring slot `stage`."""
-        if const_expr(self.cfg.desc_hoist):
-            gemm_desc(ctx.tiled_mma_qk, acc_S, ctx.dQ, ctx.dK, stage, True, wait)
-        else:
-            gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, stage], True, wait)
-
-    @cute.jit
-    def gemm_pv(self, ctx, stage, wait: cutlass.Constexpr[int]):
-        """acc_O += P V with P in registers and V from ring slot `stage`."""
-        if const_expr(self.cfg.desc_hoist):
-            gemm_desc(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.dV, stage, False, wait)
-        else:
-            gemm(ctx.tiled_mma_pv, ctx.acc_O, ctx.tOrP, ctx.tOrV[None, None, None, stage], False, wait)
 
     @cute.jit
     def softmax_block(self, ctx, acc_S, m_block, n, masked: cutlass.Constexpr[bool]):
