@@ -49,6 +49,17 @@ class FwdConfig:
     # (wgmma_utils.DescFrag) instead of rebuilt by the DSL in every KV block. H100, two runs of
     # 3-5 rounds vs off: hd64 +0.7..3.2%, hd128 -1.1..+1.8%, hd256 +0..6.2% (4k causal -1%)
     desc_hoist: bool = True
+    # Lazy rescale (softmax.py): a row keeps its running max until a block's max exceeds it by
+    # more than this many log2 units (P <= 2^8 then, well inside bf16/fp16), and warps whose rows
+    # all keep it skip O's rescale. None: rescale every block.
+    rescale_threshold: float | None = 8.0
+    # (overlap) wgmma_utils.schedule_fence before the wait for the previous PV: without it ptxas
+    # interleaves P's packs (which overwrite the registers that PV reads) with the exp2s and so
+    # waits for that PV first: before 0 (hd64), 13 (hd128) or 16 of 40 (hd256) of a block's exp2s
+    # per thread, i.e. little of the softmax overlapped the PV.
+    # H100, 5 rounds, both switches vs neither: hd256 4k +1.5%, hd128 4k causal +1.0%, hd64 -0.6%,
+    # hd128 4k full -1.5%, 16k 0 (rounds swung 5-10% that day: h100-2026-12-06-s2-probes.json)
+    p_after_wait: bool = True
     # Features, each a compile-time switch (off: the plain kernel, unchanged).
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
@@ -169,6 +180,10 @@ def variants() -> Iterator[FwdConfig]:
         yield dataclasses.replace(base, overlap=False, pingpong=False)
         yield dataclasses.replace(base, persistent=False)
         yield dataclasses.replace(base, rescale_early=True)
+        yield dataclasses.replace(base, p_after_wait=False, rescale_threshold=None)
+        yield dataclasses.replace(base, rescale_threshold=0.0)
+        yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), p_after_wait=False,
+                                  rescale_threshold=None)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), rescale_early=False)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), persistent=True)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), persistent=True,

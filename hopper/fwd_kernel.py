@@ -40,7 +40,8 @@ from fa3.hopper.fwd_common import (BAR_PINGPONG, REGS, PingpongMixin, StagedGemm
                                    tma_load, tma_load_block, tma_tiles)
 from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index, varlen_decode, varlen_window
 from fa3.hopper.tile_size import separate_o_fits
-from fa3.hopper.wgmma_utils import acc_to_frag_a, acc_to_mn, pack_f16x2, smem_layout, transpose_view
+from fa3.hopper.wgmma_utils import (acc_to_frag_a, acc_to_mn, pack_f16x2, schedule_fence, smem_layout,
+                                    transpose_view)
 
 # Named barriers (0 is __syncthreads; BAR_PINGPONG.. in fwd_common).
 BAR_EPILOGUE = 1
@@ -54,6 +55,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         self.d, self.dv = cfg.d, cfg.dv
         self.causal = cfg.causal
         self.local = cfg.local
+        self.lazy = cfg.rescale_threshold is not None  # softmax.py: lazy rescale
         assert not (self.causal and self.local), "causal with a window is local with right = 0"
         self.lpt = self.causal  # heaviest tiles first (and snake rounds) where tiles differ in cost
         # pack_gqa: the qpk query heads of a kv head are folded into the rows of one Q tile (row r =
@@ -416,7 +418,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                                                           pipe_q, q_state, n_min)
                     # last half: PV of the lowest block
                     if const_expr(self.cfg.rescale_early):
-                        sm.rescale_o(acc_O_mn, row_scale)
+                        sm.rescale_o(acc_O_mn, row_scale, self.lazy)
                     pipe_v.consumer_wait(kv_state)
                     self.gemm_pv(tctx, kv_state.index, 0)
                     pipe_v.consumer_release(kv_state)
@@ -469,7 +471,8 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             mask_mod.apply_mask(acc_S_mn, ctx.tScS_mn, ctx.seqlen_q, ctx.seqlen_k, m_block, n,
                                 self.tile_m, self.tile_n, self.causal, self.local,
                                 ctx.feat.window_left, ctx.feat.window_right, self.qpk)
-        sm.online_softmax(acc_S_mn, ctx.row_max, ctx.row_sum, ctx.row_scale, ctx.scale_log2)
+        sm.online_softmax(acc_S_mn, ctx.row_max, ctx.row_sum, ctx.row_scale, ctx.scale_log2,
+                          self.cfg.rescale_threshold)
 
     @cute.jit
     def to_p(self, ctx, acc_S):
@@ -493,7 +496,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         ctx.pipe_k.consumer_release(kv_state)
         self.softmax_block(ctx, acc_S, m_block, n, masked)
         self.to_p(ctx, acc_S)
-        sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+        sm.rescale_o(ctx.acc_O_mn, ctx.row_scale, self.lazy)
         ctx.pipe_v.consumer_wait(kv_state)
         self.gemm_pv(ctx, kv_state.index, 0)
         ctx.pipe_v.consumer_release(kv_state)
@@ -514,7 +517,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         if const_expr(self.cfg.rescale_early):
             # O *= scale of the previous softmax while S = Q K^T runs on the tensor cores (pays off
             # when O is large, dv > 128, and no other warpgroup's GEMM hides the FMULs)
-            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale, self.lazy)
         ctx.pipe_v.consumer_wait(v_state)
         self.gemm_pv(ctx, v_state.index, -1)
         self.pingpong_arrive(ctx.wg)
@@ -524,11 +527,13 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             if n == n_min:  # the tile's last S GEMM: Q's buffer is free
                 pipe_q.consumer_release(q_state)
         self.softmax_block(ctx, acc_S, m_block, n, masked)
+        if const_expr(self.cfg.p_after_wait):
+            schedule_fence(ctx.row_sum[0])
         warpgroup.wait_group(0)  # PV done: P's registers and V's stage are free
         ctx.pipe_v.consumer_release(v_state)
         self.to_p(ctx, acc_S)
         if const_expr(not self.cfg.rescale_early):
-            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale, self.lazy)
         return kv_state
 
     @cute.jit

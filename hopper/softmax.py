@@ -5,6 +5,10 @@ register loop plus two butterfly shuffles. With c = softmax_scale * log2(e):
   m' = max(m, rowmax(S));  P = exp2(S*c - m'*c)  (one FFMA + one MUFU.EX2 per element)
   l  = l * exp2((m - m')*c) + rowsum(P)  (l stays a per-thread partial sum until finalize)
   O *= exp2((m - m')*c)
+Lazy rescale (threshold tau, log2 units): m' stays m unless rowmax(S)*c exceeds m*c + tau, so P is
+bounded by 2^tau instead of 1 and most blocks leave every row's factor at exactly 1; warps whose
+rows all have 1 then skip O's rescale (a vote). Exact in real arithmetic (O, l and m stay
+consistent); P's 16-bit rounding is relative, so no worse.
 A row that has seen only masked keys keeps m = -inf; it uses 0 in place of m'*c so exp2 gives 0
 (never inf - inf = NaN), and finalize turns l = 0 into O = 0, LSE = -inf.
 Softcap S <- cap * tanh(S * scale / cap) is folded into the scales: the kernel multiplies S by
@@ -66,14 +70,22 @@ def row_max_of(acc_mn: cute.Tensor, r: cutlass.Constexpr[int], init: Float32) ->
 
 @cute.jit
 def online_softmax(acc_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                   row_scale: cute.Tensor, scale_log2: Float32):
+                   row_scale: cute.Tensor, scale_log2: Float32, threshold=None):
     """Turn S (acc_mn, rows x cols) into unnormalized P in place; update row_max/row_sum and write the
-    factor O must be multiplied by into row_scale."""
+    factor O must be multiplied by into row_scale. threshold: None, or tau of the lazy rescale
+    (module doc); then row_scale is exactly 1 for a row whose max stays."""
     n = cute.size(acc_mn, mode=[1])
     for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
         m = quad_max(row_max_of(acc_mn, r, row_max[r]))
+        if cutlass.const_expr(threshold is not None):
+            # m >= row_max; -inf - -inf is NaN, so a row that is still empty takes m (-inf too)
+            keep = (m - row_max[r]) * scale_log2 <= Float32(threshold)
+            m = row_max[r] if keep else m
         m_scaled = m * scale_log2 if m != -Float32.inf else Float32(0.0)
-        row_scale[r] = cute.arch.exp2(row_max[r] * scale_log2 - m_scaled)
+        if cutlass.const_expr(threshold is not None):
+            row_scale[r] = Float32(1.0) if keep else cute.arch.exp2(row_max[r] * scale_log2 - m_scaled)
+        else:
+            row_scale[r] = cute.arch.exp2(row_max[r] * scale_log2 - m_scaled)
         row_max[r] = m
         # 4 partial sums that start at the first 4 P values: 0 + p is an FADD the compiler keeps
         # (it cannot assume p != -0); p >= +0, so the sums are the same
@@ -86,7 +98,20 @@ def online_softmax(acc_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tens
 
 
 @cute.jit
-def rescale_o(acc_o_mn: cute.Tensor, row_scale: cute.Tensor):
+def rescale_o(acc_o_mn: cute.Tensor, row_scale: cute.Tensor, lazy: cutlass.Constexpr[bool] = False):
+    """O *= row_scale per row. lazy: skipped by every warp whose rows all have factor 1."""
+    if cutlass.const_expr(lazy):
+        need = row_scale[0] != Float32(1.0)
+        for r in cutlass.range_constexpr(1, cute.size(row_scale)):
+            need = need | (row_scale[r] != Float32(1.0))
+        if cute.arch.vote_any_sync(need):
+            _scale_rows(acc_o_mn, row_scale)
+    else:
+        _scale_rows(acc_o_mn, row_scale)
+
+
+@cute.jit
+def _scale_rows(acc_o_mn: cute.Tensor, row_scale: cute.Tensor):
     for r in cutlass.range_constexpr(cute.size(acc_o_mn, mode=[0])):
         for c in cutlass.range_constexpr(cute.size(acc_o_mn, mode=[1])):
             acc_o_mn[r, c] = acc_o_mn[r, c] * row_scale[r]

@@ -61,6 +61,16 @@ def pack_f16x2(lo: Float32, hi: Float32, bf16: bool, *, loc=None, ip=None) -> In
 
 
 @cute.jit
+def schedule_fence(x: Float32):
+    """A basic-block boundary (a branch on x != x: never taken for a number, harmless if taken)
+    that ptxas does not schedule across. Before a wgmma wait_group it keeps the work placed
+    before the wait (a softmax under an in-flight PV) from being sunk below it: ptxas otherwise
+    hoists the wait to the first write of the in-flight wgmma's registers."""
+    if x != x:
+        cute.arch.sync_warp()
+
+
+@cute.jit
 def gemm(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a: cute.Tensor, frag_b: cute.Tensor,
          zero_init: cutlass.Constexpr[bool], wait: cutlass.Constexpr[int]):
     """Issue one warpgroup GEMM (all k-blocks) as one wgmma group; wait until <= `wait` are in flight

@@ -51,14 +51,34 @@ def test_fwd(d, dtype, causal, sq, sk, bhs):
 
 
 ABLATIONS = [dict(overlap=False), dict(pingpong=False), dict(overlap=False, pingpong=False),
-             dict(persistent=False)]
+             dict(persistent=False), dict(p_after_wait=False, rescale_threshold=None),
+             dict(rescale_threshold=0.0)]
 
 
-@pytest.mark.parametrize("cfg", ABLATIONS, ids=lambda c: "-".join(f"{k}{int(v)}" for k, v in c.items()))
+@pytest.mark.parametrize("cfg", ABLATIONS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", [(113, 203), (1024, 1024), (799, 3)])
 def test_fwd_ablation(cfg, causal, sq, sk):
     check(2, 4, 2, sq, sk, 128, torch.bfloat16, causal, **cfg)
+
+
+@pytest.mark.parametrize("cfg", [{}, dict(rescale_threshold=None)], ids=["lazy", "every_block"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fwd_rising_max(d, causal, cfg):
+    """Scores that grow towards the low keys, which the kernel visits last: each row's max keeps
+    rising, by more than the lazy rescale's 8 log2 units over the walk, so rows both keep a stale
+    max (P up to 2^8) and rescale."""
+    b, h, s = 2, 4, 1536
+    q, k, v = random_qkv(b, h, h, s, s, d, torch.bfloat16)
+    ramp = torch.linspace(4.0, 1.0, s, device=q.device).view(1, s, 1, 1)
+    k = (k.float() * ramp).to(k.dtype)
+    q = (q.float() * 2.0).to(q.dtype)
+    out, lse = run_fwd(q, k, v, causal, **cfg)
+    out_ref, lse_ref = attention_ref(q, k, v, causal=causal)
+    out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)
+    assert_fa_close(out, out_ref, out_pt, atol=rounding_atol(torch.bfloat16))
+    assert max_err(lse, lse_ref) <= 1e-3 * (1 + lse_ref.abs().max().item())
 
 
 TILES = [dict(d=256, tile_n=64), dict(d=128, tile_n=176), dict(d=64, tile_m=128),
