@@ -48,7 +48,7 @@ from fa3.hopper.fwd_common import (REGS, PingpongMixin, StagedGemmMixin, consume
                                    make_qkv_pipes, store_lse, store_o_rows, tma_load, tma_load_block,
                                    tma_tiles)
 from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index
-from fa3.hopper.wgmma_utils import acc_to_mn, smem_layout
+from fa3.hopper.wgmma_utils import acc_to_mn, schedule_fence, smem_layout
 
 P_EXP_OFFSET = 8.0  # P is computed as 2^8 * softmax numerator (uses e4m3's range; exact power of 2
 
@@ -247,8 +247,7 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
             tiled_mma_qk=tiled_mma_qk, tiled_mma_pv=tiled_mma_pv, tSrQ=tSrQ, tSrK=tSrK, tOrP=tOrP,
             tOrV=tOrV, shape_S=shape_S, acc_O_mn=acc_O_mn, acc_O=acc_O, tScS_mn=tScS_mn,
             row_max=row_max, row_sum=row_sum, row_scale=row_scale, sv_cur=sv_cur,
-            pipe_k=pipe_k, pipe_v=pipe_v, seqlen_q=dims.seqlen_q, seqlen_k=dims.seqlen_k, wg=wg,
-            mKs=mKs, mVs=mVs)
+            pipe_k=pipe_k, pipe_v=pipe_v, seqlen_q=dims.seqlen_q, seqlen_k=dims.seqlen_k, wg=wg)
         self.hoist_descs(ctx)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -275,8 +274,10 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
                         dims.seqlen_q, dims.seqlen_k, m_block, self.tile_m, self.tile_n))
                 # first half: S of the highest block, softmax, P ready; no PV yet
                 n0 = n_max - 1
-                c0 = c_q * mKs[batch, head_kv, n0]
-                sv_cur[0] = mVs[batch, head_kv, n0]
+                # this (batch, kv head)'s block scales, addressed once per tile
+                ks, vs = mKs[batch, head_kv, None], mVs[batch, head_kv, None]
+                c0 = c_q * ks[n0]
+                sv_cur[0] = vs[n0]
                 pipe_k.consumer_wait(kv_state)
                 acc_S = cute.make_rmem_tensor(shape_S, Float32)
                 self.gemm_qk(ctx, acc_S, kv_state.index, 0)
@@ -284,10 +285,10 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
                 self.softmax_block(ctx, acc_S, c0, m_block, n0, True)
                 self.to_p(ctx, acc_S)
                 for i in cutlass.range(n_max - 1 - n_mask_min, unroll=1):
-                    kv_state = self.block_overlap(ctx, kv_state, c_q, batch, head_kv, m_block,
+                    kv_state = self.block_overlap(ctx, kv_state, c_q, ks, vs, m_block,
                                                   n_max - 2 - i, True)
                 for i in cutlass.range(n_mask_min, unroll=1):
-                    kv_state = self.block_overlap(ctx, kv_state, c_q, batch, head_kv, m_block,
+                    kv_state = self.block_overlap(ctx, kv_state, c_q, ks, vs, m_block,
                                                   n_mask_min - 1 - i, False)
                 # last half: PV of the lowest block
                 if const_expr(self.cfg.rescale_early):
@@ -338,14 +339,14 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
             dst[i] = pack_e4m3x4(src[a], src[b], src[c], src[d])
 
     @cute.jit
-    def block_overlap(self, ctx, kv_state, c_q, batch, head_kv, m_block, n,
+    def block_overlap(self, ctx, kv_state, c_q, ks, vs, m_block, n,
                       masked: cutlass.Constexpr[bool]):
         """Issue S_n = Q K_n^T and O += P_{n+1} V_{n+1} back to back; softmax(S_n) while PV runs;
         then O *= exp2(m_old - m_new) * s_v(n+1) / s_v(n) and P_n -> e4m3."""
         v_state = kv_state.clone()
         kv_state.advance()
-        c = c_q * ctx.mKs[batch, head_kv, n]  # scalar loads, in flight during the GEMMs
-        sv_n = ctx.mVs[batch, head_kv, n]
+        c = c_q * ks[n]  # scalar loads, in flight during the GEMMs
+        sv_n = vs[n]
         ctx.pipe_k.consumer_wait(kv_state)
         self.pingpong_sync(ctx.wg)
         acc_S = cute.make_rmem_tensor(ctx.shape_S, Float32)
@@ -359,10 +360,14 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
         warpgroup.wait_group(1)  # S_n done, PV may still run
         ctx.pipe_k.consumer_release(kv_state)
         self.softmax_block(ctx, acc_S, c, m_block, n, masked)
-        v_ratio = ctx.sv_cur[0] / sv_n
+        # s_v(n+1) / s_v(n): rcp.approx (1 ulp) instead of an IEEE division and its slow-path call
+        v_ratio = ctx.sv_cur[0] * cute.arch.rcp_approx(sv_n)
         ctx.sv_cur[0] = sv_n
         for r in cutlass.range_constexpr(cute.size(ctx.row_scale)):
             ctx.row_scale[r] = ctx.row_scale[r] * v_ratio
+        # keeps the softmax under the in-flight PV: ptxas would otherwise wait for that PV before
+        # the first P pack it interleaves with the exp2s (the division's call used to stop it)
+        schedule_fence(ctx.row_sum[0])
         warpgroup.wait_group(0)  # PV done: P's registers and V's stage are free
         ctx.pipe_v.consumer_release(v_state)
         self.to_p(ctx, acc_S)
