@@ -55,7 +55,7 @@ class FwdConfig:
     rescale_threshold: float | None = 8.0
     # (overlap) wgmma_utils.schedule_fence before the wait for the previous PV: without it ptxas
     # interleaves P's packs (which overwrite the registers that PV reads) with the exp2s and so
-    # waits for that PV first: before 0 (hd64), 13 (hd128) or 16 of 40 (hd256) of a block's exp2s
+    # waits for that PV first: before 0 of 64 (hd64), 13 of 66 (hd128) or 16 of 42 (hd256) exp2s
     # per thread, i.e. little of the softmax overlapped the PV.
     # H100, 5 rounds, both switches vs neither: hd256 4k +1.5%, hd128 4k causal +1.0%, hd64 -0.6%,
     # hd128 4k full -1.5%, 16k 0 (rounds swung 5-10% that day: h100-2026-12-06-s2-probes.json)
