@@ -5,8 +5,10 @@ fp8 wgmma wants P V's B operand seqlen-contiguous. Producing that layout here in
 V in shared memory inside the attention kernel keeps the kernel a pure TMA + wgmma pipeline; this
 kernel reads V once and writes Vt once (memory-bound), and with bf16/fp16 input it is also V's
 quantizer: one scale per ``block_rows`` keys of one (batch, kv head), exactly
-``fp8_emulation.block_quantize`` (amax of the block's valid rows, floored at AMAX_FLOOR; scale =
-amax / 448; q = e4m3_rn_satfinite(x * (448 / amax))), so Vt == vt_layout(block_quantize(v)) bit for bit.
+``fp8_emulation.block_quantize(v, block_rows, pow2=True)`` (amax of the block's valid rows, floored at
+AMAX_FLOOR; scale = amax / 448 rounded up to a power of two; q = e4m3_rn_satfinite(x * (1 / scale))),
+so Vt == vt_layout(block_quantize(v, pow2=True)) bit for bit. Power-of-two V scales make the
+attention kernel's lazy rescale exact in P (fwd_fp8_kernel module doc).
 
 One CTA (128 threads) per (block of ``block_rows`` keys, kv head, batch): the block is loaded with
 16-byte loads into shared memory (rows past seqlen read as zero); then each thread builds the 32
@@ -63,7 +65,7 @@ def _kernel_class():
     from cutlass import Float32, Int32, Uint8
 
     from fa3.hopper.flash_fwd_fp8 import key_perm
-    from fa3.hopper.fwd_fp8_kernel import pack_e4m3x4
+    from fa3.hopper.fwd_fp8_kernel import pack_e4m3x4, pow2_ceil
 
     perm = key_perm()
 
@@ -119,9 +121,11 @@ def _kernel_class():
                 amax = Float32(AMAX_FLOOR)
                 for w in cutlass.range_constexpr(THREADS // 32):
                     amax = cute.arch.fmax(amax, red[w])
-                inv = Float32(E4M3_MAX) / amax
+                # scale = amax / 448 rounded up to a power of two (mantissa cleared, exponent bumped)
+                scale = pow2_ceil(amax / Float32(E4M3_MAX))
+                inv = Float32(1.0) / scale  # exact: a power of two
                 if tid == 0:
-                    mScales[bat, head, blk] = amax / Float32(E4M3_MAX)
+                    mScales[bat, head, blk] = scale
             out = cute.make_rmem_tensor((32,), Uint8)
             out32 = cute.recast_tensor(out, Int32)
             st = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Uint8, num_bits_per_copy=128)

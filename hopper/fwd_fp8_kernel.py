@@ -27,6 +27,13 @@ What differs from bf16:
   V's block scale is folded into O's rescale: O is kept in units of the current block's s_v, and
   moving to block n multiplies O by exp2(m_old - m_new) * s_v(prev) / s_v(n); the epilogue multiplies
   by s_v(last) / l. Exact in real arithmetic; in fp32 it adds one rounding per block.
+* Lazy rescale (cfg.lazy_rescale, default): that rescale touches all of O (dv/2 FMULs per thread) in
+  every block. Instead O is kept in units of ref = the largest V scale the tile has seen, and block n's
+  ratio r = s_v(n) / ref <= 1 goes into P's exponent: P = exp2(c S + 8 - m + log2 r), l += sum(P) / r.
+  The running max moves only when a block exceeds it by more than LAZY_TAU log2 units, so P stays
+  below 2^(8 + tau) < 448. O is rescaled only where ref grows or a row's max moves, and a warp whose
+  factors are all exactly 1 skips it (sm.rescale_o's vote). The epilogue multiplies by ref / l. Cost:
+  P is r times smaller, so its small entries lose e4m3 precision where V's block scales differ a lot.
 Epilogue: O (bf16) straight from registers to global memory (rows past seqlen_q skipped), LSE from
 registers: LSE = ln(2) (m + log2(l) - 8).
 """
@@ -51,6 +58,7 @@ from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index
 from fa3.hopper.wgmma_utils import acc_to_mn, schedule_fence, smem_layout
 
 P_EXP_OFFSET = 8.0  # P is computed as 2^8 * softmax numerator (uses e4m3's range; exact power of 2
+LAZY_TAU = 0.75  # lazy rescale: a row's max moves only past this (log2 units); 2^(8 + tau) < 448
 
 # Register layouts this kernel's P packing relies on (checked at trace time): the fp32 accumulator
 # thread/value layout of an m64nNk32 fp8 wgmma, and the fp8 A operand from registers.
@@ -70,6 +78,23 @@ def pack_e4m3x4(b0: Float32, b1: Float32, b2: Float32, b3: Float32, *, loc=None,
         "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
         "mov.b32 $0, {lo, hi}; }",
         "=r,f,f,f,f", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@dsl_user_op
+def pow2_ceil(x: Float32, *, loc=None, ip=None) -> Float32:
+    """Positive normal x -> the smallest power of two >= x, exactly (fp8_emulation.pow2_ceil)."""
+    return Float32(llvm.inline_asm(
+        T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)],
+        "{ .reg .b32 b, m, e; .reg .pred p;\n"
+        "mov.b32 b, $1;\n"
+        "and.b32 m, b, 8388607;\n"
+        "and.b32 e, b, 2139095040;\n"
+        "add.u32 e, e, 8388608;\n"
+        "setp.ne.u32 p, m, 0;\n"
+        "selp.b32 b, e, b, p;\n"
+        "mov.b32 $0, b; }",
+        "=f,f", has_side_effects=False, is_align_stack=False,
         asm_dialect=llvm.AsmDialect.AD_ATT))
 
 
@@ -238,7 +263,8 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
         wg, tSrQ, tSrK, tOrV, tOrP, shape_S = f.wg, f.tSrQ, f.tSrK, f.tOrV, f.tOrP, f.shape_S
         acc_O, acc_O_mn, tScS_mn, tOcO_mn = f.acc_O, f.acc_O_mn, f.tScS_mn, f.tOcO_mn
         n_rows, row_max, row_sum, row_scale = f.n_rows, f.row_max, f.row_sum, f.row_scale
-        sv_cur = cute.make_rmem_tensor((1,), Float32)  # V scale of the block O is expressed in
+        # V scale O is expressed in (the current block's; lazy: ref, the largest seen) and its inverse
+        sv_cur = cute.make_rmem_tensor((2,), Float32)
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
 
         self.pingpong_start(wg)
@@ -278,6 +304,7 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
                 ks, vs = mKs[batch, head_kv, None], mVs[batch, head_kv, None]
                 c0 = c_q * ks[n0]
                 sv_cur[0] = vs[n0]
+                sv_cur[1] = cute.arch.rcp_approx(sv_cur[0])
                 pipe_k.consumer_wait(kv_state)
                 acc_S = cute.make_rmem_tensor(shape_S, Float32)
                 self.gemm_qk(ctx, acc_S, kv_state.index, 0)
@@ -292,7 +319,7 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
                                                   n_mask_min - 1 - i, False)
                 # last half: PV of the lowest block
                 if const_expr(self.cfg.rescale_early):
-                    sm.rescale_o(acc_O_mn, row_scale)
+                    sm.rescale_o(acc_O_mn, row_scale, self.cfg.lazy_rescale)
                 pipe_v.consumer_wait(kv_state)
                 self.gemm_pv(ctx, kv_state.index, 0)
                 pipe_v.consumer_release(kv_state)
@@ -308,9 +335,11 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
             tile = tile_index(rnd, cta, grid, self.causal)
 
     @cute.jit
-    def softmax_block(self, ctx, acc_S, c: Float32, m_block, n, masked: cutlass.Constexpr[bool]):
+    def softmax_block(self, ctx, acc_S, c: Float32, m_block, n, masked: cutlass.Constexpr[bool],
+                      lazy: cutlass.Constexpr[bool] = False, log2r=None, inv_r=None):
         """Online softmax of one S block with its own constant c = scale log2(e) s_q s_k; row_max in
-        c-scaled log2 units. P = 2^8 exp2(c S - m); row_scale = exp2(m_old - m)."""
+        c-scaled log2 units. P = 2^8 exp2(c S - m); row_scale = exp2(m_old - m). lazy: m moves only
+        past LAZY_TAU (row_scale exactly 1 otherwise), P gains the factor r = 2^log2r, l gets sum(P)/r."""
         acc_mn = acc_to_mn(acc_S)
         if const_expr(masked):
             mask_mod.apply_mask(acc_mn, ctx.tScS_mn, ctx.seqlen_q, ctx.seqlen_k, m_block, n,
@@ -318,17 +347,31 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
         ncol = cute.size(acc_mn, mode=[1])
         for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
             m_raw = sm.quad_max(sm.row_max_of(acc_mn, r, -Float32.inf))
-            m = cute.arch.fmax(ctx.row_max[r], m_raw * c)
+            m_old = ctx.row_max[r]
+            m = cute.arch.fmax(m_old, m_raw * c)
+            keep = False
+            if const_expr(lazy):
+                # -inf - -inf is NaN and inf > tau: a row that has seen nothing never keeps
+                keep = m - m_old <= Float32(LAZY_TAU)
+                m = m_old if keep else m
             m_ref = m if m != -Float32.inf else Float32(0.0)  # an all-masked row: exp2(-inf) = 0
-            ctx.row_scale[r] = cute.arch.exp2(ctx.row_max[r] - m_ref)
+            if const_expr(lazy):
+                ctx.row_scale[r] = Float32(1.0) if keep else cute.arch.exp2(m_old - m_ref)
+            else:
+                ctx.row_scale[r] = cute.arch.exp2(m_old - m_ref)
             ctx.row_max[r] = m
             bias = Float32(P_EXP_OFFSET) - m_ref
+            if const_expr(lazy):
+                bias = bias + log2r
             s = [Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)]
             for j in cutlass.range_constexpr(ncol):
                 p = cute.arch.exp2(acc_mn[r, j] * c + bias)  # FFMA + EX2
                 acc_mn[r, j] = p
                 s[j % 4] = s[j % 4] + p
-            ctx.row_sum[r] = ctx.row_sum[r] * ctx.row_scale[r] + ((s[0] + s[1]) + (s[2] + s[3]))
+            total = (s[0] + s[1]) + (s[2] + s[3])
+            if const_expr(lazy):
+                total = total * inv_r
+            ctx.row_sum[r] = ctx.row_sum[r] * ctx.row_scale[r] + total
 
     @cute.jit
     def to_p(self, ctx, acc_S):
@@ -342,27 +385,41 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
     def block_overlap(self, ctx, kv_state, c_q, ks, vs, m_block, n,
                       masked: cutlass.Constexpr[bool]):
         """Issue S_n = Q K_n^T and O += P_{n+1} V_{n+1} back to back; softmax(S_n) while PV runs;
-        then O *= exp2(m_old - m_new) * s_v(n+1) / s_v(n) and P_n -> e4m3."""
+        then O *= exp2(m_old - m_new) * s_v(n+1) / s_v(n) (lazy: * ref_old / ref_new) and P_n -> e4m3."""
         v_state = kv_state.clone()
         kv_state.advance()
         c = c_q * ks[n]  # scalar loads, in flight during the GEMMs
         sv_n = vs[n]
+        lazy = const_expr(self.cfg.lazy_rescale)
+        if const_expr(lazy):
+            # ref (sv_cur) grows to s_v(n) if that is larger; O then needs ref_old / ref_new
+            inv_sv = cute.arch.rcp_approx(sv_n)
+            grow = sv_n > ctx.sv_cur[0]
+            ref_ratio = ctx.sv_cur[0] * inv_sv if grow else Float32(1.0)
+            inv_r = Float32(1.0) if grow else ctx.sv_cur[0] * inv_sv
+            log2r = Float32(0.0) if grow else cute.math.log2(sv_n * ctx.sv_cur[1], fastmath=True)
+            ctx.sv_cur[1] = inv_sv if grow else ctx.sv_cur[1]  # selects: a dynamic `if` here
+            ctx.sv_cur[0] = sv_n if grow else ctx.sv_cur[0]  # would have to carry ctx
         ctx.pipe_k.consumer_wait(kv_state)
         self.pingpong_sync(ctx.wg)
         acc_S = cute.make_rmem_tensor(ctx.shape_S, Float32)
         self.gemm_qk(ctx, acc_S, kv_state.index, -1)
         if const_expr(self.cfg.rescale_early):
             # O *= the previous step's factor while S = Q K^T runs (nothing else hides it without pingpong)
-            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale, lazy)
         ctx.pipe_v.consumer_wait(v_state)
         self.gemm_pv(ctx, v_state.index, -1)
         self.pingpong_arrive(ctx.wg)
         warpgroup.wait_group(1)  # S_n done, PV may still run
         ctx.pipe_k.consumer_release(kv_state)
-        self.softmax_block(ctx, acc_S, c, m_block, n, masked)
-        # s_v(n+1) / s_v(n): rcp.approx (1 ulp) instead of an IEEE division and its slow-path call
-        v_ratio = ctx.sv_cur[0] * cute.arch.rcp_approx(sv_n)
-        ctx.sv_cur[0] = sv_n
+        if const_expr(lazy):
+            self.softmax_block(ctx, acc_S, c, m_block, n, masked, True, log2r, inv_r)
+            v_ratio = ref_ratio
+        else:
+            self.softmax_block(ctx, acc_S, c, m_block, n, masked)
+            # s_v(n+1) / s_v(n): rcp.approx (1 ulp) instead of an IEEE division and its slow-path call
+            v_ratio = ctx.sv_cur[0] * cute.arch.rcp_approx(sv_n)
+            ctx.sv_cur[0] = sv_n
         for r in cutlass.range_constexpr(cute.size(ctx.row_scale)):
             ctx.row_scale[r] = ctx.row_scale[r] * v_ratio
         # keeps the softmax under the in-flight PV: ptxas would otherwise wait for that PV before
@@ -372,12 +429,12 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
         ctx.pipe_v.consumer_release(v_state)
         self.to_p(ctx, acc_S)
         if const_expr(not self.cfg.rescale_early):
-            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale)
+            sm.rescale_o(ctx.acc_O_mn, ctx.row_scale, lazy)
         return kv_state
 
     @cute.jit
     def finalize(self, ctx, lse):
-        """row_scale <- s_v(last) / l (0 for an empty row); lse <- ln2 (m + log2 l - 8)."""
+        """row_scale <- s_v(last) (lazy: ref) / l (0 for an empty row); lse <- ln2 (m + log2 l - 8)."""
         for r in cutlass.range_constexpr(cute.size(ctx.row_sum)):
             l = sm.quad_sum(ctx.row_sum[r])
             empty = l == Float32(0.0) or l != l

@@ -84,7 +84,7 @@ def quantize_fp8(q, k, v, cfg, incoherent: bool, block_quant: bool, seed: int):
 
         q8, qs = hadamard_quant(q, signs, cfg.tile_m, rotate=incoherent)
         k8, ks = hadamard_quant(k, signs, cfg.tile_n, rotate=incoherent)
-        v8, vs = hadamard_quant(v, None, cfg.tile_n, rotate=False)
+        v8, vs = fq.block_quantize(v, cfg.tile_n, pow2=True)  # what fp8_vt does (torch: a reference)
         return q8, k8, v8, qs, ks, vs
     # one scale per tensor (torch ops: a reference point for accuracy, not a fast path)
     out = []

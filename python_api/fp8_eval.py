@@ -130,7 +130,7 @@ def fp8_variant(q, k, v, scale, block: bool, incoherent: bool, block_q=128, bloc
     if block:  # the fused kernel's path: rotate (optional) + per-block scale, one pass
         qd = _dequant(fq.block_quantize(q, block_q, rotate_signs=signs), block_q)
         kd = _dequant(fq.block_quantize(k, block_k, rotate_signs=signs), block_k)
-        vd = _dequant(fq.block_quantize(v, block_k), block_k)
+        vd = _dequant(fq.block_quantize(v, block_k, pow2=True), block_k)  # V: power-of-two scales
     else:
         xq, xk = q.float(), k.float()
         if incoherent:
@@ -268,7 +268,8 @@ def kernel_rows(q, k, v, ref, scale, fam, seed, progress=print) -> list:
             out = fa3.flash_attn_fp8_func(qb, kb, vb, softmax_scale=scale, incoherent=incoherent,
                                           block_quant=block, seed=seed + 1)
         q8, k8, v8, qs, ks, vs = quantize_fp8(qb, kb, vb, cfg, incoherent, block, seed + 1)
-        emu, _ = fq.attention_fp8(q8, k8, v8, qs, ks, vs, scale, False, cfg.tile_m, cfg.tile_n)
+        emu, _ = fq.attention_fp8(q8, k8, v8, qs, ks, vs, scale, False, cfg.tile_m, cfg.tile_n,
+                                  lazy=cfg.lazy_rescale)
         err, agree = rmse(out, ref), rmse(out, emu.to(torch.bfloat16))
         emu_err = rmse(emu, ref)
         rows.append(dict(family=fam, seed=seed, variant="kernel:" + name, impl="kernel",

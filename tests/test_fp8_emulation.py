@@ -185,3 +185,23 @@ def test_zero_block_has_finite_scale(rotate):
     assert (q[:, 64:128, 1].float() == 0).all()
     deq = emu.dequantize(q, sc, 64)
     assert torch.isfinite(deq).all() and (deq[:, 64:128, 1] == 0).all()
+
+
+def test_pow2_scales():
+    """pow2=True: every scale is the smallest power of two >= amax / 448, inv exact, values inside
+    e4m3's normal range with the block max in 224..448; powers of two stay themselves."""
+    x = outlier_data((2, 300, 2, 64), seed=8)
+    x[0, :64, 1] = 0  # a floored block
+    q, sc = emu.block_quantize(x, 64, pow2=True)
+    _, sc_plain = emu.block_quantize(x, 64)
+    m, e = torch.frexp(sc)
+    assert (m == 0.5).all() and (sc >= sc_plain).all() and (sc < 2 * sc_plain).all()
+    blk = q.float().abs()
+    for i in range(5):
+        amax = blk[:, 64 * i:64 * (i + 1)].amax(dim=(1, 3))  # (b, h)
+        nz = sc_plain[:, :, i] > emu.AMAX_FLOOR / 448.0
+        assert ((amax[nz] >= 224) & (amax[nz] <= 448)).all()
+    p = torch.tensor([1.0, 2.0 ** -70, 3.0, 0.75, 2.0 ** 100 * 1.1])
+    assert torch.equal(emu.pow2_ceil(p), torch.tensor([1.0, 2.0 ** -70, 4.0, 1.0, 2.0 ** 101]))
+    deq = emu.dequantize(q, sc, 64)
+    assert ((deq - x.float()).abs() <= 2 ** -4 * x.float().abs() + 2 ** -9 * sc.amax()).all()

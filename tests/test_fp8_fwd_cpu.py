@@ -46,28 +46,70 @@ def test_vt_layout(s):
     assert torch.equal(vt.float(), want[..., idx])
 
 
+def _rising_inputs(b, sq, sk, h, hk, d, tn):
+    """Scores that rise along the key axis by several log2 units per block (the walk from the last
+    block down sees falling maxima, then a row's max must move: both lazy branches) and V blocks
+    whose scales differ by up to 2^6 (ref grows, r << 1)."""
+    q = torch.randn(b, sq, h, d)
+    k = torch.randn(b, sk, hk, d) + torch.linspace(-3, 3, sk)[None, :, None, None] * q.mean((0, 1, 2))
+    v = torch.randn(b, sk, hk, d) * 2.0 ** torch.randint(-3, 4, (b, -(-sk // tn), hk, 1)).float(
+    ).repeat_interleave(tn, dim=1)[:, :sk]
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "every-block"])
+@pytest.mark.parametrize("rising", [False, True], ids=["randn", "rising"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", [(300, 333), (333, 200), (64, 64)])
-def test_emulation_is_attention_up_to_p_rounding(causal, sq, sk):
-    """attention_fp8 (the kernel's algebra: block scales, running max, 2^8 P, V scale folded in O)
-    equals exact attention on the dequantized inputs up to P's e4m3 rounding; LSE exactly."""
+def test_emulation_is_attention_up_to_p_rounding(causal, sq, sk, rising, lazy):
+    """attention_fp8 (the kernel's algebra: block scales, running max, 2^8 P, V scale folded in O
+    or, lazy, in P) equals exact attention on the dequantized inputs up to P's e4m3 rounding; LSE
+    exactly."""
     torch.manual_seed(0)
     b, h, hk, d, tm, tn = 2, 4, 2, 64, 128, 64
-    q = torch.randn(b, sq, h, d, dtype=torch.bfloat16)
-    k = torch.randn(b, sk, hk, d, dtype=torch.bfloat16)
-    v = torch.randn(b, sk, hk, d, dtype=torch.bfloat16)
-    (q8, qs), (k8, ks), (v8, vs) = (fq.block_quantize(x, t) for x, t in ((q, tm), (k, tn), (v, tn)))
-    out, lse = fq.attention_fp8(q8, k8, v8, qs, ks, vs, d ** -0.5, causal, tm, tn)
+    if rising:
+        q, k, v = _rising_inputs(b, sq, sk, h, hk, d, tn)
+    else:
+        q = torch.randn(b, sq, h, d, dtype=torch.bfloat16)
+        k = torch.randn(b, sk, hk, d, dtype=torch.bfloat16)
+        v = torch.randn(b, sk, hk, d, dtype=torch.bfloat16)
+    (q8, qs), (k8, ks) = (fq.block_quantize(x, t) for x, t in ((q, tm), (k, tn)))
+    v8, vs = fq.block_quantize(v, tn, pow2=rising)  # the lazy algebra holds for any V scales
+    out, lse = fq.attention_fp8(q8, k8, v8, qs, ks, vs, d ** -0.5, causal, tm, tn, lazy=lazy)
     ref, ref_lse = attention_ref(fq.dequantize(q8, qs, tm), fq.dequantize(k8, ks, tn),
                                  fq.dequantize(v8, vs, tn), causal=causal)
     assert not out.isnan().any()
     # e4m3 keeps 3 mantissa bits: one P rounds by <= 2^-4 of itself (rows with few keys show it)
     assert (out - ref).abs().max() <= 2 ** -4 * fq.dequantize(v8, vs, tn).abs().max()
-    assert ((out - ref) ** 2).mean().sqrt() < 1e-2
+    assert ((out - ref) ** 2).mean().sqrt() < 0.03 * (ref ** 2).mean().sqrt()  # measured 1.9-2.5%
     fin = torch.isfinite(ref_lse)
     assert torch.equal(fin, torch.isfinite(lse))
-    assert (lse[fin] - ref_lse[fin]).abs().max() < 1e-4
+    assert (lse[fin] - ref_lse[fin]).abs().max() < 1e-4 * (1 + ref_lse[fin].abs().max())
     assert (out[~fin.transpose(1, 2)] == 0).all()  # rows that see no key
+
+
+def test_lazy_emulation_takes_both_branches_and_stays_close():
+    """On rising scores with uneven V scales the lazy walk both keeps and moves maxima and grows
+    ref; it stays within a few % (RMSE) of the every-block rescale and flags e4m3 ties."""
+    torch.manual_seed(1)
+    b, sq, sk, h, hk, d, tm, tn = 1, 256, 640, 2, 1, 64, 128, 64
+    q, k, v = _rising_inputs(b, sq, sk, h, hk, d, tn)
+    (q8, qs), (k8, ks) = (fq.block_quantize(x, t) for x, t in ((q, tm), (k, tn)))
+    v8, vs = fq.block_quantize(v, tn, pow2=True)
+    args = (q8, k8, v8, qs, ks, vs, d ** -0.5, False, tm, tn)
+    lazy, _, ties = fq.attention_fp8(*args, lazy=True, return_ties=True)
+    every, _ = fq.attention_fp8(*args, lazy=False)
+    ref, _ = attention_ref(fq.dequantize(q8, qs, tm), fq.dequantize(k8, ks, tn),
+                           fq.dequantize(v8, vs, tn))
+    rmse = lambda a: float(((a - ref) ** 2).mean().sqrt())
+    # power-of-two V scales: r only shifts P's exponent, so P rounds as in the every-block walk
+    # except where it drops into e4m3's subnormals; V's scales span 2^6 here, so r gets that small
+    # (measured +7%; randn / outlier inputs at 2k, hd64-256: +0.1-1.5%)
+    assert 0 < rmse(lazy) < 1.15 * rmse(every)
+    assert ties.shape == (b, sq, h) and ties.float().mean() < 0.5
+    # both branches taken: some block moves a row's max past tau, and V's scale grows mid-walk
+    vs_walk = vs[0, 0].flip(0)
+    assert (vs_walk[1:] > vs_walk.cummax(0).values[:-1]).any()
 
 
 def test_descales_expand_per_kv_head():
