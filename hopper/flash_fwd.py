@@ -58,7 +58,9 @@ class FwdConfig:
     # waits for that PV first: before 0 of 64 (hd64), 13 of 66 (hd128) or 16 of 42 (hd256) exp2s
     # per thread, i.e. little of the softmax overlapped the PV.
     # H100, 5 rounds, both switches vs neither: hd256 4k +1.5%, hd128 4k causal +1.0%, hd64 -0.6%,
-    # hd128 4k full -1.5%, 16k 0 (rounds swung 5-10% that day: h100-2026-12-06-s2-probes.json)
+    # hd128 4k full -1.5%, 16k 0 (rounds swung 5-10% that day: h100-2026-12-06-s2-probes.json).
+    # default_config turns it off at hd128: there waiting for the PV after ~13 exp2s and packing P
+    # in the MUFU gaps (what FA4's SASS does too) is faster; see default_config.
     p_after_wait: bool = True
     # Features, each a compile-time switch (off: the plain kernel, unchanged).
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
@@ -127,10 +129,15 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
         # sized for the most tiles the packed rows can make, whose spare CTAs exit at once;
         # O from registers (a TMA store cannot stop at a sequence end)
         persistent, o_in_q = True, False
+    # The schedule fence before the PV wait (p_after_wait) pays at hd64 and is neutral at hd256;
+    # at hd128 ptxas's own order (wait after ~13 of 66 exp2s, P's packs in the exp2s' MUFU gaps)
+    # is faster. H100, 5 rounds, off vs on, two sessions: hd128 4k +0.8/+2.1%, 16k +2.6/+1.6%,
+    # 4k causal +1.9/+1.6%, 1k +2.0%; hd64 4k -1.4/+0.1%, 16k causal -3.5/-2.5%; hd256 -0.3..+1.3%.
+    p_after_wait = not (64 < max(d, dv) <= 128)
     # keywords only: fields were added in the middle of FwdConfig before, and a positional o_in_q
     # once landed in q_early (hd256 lost its staged O store, every other head dim its early Q)
     cfg = FwdConfig(d=d, dv=dv, dtype=dtype, causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
-                    stages=stages, pingpong=pingpong, persistent=persistent,
+                    stages=stages, pingpong=pingpong, persistent=persistent, p_after_wait=p_after_wait,
                     rescale_early=rescale_early, o_in_q=o_in_q, l2_group_mb=l2_group_mb, **features,
                     pack_gqa=pack)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
@@ -181,6 +188,7 @@ def variants() -> Iterator[FwdConfig]:
         yield dataclasses.replace(base, persistent=False)
         yield dataclasses.replace(base, rescale_early=True)
         yield dataclasses.replace(base, p_after_wait=False, rescale_threshold=None)
+        yield dataclasses.replace(base, p_after_wait=True)
         yield dataclasses.replace(base, rescale_threshold=0.0)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), p_after_wait=False,
                                   rescale_threshold=None)

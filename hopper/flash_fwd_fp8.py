@@ -43,6 +43,11 @@ class Fp8FwdConfig:
     # rounds vs off: 1141 vs 1126 (+1.4%), causal 1112 vs 1077 (+3.3%). With V's power-of-two block
     # scales (fp8_vt) it costs +0.1-1.5% RMSE (emulated, randn/outlier inputs, hd64-256)
     lazy_rescale: bool = True
+    # wgmma_utils.schedule_fence before the PV wait (FwdConfig.p_after_wait): every exp2 of a block
+    # then runs under the PV in flight; off, ptxas waits for it after 6-8 exp2s and packs P in the
+    # MUFU gaps. default_config: off at hd256 (H100 16k, 5 rounds: 1195 vs 1169 TFLOP/s), on at
+    # hd128 (883 vs 850)
+    p_after_wait: bool = True
     out_dtype: str = "bfloat16"
     l2_group: bool = True  # causal: heaviest-first within groups of heads sharing L2 (tile_scheduler)
     # wgmma smem descriptors built once per kernel (wgmma_utils.DescFrag), as FwdConfig.desc_hoist:
@@ -78,7 +83,8 @@ def default_config(d: int, dv: int, causal: bool, seqlen_q: int | None = None,
     # non-causal 1012 -> 1132, causal 1072 -> 1102; runs differ by up to ~8%)
     rescale_early = max(d, dv) > 128
     cfg = Fp8FwdConfig(d=d, dv=dv, causal=bool(causal), tile_m=tile_m, tile_n=tile_n, stages=stages,
-                       pingpong=pingpong, persistent=persistent, rescale_early=rescale_early)
+                       pingpong=pingpong, persistent=persistent, rescale_early=rescale_early,
+                       p_after_wait=max(d, dv) <= 128)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert cfg.d in HEAD_DIMS and cfg.dv in HEAD_DIMS and cfg.tile_n % 32 == 0, cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages) <= SMEM_LIMIT, f"smem: {cfg}"
@@ -108,6 +114,7 @@ ABLATIONS = [
     (256, False, dict(desc_hoist=False)), (256, True, dict(desc_hoist=False)),
     (64, True, dict(lazy_rescale=False)), (128, False, dict(lazy_rescale=False)),
     (256, False, dict(lazy_rescale=False)), (256, True, dict(lazy_rescale=False)),
+    (128, False, dict(p_after_wait=False)), (256, False, dict(p_after_wait=True)),
 ]
 
 

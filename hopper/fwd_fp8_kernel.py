@@ -424,7 +424,8 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
             ctx.row_scale[r] = ctx.row_scale[r] * v_ratio
         # keeps the softmax under the in-flight PV: ptxas would otherwise wait for that PV before
         # the first P pack it interleaves with the exp2s (the division's call used to stop it)
-        schedule_fence(ctx.row_sum[0])
+        if const_expr(self.cfg.p_after_wait):
+            schedule_fence(ctx.row_sum[0])
         warpgroup.wait_group(0)  # PV done: P's registers and V's stage are free
         ctx.pipe_v.consumer_release(v_state)
         self.to_p(ctx, acc_S)
