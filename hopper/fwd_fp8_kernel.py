@@ -32,8 +32,10 @@ What differs from bf16:
   ratio r = s_v(n) / ref <= 1 goes into P's exponent: P = exp2(c S + 8 - m + log2 r), l += sum(P) / r.
   The running max moves only when a block exceeds it by more than LAZY_TAU log2 units, so P stays
   below 2^(8 + tau) < 448. O is rescaled only where ref grows or a row's max moves, and a warp whose
-  factors are all exactly 1 skips it (sm.rescale_o's vote). The epilogue multiplies by ref / l. Cost:
-  P is r times smaller, so its small entries lose e4m3 precision where V's block scales differ a lot.
+  factors are all exactly 1 skips it (sm.rescale_o's vote). The epilogue multiplies by ref / l. The
+  fused path quantizes V with power-of-two block scales (fp8_vt), so r is a power of two and P rounds
+  to e4m3 exactly as without it, except small entries that r pushes into e4m3's subnormals (+0.1-1.5%
+  RMSE, emulated); with other V scales a row's largest P, 256 r, often sits on a rounding tie.
 Epilogue: O (bf16) straight from registers to global memory (rows past seqlen_q skipped), LSE from
 registers: LSE = ln(2) (m + log2(l) - 8).
 """
