@@ -47,7 +47,7 @@ def load_module(path):
 
 
 def bench_gbps(d, seqlen=16384, hidden=2048, batch=1, block_rows=128, rotate=True, dtype=torch.bfloat16,
-               module=None, lanes=0):
+               module=None, lanes=0, values=0):
     """Returns dict(d, ms, gbps, copy_gbps, frac) for one head dim."""
     if module is None:
         from fa3.hopper import hadamard_quant as module
@@ -57,6 +57,8 @@ def bench_gbps(d, seqlen=16384, hidden=2048, batch=1, block_rows=128, rotate=Tru
     x = torch.randn(batch, seqlen, h, d, device="cuda", dtype=dtype)
     signs = emu.random_signs(d, seed=0, device="cuda")
     kw = dict(lanes=lanes) if lanes else {}
+    if values:
+        kw["values"] = values
     if module == "cast":  # torch's bf16 -> e4m3 cast: the same bytes moved, next to no arithmetic
         q, sc = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn), x.new_empty(0)
         ms = do_bench(lambda: q.copy_(x))
@@ -82,6 +84,8 @@ def main():
     p.add_argument("--before", default=None, help="another hadamard_quant.py to time in the same run")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--lanes", default="0", help="comma list of lanes per row to time (0: default)")
+    p.add_argument("--values", default="0", help="comma list of fp32 values per thread to time "
+                   "(0: default 64; 32 doubles the threads per SM)")
     p.add_argument("--extras", action="store_true", help="also time the no-rotate path and torch's "
                    "bf16 -> e4m3 cast (same bytes moved)")
     a = p.parse_args()
@@ -89,15 +93,16 @@ def main():
     print(f"{device}  tokens={a.batch * a.seqlen} hidden={a.hidden} "
           f"block_rows={a.block_rows} rotate={not a.no_rotate} {a.dtype}")
     print(f"{'kernel':>7} {'hd':>4} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8}")
-    impls = [(f"after{'-L' + ln if ln != '0' else ''}", None, int(ln), not a.no_rotate)
-             for ln in a.lanes.split(",")]
-    impls += [("before", load_module(a.before), 0, not a.no_rotate)] if a.before else []
-    impls += [("norot", None, 0, False), ("cast", "cast", 0, False)] if a.extras else []
+    impls = [(f"after{'-L' + ln if ln != '0' else ''}{'-V' + vs if vs != '0' else ''}", None, int(ln),
+              not a.no_rotate, int(vs))
+             for ln in a.lanes.split(",") for vs in a.values.split(",")]
+    impls += [("before", load_module(a.before), 0, not a.no_rotate, 0)] if a.before else []
+    impls += [("norot", None, 0, False, 0), ("cast", "cast", 0, False, 0)] if a.extras else []
     rows = []
     for d in (64, 128, 256):
-        for name, mod, lanes, rotate in impls:
+        for name, mod, lanes, rotate, values in impls:
             r = bench_gbps(d, a.seqlen, a.hidden, a.batch, a.block_rows, rotate,
-                           getattr(torch, a.dtype), module=mod, lanes=lanes)
+                           getattr(torch, a.dtype), module=mod, lanes=lanes, values=values)
             rows.append(dict(kernel=name, **r))
             print(f"{name:>7} {d:>4} {r['ms']:>8.4f} {r['gbps']:>8.0f} {r['copy_gbps']:>10.0f} "
                   f"{r['frac']:>8.0%}", flush=True)

@@ -64,9 +64,14 @@ class HadamardQuantConfig:
     block_rows: int  # rows of one (batch, head) sharing a scale; a multiple of 8
     rotate: bool = True
     lanes: int = 0  # lanes per row (0: LANES_PER_ROW)
+    # fp32 values a thread holds (0: VALUES_PER_THREAD). 32 doubles the resident threads (1024 per
+    # SM at <= 64 registers each): more loads in flight where the 64-value layout looks latency-bound.
+    # Where a block cannot be split that fine (d = 256: 64 values per 4-lane row) it keeps 64.
+    values: int = 0
 
     def __post_init__(self):
         assert self.lanes in (0,) + LANE_CHOICES, f"hadamard_quant: lanes must be one of {LANE_CHOICES}"
+        assert self.values in (0, 32, 64), "hadamard_quant: values must be 32 or 64"
         assert self.dtype in DTYPES, f"hadamard_quant: unsupported dtype {self.dtype}"
         assert self.head_dim in HEAD_DIMS, f"hadamard_quant: head_dim must be one of {HEAD_DIMS}"
         assert self.block_rows % 8 == 0 and self.block_rows >= 8, "block_rows must be a multiple of 8"
@@ -81,16 +86,22 @@ class HadamardQuantConfig:
         return self.head_dim // (8 * self.lanes_per_row)
 
     @property
+    def values_per_thread(self) -> int:
+        return self.values or VALUES_PER_THREAD
+
+    @property
     def passes(self) -> int:
-        """Rows per thread: the most that keeps 64 fp32 values per thread and whole warps (<= 512);
-        a row of 2 lanes at d = 256 (128 values) needs 128, in CTAs of at most 256 threads."""
+        """Rows per thread: the most that keeps values_per_thread (64) fp32 values per thread and
+        whole warps (<= 512); a row of 2 lanes at d = 256 (128 values) needs 128, in CTAs of at
+        most 256 threads."""
         def fits(n, values):
             t = self.lanes_per_row * self.block_rows // n
             return (self.block_rows % n == 0 and t % 32 == 0 and t <= (512 if values <= 64 else 256)
                     and n * 8 * self.chunks <= values)
 
-        ok = ([n for n in range(1, self.block_rows + 1) if fits(n, VALUES_PER_THREAD)]
-              or [n for n in range(1, self.block_rows + 1) if fits(n, 2 * VALUES_PER_THREAD)])
+        vpt = self.values_per_thread
+        ok = ([n for n in range(1, self.block_rows + 1) if fits(n, vpt)]
+              or [n for n in range(1, self.block_rows + 1) if fits(n, 2 * vpt)])
         assert ok, (f"hadamard_quant: block_rows={self.block_rows} x head_dim={self.head_dim} does not fit "
                     "in registers; use a smaller block_rows")
         return max(ok)
@@ -101,10 +112,13 @@ class HadamardQuantConfig:
 
     @property
     def ctas_per_sm(self) -> int:
-        """Resident CTAs per SM of the persistent grid (>= 128 registers per thread, 255 above 64 values)."""
-        if self.passes * 8 * self.chunks > VALUES_PER_THREAD:
+        """Resident CTAs per SM of the persistent grid: THREADS_PER_SM threads (>= 128 registers
+        each) at 64 values per thread, twice as many (<= 64 registers) at 32; one CTA (255
+        registers) where a thread holds more than that."""
+        vpt = self.values_per_thread
+        if self.passes * 8 * self.chunks > vpt:
             return 1
-        return max(1, THREADS_PER_SM // self.threads)
+        return max(1, THREADS_PER_SM * VALUES_PER_THREAD // vpt // self.threads)
 
 
 def variants():
@@ -120,6 +134,8 @@ def variants():
     for d in HEAD_DIMS:  # the other lane counts (the benchmark compares them)
         for lanes in (2, 8):
             yield HadamardQuantConfig("bfloat16", d, 128, True, lanes)
+    for d in (64, 128):  # 32 values per thread, 1024 threads per SM (not the default: unmeasured)
+        yield HadamardQuantConfig("bfloat16", d, 128, True, values=32)
 
 
 def _kernel_class():
@@ -414,7 +430,8 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, out_scales=None, lanes=0):
+def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, out_scales=None, lanes=0,
+                   values=0):
     """x (b, s, h, d) bf16/fp16, last dim contiguous -> (x_fp8 (b, s, h, d) e4m3, scales (b, h, nblk) fp32).
 
     ``signs``: float32 (d,) ±1 on x's device (``fp8_emulation.random_signs``); only its sign bits are
@@ -425,7 +442,8 @@ def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, 
 
     assert x.is_cuda and x.dim() == 4, "x must be a 4-D CUDA tensor (batch, seqlen, heads, head_dim)"
     bsz, seqlen, nheads, d = x.shape
-    cfg = HadamardQuantConfig(str(x.dtype).replace("torch.", ""), d, block_rows, bool(rotate), int(lanes))
+    cfg = HadamardQuantConfig(str(x.dtype).replace("torch.", ""), d, block_rows, bool(rotate), int(lanes),
+                              int(values))
     assert x.stride(3) == 1, "x's last dim must be contiguous"
     assert all(st % 8 == 0 for st in x.stride()[:3]), "x's strides must be multiples of 8 elements"
     assert x.data_ptr() % 16 == 0, "x must be 16-byte aligned"

@@ -33,7 +33,7 @@ def make_x(shape, dtype, kind, seed, layout="contiguous"):
     return x
 
 
-def run_and_check(x, block_rows, rotate, seed=0, lanes=0):
+def run_and_check(x, block_rows, rotate, seed=0, lanes=0, values=0):
     from fa3.hopper.hadamard_quant import hadamard_quant
 
     b, s, h, d = x.shape
@@ -43,7 +43,7 @@ def run_and_check(x, block_rows, rotate, seed=0, lanes=0):
     out.view(torch.uint8).fill_(0x7F)  # NaN bytes: anything left unwritten shows up
     out_scales = torch.full((b, h, nblk), float("nan"), device="cuda")
     q, sc = hadamard_quant(x, signs if rotate else None, block_rows, rotate, out=out, out_scales=out_scales,
-                           lanes=lanes)
+                           lanes=lanes, values=values)
     torch.cuda.synchronize()
     assert q.data_ptr() == out.data_ptr() and sc.data_ptr() == out_scales.data_ptr()
     ref_q, ref_sc = emu.block_quantize(x.cpu(), block_rows, signs.cpu() if rotate else None)
@@ -77,6 +77,15 @@ DTYPES = (torch.bfloat16, torch.float16)
 def test_matches_emulation(d, dtype, rotate, kind, lanes):
     x = make_x((2, 1000, 3, d), dtype, kind, seed=d)  # 1000 = 7 full blocks of 128 + a ragged 104
     run_and_check(x, 128, rotate, seed=d + 1, lanes=lanes)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["outliers", "wide"])
+def test_32_values_per_thread(d, dtype, kind):
+    """values=32 (1024 threads per SM): the same bits as the emulation."""
+    x = make_x((2, 1000, 3, d), dtype, kind, seed=d + 5)
+    run_and_check(x, 128, True, seed=d, values=32)
 
 
 @pytest.mark.parametrize("d", DIMS)

@@ -87,6 +87,8 @@ CASES = [
     HadamardQuantConfig("bfloat16", 256, 128, True, lanes=2),  # 128 values per thread
     HadamardQuantConfig("bfloat16", 256, 64, True, lanes=8),
     HadamardQuantConfig("float16", 64, 128, True, lanes=8),
+    HadamardQuantConfig("bfloat16", 128, 128, True, values=32),  # 1024 threads per SM
+    HadamardQuantConfig("float16", 64, 128, True, values=32),
 ]
 
 
@@ -119,8 +121,9 @@ def test_launch_shapes():
         assert T % 32 == 0 and 32 <= T <= 512
         assert (T // cfg.lanes_per_row) * NP == cfg.block_rows
         values = NP * cfg.chunks * 8  # fp32 registers holding the block
-        assert values <= 64 or (values <= 128 and T <= 256 and cfg.ctas_per_sm == 1)
-        assert cfg.ctas_per_sm * T <= 512 or cfg.ctas_per_sm == 1  # >= 128 registers per thread
+        assert values <= cfg.values_per_thread or (values <= 128 and T <= 256 and cfg.ctas_per_sm == 1)
+        # >= 128 registers per thread at 64 values, >= 64 at 32
+        assert cfg.ctas_per_sm * T * cfg.values_per_thread <= 512 * 64 or cfg.ctas_per_sm == 1
     with pytest.raises(AssertionError):
         HadamardQuantConfig("bfloat16", 128, 12, True)  # not a multiple of 8
     with pytest.raises(AssertionError):
