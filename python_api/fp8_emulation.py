@@ -211,7 +211,8 @@ def attention_fp8(q8, k8, v8, q_scale, k_scale, v_scale, softmax_scale: float, c
     o = torch.zeros(b, h, sq, dv, dtype=f32, device=dev)
     sv_cur = None
     if nblk == 0:
-        return o.transpose(1, 2), torch.full_like(m, -math.inf), ties.transpose(1, 2)
+        lse = torch.full_like(m, -math.inf)
+        return (o.transpose(1, 2), lse) + ((ties.transpose(1, 2),) if return_ties else ())
     for n in reversed(range(nblk)):
         cols = torch.arange(n * tile_n, min((n + 1) * tile_n, sk), device=dev)[None, :]
         s = qf @ kf[:, :, cols[0]].transpose(-1, -2)
@@ -245,7 +246,8 @@ def attention_fp8(q8, k8, v8, q_scale, k_scale, v_scale, softmax_scale: float, c
         l, m = torch.where(visited, l_new, l), torch.where(visited, m_new, m)
         if lazy:
             ref = torch.where(visited, ref_new, ref)
-        ties |= _e4m3_near_tie(p).any(-1) & visited
+        if return_ties:
+            ties |= _e4m3_near_tie(p).any(-1) & visited
     empty = l == 0
     last = ref if lazy else sv_cur
     factor = torch.where(empty, torch.zeros_like(l), last * (1.0 / l))

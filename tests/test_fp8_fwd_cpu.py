@@ -155,3 +155,21 @@ def test_dispatch_fp8_ready_on_sm90_only():
     assert "fp8" in _dispatch.fwd_missing("sm80", _dispatch.FwdRequest(**req))
     assert "fp8" in _dispatch.fwd_missing("sm90", _dispatch.FwdRequest(**{**req, "d": 96, "dv": 96}))
     assert "fp8" in _dispatch.fwd_missing("sm90", _dispatch.FwdRequest(**{**req, "varlen": True}))
+
+
+def test_emulation_constants_are_the_kernels():
+    """The emulation restates the kernel's P offset and lazy threshold (it must not import the DSL)."""
+    from fa3.hopper import fwd_fp8_kernel as K
+
+    assert (fq.P_EXP_OFFSET, fq.LAZY_TAU) == (K.P_EXP_OFFSET, K.LAZY_TAU)
+    assert 2 ** (fq.P_EXP_OFFSET + fq.LAZY_TAU) < fq.E4M3_MAX  # the largest P never saturates
+
+
+@pytest.mark.parametrize("return_ties", [False, True])
+def test_emulation_without_keys(return_ties):
+    q8 = torch.zeros(1, 5, 2, 64).to(torch.float8_e4m3fn)
+    kv = torch.zeros(1, 0, 2, 64).to(torch.float8_e4m3fn)
+    res = fq.attention_fp8(q8, kv, kv, torch.ones(1, 2, 1), torch.ones(1, 2, 0), torch.ones(1, 2, 0),
+                           0.125, False, 128, 128, return_ties=return_ties)
+    assert len(res) == (3 if return_ties else 2)
+    assert (res[0] == 0).all() and (res[1] == -math.inf).all()
