@@ -62,9 +62,6 @@ class FwdConfig:
     # default_config turns it off at hd128: there waiting for the PV after ~13 exp2s and packing P
     # in the MUFU gaps (what FA4's SASS does too) is faster; see default_config.
     p_after_wait: bool = True
-    # k > 0: every k-th exp2 of a row by softmax.exp2_poly on the FMA pipe instead of the MUFU
-    # (a MUFU-bound softmax: 8 cycles a warp per exp2). Not the default: not measured yet.
-    exp2_emu_every: int = 0
     # Features, each a compile-time switch (off: the plain kernel, unchanged).
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
@@ -193,7 +190,6 @@ def variants() -> Iterator[FwdConfig]:
         yield dataclasses.replace(base, p_after_wait=False, rescale_threshold=None)
         yield dataclasses.replace(base, p_after_wait=True)
         yield dataclasses.replace(base, rescale_threshold=0.0)
-        yield dataclasses.replace(default_config(64, 64, "bfloat16", causal), exp2_emu_every=4)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), p_after_wait=False,
                                   rescale_threshold=None)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), rescale_early=False)

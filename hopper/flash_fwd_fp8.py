@@ -48,9 +48,6 @@ class Fp8FwdConfig:
     # MUFU gaps. default_config: off at hd256 (H100 16k, 5 rounds: 1195 vs 1169 TFLOP/s), on at
     # hd128 (883 vs 850)
     p_after_wait: bool = True
-    # k > 0: every k-th exp2 of a row by softmax.exp2_poly (FMA pipe) instead of the MUFU: at hd128
-    # the softmax of a 192-key block is as long as the other warpgroup's GEMMs. Not measured yet.
-    exp2_emu_every: int = 0
     out_dtype: str = "bfloat16"
     l2_group: bool = True  # causal: heaviest-first within groups of heads sharing L2 (tile_scheduler)
     # wgmma smem descriptors built once per kernel (wgmma_utils.DescFrag), as FwdConfig.desc_hoist:
@@ -118,7 +115,6 @@ ABLATIONS = [
     (64, True, dict(lazy_rescale=False)), (128, False, dict(lazy_rescale=False)),
     (256, False, dict(lazy_rescale=False)), (256, True, dict(lazy_rescale=False)),
     (128, False, dict(p_after_wait=False)), (256, False, dict(p_after_wait=True)),
-    (128, False, dict(exp2_emu_every=4)), (64, False, dict(exp2_emu_every=4)),
 ]
 
 

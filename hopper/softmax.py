@@ -18,7 +18,6 @@ per head, natural-log units) joins only the denominator, in finalize.
 from __future__ import annotations
 
 import math
-import struct
 
 import cutlass
 import cutlass.cute as cute
@@ -35,50 +34,6 @@ def tanh_approx(x: Float32, *, loc=None, ip=None) -> Float32:
     return Float32(llvm.inline_asm(
         T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "tanh.approx.f32 $0, $1;", "=f,f",
         has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
-
-
-# 2^r on [0, 1) as 1 + r (C1 + r (C2 + r (C3 + r C4))): fitted here for minimal relative error,
-# max 2.9e-6 in fp32 Horner (tests/test_exp2_poly.py), exact at r = 0. Degree 4, not 3 (8.6e-5):
-# FP8's P rounds to e4m3, and 1e-4 errors would flip enough roundings to show against the emulation.
-EXP2_POLY = (0.6930448412895203, 0.24128010869026184, 0.05224267393350601, 0.01342655997723341)
-
-
-def _f32_hex(x: float) -> str:
-    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-@dsl_user_op
-def exp2_poly(x: Float32, *, loc=None, ip=None) -> Float32:
-    """2^x without the MUFU: floor by the 1.5 * 2^23 trick (add rounding down), the fraction through
-    a degree-4 polynomial (FFMA), floor(x) added to the exponent bits (integer ops). x <= 127;
-    x <= -127 (and -inf) gives +0. Relative error <= 2.9e-6. Used for every k-th exp2 of a row
-    (exp2_emu_every) so that the FMA pipe takes some of the MUFU's work when the softmax is
-    MUFU-bound (FA4 does this on Blackwell)."""
-    c1, c2, c3, c4 = (_f32_hex(c) for c in EXP2_POLY)
-    return Float32(llvm.inline_asm(
-        T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)],
-        "{ .reg .f32 xc, t, fl, fr, p; .reg .b32 ti, pi, e;\n"
-        "max.ftz.f32 xc, $1, 0fC2FE0000;\n"
-        "add.rm.ftz.f32 t, xc, 0f4B400000;\n"
-        "sub.ftz.f32 fl, t, 0f4B400000;\n"
-        "sub.ftz.f32 fr, xc, fl;\n"
-        f"fma.rn.ftz.f32 p, fr, {c4}, {c3};\n"
-        f"fma.rn.ftz.f32 p, p, fr, {c2};\n"
-        f"fma.rn.ftz.f32 p, p, fr, {c1};\n"
-        "fma.rn.ftz.f32 p, p, fr, 0f3F800000;\n"
-        "mov.b32 ti, t;\n"
-        "mov.b32 pi, p;\n"
-        "shl.b32 e, ti, 23;\n"
-        "add.s32 pi, pi, e;\n"
-        "mov.b32 $0, pi; }",
-        "=f,f", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
-
-
-def exp2_mixed(x, col: int, emu_every: int):
-    """exp2 of column `col` of a row: the polynomial for every emu_every-th column, else MUFU."""
-    if emu_every and col % emu_every == emu_every - 1:
-        return exp2_poly(x)
-    return cute.arch.exp2(x)
 
 
 @cute.jit
@@ -115,12 +70,10 @@ def row_max_of(acc_mn: cute.Tensor, r: cutlass.Constexpr[int], init: Float32) ->
 
 @cute.jit
 def online_softmax(acc_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                   row_scale: cute.Tensor, scale_log2: Float32, threshold=None,
-                   emu_every: cutlass.Constexpr[int] = 0):
+                   row_scale: cute.Tensor, scale_log2: Float32, threshold=None):
     """Turn S (acc_mn, rows x cols) into unnormalized P in place; update row_max/row_sum and write the
     factor O must be multiplied by into row_scale. threshold: None, or tau of the lazy rescale
-    (module doc); then row_scale is exactly 1 for a row whose max stays. emu_every: k > 0 computes
-    every k-th exp2 of a row with exp2_poly instead of the MUFU."""
+    (module doc); then row_scale is exactly 1 for a row whose max stays."""
     n = cute.size(acc_mn, mode=[1])
     for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
         m = quad_max(row_max_of(acc_mn, r, row_max[r]))
@@ -138,7 +91,7 @@ def online_softmax(acc_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tens
         # (it cannot assume p != -0); p >= +0, so the sums are the same
         s = [None, None, None, None]
         for c in cutlass.range_constexpr(n):
-            p = exp2_mixed(acc_mn[r, c] * scale_log2 - m_scaled, c, emu_every)  # FFMA + EX2
+            p = cute.arch.exp2(acc_mn[r, c] * scale_log2 - m_scaled)  # FFMA + EX2
             acc_mn[r, c] = p
             s[c % 4] = p if c < 4 else s[c % 4] + p
         row_sum[r] = row_sum[r] * row_scale[r] + ((s[0] + s[1]) + (s[2] + s[3]))

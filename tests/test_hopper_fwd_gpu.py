@@ -52,7 +52,7 @@ def test_fwd(d, dtype, causal, sq, sk, bhs):
 
 ABLATIONS = [dict(overlap=False), dict(pingpong=False), dict(overlap=False, pingpong=False),
              dict(persistent=False), dict(p_after_wait=False, rescale_threshold=None),
-             dict(p_after_wait=True), dict(rescale_threshold=0.0), dict(exp2_emu_every=4)]
+             dict(p_after_wait=True), dict(rescale_threshold=0.0)]
 
 
 @pytest.mark.parametrize("cfg", ABLATIONS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
