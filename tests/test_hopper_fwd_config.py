@@ -46,7 +46,13 @@ def test_causal_l2_groups_small_only_for_the_static_split(d):
     assert long.l2_group_mb == (2 if long.persistent else 32)
 
 
-@pytest.mark.parametrize("d, seqlen", [(128, 8192), (128, 16384), (256, 8192), (256, 16384)])
+@pytest.mark.parametrize("d, seqlen", [(64, 8192), (64, 32768), (128, 8192), (128, 16384), (256, 8192), (256, 16384)])
 def test_long_causal_one_cta_per_tile_uses_16mb_groups(d, seqlen):
     cfg = default_config(d, d, "bfloat16", True, seqlen_q=seqlen, seqlen_k=seqlen)
     assert not cfg.persistent and cfg.l2_group and cfg.l2_group_mb == 16  # > 32 query blocks
+
+
+@pytest.mark.parametrize("seqlen", [4096, 16384])
+def test_hd64_non_causal_stays_persistent(seqlen):
+    assert default_config(64, 64, "bfloat16", False, seqlen_q=seqlen, seqlen_k=seqlen).persistent
+    assert default_config(64, 64, "bfloat16", True, seqlen_q=4096, seqlen_k=4096).persistent

@@ -62,6 +62,14 @@ def test_fwd_ablation(cfg, causal, sq, sk):
     check(2, 4, 2, sq, sk, 128, torch.bfloat16, causal, **cfg)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fwd_long_kv_defaults(d, causal):
+    """Past 8k keys the heuristic switches schedules (one CTA per tile at hd128 and causal hd64,
+    16 MB L2 groups past 32 query blocks); a ragged length so the last tiles are partial."""
+    check(1, 2, 2, 8448, 8448, d, torch.bfloat16, causal)
+
+
 @pytest.mark.parametrize("cfg", [{}, dict(rescale_threshold=None)], ids=["lazy", "every_block"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128, 256])
