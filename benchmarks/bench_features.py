@@ -77,9 +77,13 @@ def flops(c) -> float:
     return 4.0 * pairs * c["d"] * c["h"] * c["b"]
 
 
-def make_calls(c, impls):
-    """{impl: zero-arg callable} for this case; an impl that cannot run it maps to a reason."""
+def make_calls(c, impls, overrides=()):
+    """{impl: zero-arg callable} for this case; an impl that cannot run it maps to a reason.
+    overrides: FwdConfig override texts (fwd_repeat's syntax), each timed as "fa3[text]" through
+    the Hopper forward directly."""
     import torch
+
+    from fwd_repeat import parse_override
 
     dt = torch.bfloat16
     calls = {}
@@ -106,6 +110,15 @@ def make_calls(c, impls):
                                           max_seqlen_k=mx, causal=c["causal"])
             except Exception as e:  # noqa: BLE001
                 calls["fa4"] = f"unavailable: {e!r}"[:200]
+        if overrides:
+            from fa3.hopper.flash_fwd import flash_fwd
+
+            out = torch.empty_like(q)
+            lse = torch.empty(c["h"], total, device="cuda", dtype=torch.float32)
+            for text in overrides:
+                calls[f"fa3[{text}]"] = lambda ov=parse_override(text): flash_fwd(
+                    q, k, v, out, lse, c["d"] ** -0.5, c["causal"], cu_seqlens_q=cu, cu_seqlens_k=cu,
+                    max_seqlen_q=mx, max_seqlen_k=mx, config_overrides=ov)
         if "cudnn" in impls:
             calls["cudnn"] = "SDPA cannot express packed varlen"
         return calls
@@ -117,6 +130,15 @@ def make_calls(c, impls):
         import fa3
 
         calls["fa3"] = lambda: fa3.flash_attn_func(q, k, v, causal=c["causal"], window_size=win)
+    if overrides:
+        from fa3.hopper.flash_fwd import flash_fwd
+
+        out = torch.empty_like(q)
+        lse = torch.empty(c["b"], c["h"], c["s"], device="cuda", dtype=torch.float32)
+        for text in overrides:
+            calls[f"fa3[{text}]"] = lambda ov=parse_override(text): flash_fwd(
+                q, k, v, out, lse, c["d"] ** -0.5, c["causal"],
+                window=None if win == (-1, -1) else win, config_overrides=ov)
     if "fa4" in impls:
         try:
             from flash_attn.cute import flash_attn_func as f4
@@ -148,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="time every impl of a case round robin this many times (the first impl "
                         "rotating), report the median: clocks drift by several %% over a run")
+    p.add_argument("--override", action="append", default=[],
+                   help="k=v[,k=v] FwdConfig overrides, each timed as its own fa3 row (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -163,7 +187,7 @@ def main(argv=None) -> int:
         fl = flops(c)
         print(f"{c['name']}", flush=True)
         calls = {}
-        for impl, call in make_calls(c, impls).items():
+        for impl, call in make_calls(c, impls, args.override).items():
             if not isinstance(call, str):
                 try:  # first call compiles (fa3, FA4): never inside a timed round
                     with torch.no_grad():

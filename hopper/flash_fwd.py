@@ -128,11 +128,15 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     few_blocks = m_blocks is not None and m_blocks <= 8
     many_blocks = m_blocks is not None and m_blocks > 32
     l2_group_mb = 2 if persistent else (8 if few_blocks else (16 if many_blocks else 32))
+    l2_group = True
     if features.get("varlen"):
         # tiles are only known on the device: a persistent walk, or (persistent=False) a grid
         # sized for the most tiles the packed rows can make, whose spare CTAs exit at once;
-        # O from registers (a TMA store cannot stop at a sequence end)
-        persistent, o_in_q = True, False
+        # O from registers (a TMA store cannot stop at a sequence end). L2 groups within a
+        # sequence (tile_scheduler.varlen_decode) stay off: H100, 5 rounds, causal 32/8 hd128
+        # mixes of 16k/32k/64k tokens, 16 MB groups: 445/617/587 -> 435/616/595 TFLOP/s (one CTA
+        # per tile with them: 395/620/590).
+        persistent, o_in_q, l2_group = True, False, False
     # The schedule fence before the PV wait (p_after_wait) pays at hd64 and is neutral at hd256;
     # at hd128 ptxas's own order (wait after ~13 of 66 exp2s, P's packs in the exp2s' MUFU gaps)
     # is faster. H100, 5 rounds, off vs on, two sessions: hd128 4k +0.8/+2.1%, 16k +2.6/+1.6%,
@@ -142,7 +146,8 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # once landed in q_early (hd256 lost its staged O store, every other head dim its early Q)
     cfg = FwdConfig(d=d, dv=dv, dtype=dtype, causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
                     stages=stages, pingpong=pingpong, persistent=persistent, p_after_wait=p_after_wait,
-                    rescale_early=rescale_early, o_in_q=o_in_q, l2_group_mb=l2_group_mb, **features,
+                    rescale_early=rescale_early, o_in_q=o_in_q, l2_group=l2_group,
+                    l2_group_mb=l2_group_mb, **features,
                     pack_gqa=pack)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert not (cfg.causal and cfg.local), cfg
@@ -177,6 +182,10 @@ def variants() -> Iterator[FwdConfig]:
         yield default_config(128, 128, "bfloat16", True, qhead_per_kvhead=qpk)
         yield default_config(128, 128, "bfloat16", False, qhead_per_kvhead=qpk)
     yield default_config(128, 128, "bfloat16", True, features=dict(varlen=True), qhead_per_kvhead=4)
+    for persistent in (True, False):  # varlen with L2 groups inside each sequence (ablation)
+        yield dataclasses.replace(default_config(128, 128, "bfloat16", True, features=dict(varlen=True),
+                                                 qhead_per_kvhead=4), l2_group=True, l2_group_mb=16,
+                                  persistent=persistent)
     yield default_config(64, 64, "float16", False, features=dict(
         local=True, softcap=True, sink=True, varlen=True, seqused_q=True, seqused_k=True),
         qhead_per_kvhead=2)

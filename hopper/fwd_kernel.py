@@ -215,7 +215,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                                sink=mSink, softcap_pre=softcap_pre, window_left=window_left,
                                window_right=window_right, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                num_m_blocks=num_m_blocks, num_heads=num_heads, num_hb=num_hb,
-                               total_tiles=total_tiles, lpt_group=group)
+                               total_tiles=total_tiles, lpt_group=group, qhead_per_kvhead=qhead_per_kvhead)
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[self.num_consumers][0])
@@ -243,7 +243,8 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         scheduler's window from tile to tile (unused otherwise)."""
         if const_expr(self.cfg.varlen):
             return varlen_decode(tile, c_b, c_t, c_incl, feat.cu_q, self.tile_m, feat.num_heads,
-                                 self.lpt, self.qpk)
+                                 self.lpt, self.qpk, self.cfg.l2_group_mb << 20 if self.cfg.l2_group else 0,
+                                 (self.d + self.dv) * 2, feat.qhead_per_kvhead)
         m_block, head, batch = decode_tile(tile, feat.num_m_blocks, feat.num_heads, feat.num_hb,
                                            self.lpt, feat.lpt_group)
         return m_block, head, batch, tile < feat.total_tiles, c_b, c_t, c_incl

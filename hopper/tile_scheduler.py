@@ -113,10 +113,15 @@ def varlen_window(base_b: Int32, mCuSeqlensQ: cute.Tensor, tile_m: cutlass.Const
 @cute.jit
 def varlen_decode(tile: Int32, base_b: Int32, base_tiles: Int32, incl: Int32,
                   mCuSeqlensQ: cute.Tensor, tile_m: cutlass.Constexpr[int], num_heads: Int32,
-                  lpt: cutlass.Constexpr[bool], qpk: cutlass.Constexpr[int] = 1):
+                  lpt: cutlass.Constexpr[bool], qpk: cutlass.Constexpr[int] = 1,
+                  group_bytes: cutlass.Constexpr[int] = 0, bytes_per_key: cutlass.Constexpr[int] = 0,
+                  qhead_per_kvhead=1):
     """Tile -> (m_block, head, batch, valid, base_b, base_tiles, incl): the last three are the
     32-sequence window (loop-carried by the caller; start with base_b = base_tiles = 0 and
-    incl = varlen_window(0, ...)). Whole warp, uniform result."""
+    incl = varlen_window(0, ...)). Whole warp, uniform result. group_bytes > 0 (with lpt): a
+    sequence's heads run in lpt_group groups sized by its own length (its query length stands
+    for its key length: only the order depends on it), so a long document's heaviest query
+    blocks read the K/V of a few heads at a time instead of all of them."""
     num_batch = mCuSeqlensQ.shape[0] - 1
     while base_b < num_batch and tile >= base_tiles + cute.arch.shuffle_sync(incl, 31):
         base_tiles = base_tiles + cute.arch.shuffle_sync(incl, 31)
@@ -135,7 +140,11 @@ def varlen_decode(tile: Int32, base_b: Int32, base_tiles: Int32, incl: Int32,
     local = tile - start
     m_block = local % num_m
     head = local // num_m
-    if cutlass.const_expr(lpt):
+    if cutlass.const_expr(lpt and group_bytes > 0):
+        group = lpt_group(seqlen, bytes_per_key, qhead_per_kvhead, num_heads, num_m, group_bytes,
+                          static_split=False)
+        m_block, head, _ = decode_tile(local, num_m, num_heads, num_heads, True, group)
+    elif cutlass.const_expr(lpt):
         m_block = num_m - 1 - local // num_heads
         head = local % num_heads
     return m_block, head, batch, valid, base_b, base_tiles, incl

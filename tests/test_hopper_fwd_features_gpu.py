@@ -222,3 +222,28 @@ def test_pack_gqa_matches_unpacked(varlen):
         lse = torch.full(lse_shape, float("nan"), device="cuda")
         flash_fwd(q, k, v, out, lse, d ** -0.5, True, config_overrides=over, **kw)
         _check(out, lse, out_ref, lse_ref, out_pt, torch.bfloat16)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("pack_gqa", [4, 1])
+def test_varlen_l2_groups(persistent, pack_gqa):
+    """Varlen causal with L2 groups inside each sequence (tile_scheduler.varlen_decode): 1 MB
+    groups so the long sequences split their heads into several groups; every tile must be
+    visited exactly once (outputs start as NaN)."""
+    from fa3.hopper.flash_fwd import flash_fwd
+
+    torch.manual_seed(12)
+    h, hk, d = 8, 2, 128
+    lens = [0, 37, 3000, 1, 700, 2100]
+    cu = _cu(lens)
+    q = torch.randn(sum(lens), h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lens), hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out_ref, lse_ref = attention_varlen_ref(q, k, v, cu, cu, causal=True)
+    out_pt, _ = attention_varlen_ref(q, k, v, cu, cu, causal=True, upcast=False)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((h, sum(lens)), float("nan"), device="cuda")
+    over = dict(l2_group=True, l2_group_mb=1, persistent=persistent, pack_gqa=pack_gqa)
+    flash_fwd(q, k, v, out, lse, d ** -0.5, True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3000,
+              max_seqlen_k=3000, config_overrides=over)
+    _check(out, lse, out_ref, lse_ref, out_pt, torch.bfloat16)
