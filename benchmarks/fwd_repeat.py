@@ -56,6 +56,7 @@ def main(argv=None):
     p.add_argument("--override", action="append", default=[], help="k=v[,k=v] FwdConfig overrides (repeatable)")
     p.add_argument("--peers", default="fa4,cudnn", help="comma list of peers timed in each round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--window", default=None, help="L,R: a sliding window for every shape (FA4 the only peer)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     import torch
@@ -67,6 +68,8 @@ def main(argv=None):
     from fa3.hopper.flash_fwd import flash_fwd
 
     impls = peers.load_available(a.peers)
+    window = tuple(int(x) for x in a.window.split(",")) if a.window else None
+    assert window is None or window[1] == 0, "--window L,0 (causal sliding window) only"
     results = []
     for text in a.shape:
         b, s, h, d, causal, *rest = (int(x) for x in text.split(","))
@@ -80,13 +83,23 @@ def main(argv=None):
         for ov_text in ["default"] + a.override:
             ov = parse_override(ov_text)
             cells[ov_text] = cycling([lambda x=x, ov=ov: flash_fwd(*x, out, lse, d ** -0.5, sh.causal,
-                                                                   config_overrides=ov or None) for x in sets])
-        for impl in impls:
+                                                                   window=window, config_overrides=ov or None)
+                                      for x in sets])
+        if window:  # the SDPA peers have no window mask; FA4 takes it directly
+            from flash_attn.cute import flash_attn_func as f4
+
+            cells["fa4"] = cycling([lambda x=x: f4(*x, causal=sh.causal, window_size=window) for x in sets])
+        for impl in ([] if window else impls):
             def call(x, impl=impl):
                 with impl.context():
                     return impl.fwd(*x, sh.causal)
             cells[impl.name] = cycling([lambda x=x, c=call: c(x) for x in sets])
-        times, tf, line = time_rounds(cells, a.rounds, sh.label(), U.attn_flops(b, s, s, h, d, sh.causal, "fwd"))
+        fl = U.attn_flops(b, s, s, h, d, sh.causal, "fwd")
+        if window:  # only the visible (q, k) pairs count
+            from bench_features import visible_pairs
+
+            fl = 4.0 * visible_pairs(s, s, True, window[0]) * d * h * b
+        times, tf, line = time_rounds(cells, a.rounds, sh.label() + (f" window {window}" if window else ""), fl)
         print(f"{sh.label():40} {line}", flush=True)
         results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "h_kv": hk, "d": d, "causal": bool(causal),
                         "tflops_median": tf, "rounds_ms": times})
