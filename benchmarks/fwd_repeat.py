@@ -85,6 +85,7 @@ def main(argv=None):
             cells[ov_text] = cycling([lambda x=x, ov=ov: flash_fwd(*x, out, lse, d ** -0.5, sh.causal,
                                                                    window=window, config_overrides=ov or None)
                                       for x in sets])
+        assert not window or causal, "--window L,0 is a causal window: give causal=1 shapes"
         if window:  # the SDPA peers have no window mask; FA4 takes it directly
             from flash_attn.cute import flash_attn_func as f4
 
