@@ -15,7 +15,7 @@ Pipeline of one call (FA2's algorithm):
      atomics touch dK/dV.
 
 Tiles (8 warps, FA2's choices on A100), stages = depth of the Q/dO smem ring:
-* d = 64/96/128: 64 x 128; d = 192/256: 64 x 64;
+* d = 64: 128 x 128 on sm_90 (64 x 128 on sm_80); d = 96/128: 64 x 128; d = 192/256: 64 x 64;
 * 2 stages where they fit the arch's smem (the next Q/dO tile loads under the whole current
   iteration), else 1. The tile for d <= 128 on sm_86/sm_89 (99 KB) shrinks to 64 x 64/128.
 Importing this module does not import the CuTe DSL.
@@ -79,8 +79,12 @@ def smem_bytes(tile_m: int, tile_n: int, d: int, stages: int) -> int:
 
 def _tiles(d: int, arch: str):
     small = _SMEM[arch][0] < (160 << 10)  # sm_86 / sm_89: 99 KB
-    if d <= 64:  # not 128 x 128 (FA2's): S and dP alone are 128 registers, it spills, measured slower
-        return 64, 128
+    if d <= 64:
+        # FA2's 128 x 128 with S / dP split 4 x 2 over the warps: the sm_90 build keeps it in
+        # registers (one 4-byte spill per step), and per MMA it runs a fifth fewer other
+        # instructions than 64 x 128. The sm_80 build spills (causal: 76 bytes) and cannot be
+        # measured here, so it keeps 64 x 128 (the 2 x 4 split spills at 128 x 128 everywhere)
+        return (128, 128) if arch == "sm_90" else (64, 128)
     if d <= 128:
         return (64, 64) if small else (64, 128)
     return 64, 64
@@ -92,10 +96,12 @@ def default_config(d: int, dtype, causal: bool, arch: str, **overrides) -> BwdSm
         tile_m, tile_n = _tiles(d, arch)
     stages = 2 if smem_bytes(tile_m, tile_n, d, 2) <= _SMEM[arch][0] else 1
     # FA2's warp grids: 2 x 4 for S/dP and dQ, 4 x 2 for dK/dV; d = 96 is not a multiple of the
-    # 64 columns that 4 warps of 16 cover, so its dQ uses 4 x 2
-    warps_m_dq = 2 if d % 64 == 0 else 4
+    # 64 columns that 4 warps of 16 cover, so its dQ uses 4 x 2; a 128-row tile splits S/dP and
+    # dQ 4 x 2 (fewer registers, see _tiles)
+    tall = tile_m == 128
+    warps_m_dq = 2 if d % 64 == 0 and not tall else 4
     cfg = dict(d=d, dtype=_dtype_name(dtype), causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
-               stages=stages, warps_m_sdp=2, warps_n_dkv=4,
+               stages=stages, warps_m_sdp=4 if tall else 2, warps_n_dkv=4,
                warps_m_dq=warps_m_dq, arch=arch, dq_vec=4 if arch == "sm_90" else 1)
     cfg.update(overrides)
     # causal CTAs already start at their own diagonal, so they do not collide on dQ tiles, and the

@@ -90,6 +90,9 @@ def test_shipped_variants():
     tiles = {c.d: (c.tile_m, c.tile_n, c.stages) for c in SM80}
     assert tiles[64] == (64, 128, 2) and tiles[128] == (64, 128, 2) and tiles[256] == (64, 64, 1)
     assert f.default_config(256, "bfloat16", False, "sm_90").stages == 2  # 208 KB fits 227 KB
+    # the sm_90 build (measured on the H100) takes FA2's 128 x 128 at hd64, split 4 x 2
+    c90 = f.default_config(64, "bfloat16", True, "sm_90")
+    assert (c90.tile_m, c90.tile_n, c90.stages, c90.warps_m_sdp, c90.warps_m_dq) == (128, 128, 2, 4, 4)
     # the rotated Q-tile order where CTAs would otherwise walk in lockstep: non-causal only
     assert all(c.stagger == (not c.causal) for c in SM80)
     assert not f.default_config(64, "bfloat16", False, "sm_80", local=True).stagger
