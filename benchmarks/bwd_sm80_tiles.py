@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the sm80 backward (preprocess + main kernel + dQ conversion) under config overrides
 (BwdSm80Config fields), e.g. the hd64 tile, or the cost of the dQ atomics (dQ then left 0):
-    python benchmarks/bwd_sm80_tiles.py --d 64 --configs "default;tile_m=128,tile_n=128" --seqlen 4096
+    python benchmarks/bwd_sm80_tiles.py --d 64 --configs "default;tile_m=64,tile_n=128,warps_m_sdp=2,warps_m_dq=2" --seqlen 4096
     python benchmarks/bwd_sm80_tiles.py --d 128 --configs "default;dq_atomics=0" --causal 0
     python benchmarks/bwd_sm80_tiles.py --d 64 --configs "default;stagger=0" --causal 0
 
@@ -26,7 +26,7 @@ BOOL_FIELDS = {f.name for f in dataclasses.fields(BwdSm80Config) if f.type in (b
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--d", type=int, default=64)
-    p.add_argument("--configs", default="default;tile_m=128,tile_n=128")
+    p.add_argument("--configs", default="default;tile_m=64,tile_n=128,warps_m_sdp=2,warps_m_dq=2")
     p.add_argument("--causal", default="0,1")
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--total-tokens", type=int, default=16384)
