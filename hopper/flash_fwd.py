@@ -37,6 +37,15 @@ class FwdConfig:
     # the next tile's Q (and the K behind it) runs under the last softmax, PV and epilogue
     # instead of after them: short tiles (causal, short sequences) wait less for Q.
     q_early: bool = True
+    # Q's ring depth. 2 (persistent): the next tile's Q loads while this tile runs, instead of
+    # after its last S = Q K^T, so a short tile does not start by waiting for Q's TMA (nor for
+    # its first K, which the producer issues after that Q).
+    q_stages: int = 1
+    # Each consumer warpgroup stores its own 64 rows of O (its own smem slice, named barrier and
+    # TMA store) instead of all of them meeting at one barrier per tile: the warpgroups then
+    # stay staggered across tiles, as pingpong staggers them within one, and the first softmax
+    # of a tile hides under another warpgroup's GEMMs. Needs O's own smem buffer.
+    wg_epilogue: bool = False
     # causal: heaviest-first order within groups of heads whose K/V fit in L2 (tile_scheduler)
     # rather than over all heads at once
     l2_group: bool = True
@@ -155,7 +164,11 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     assert cfg.tile_m in (128, 192) and cfg.tile_n % 16 == 0, cfg
     assert cfg.overlap or not cfg.rescale_early, cfg
     assert not cfg.o_in_q or d >= dv, cfg
-    assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages) <= SMEM_LIMIT, f"smem: {cfg}"
+    assert cfg.q_stages in (1, 2) and not (cfg.q_stages > 1 and cfg.o_in_q), cfg
+    assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages, q_stages=cfg.q_stages) <= SMEM_LIMIT, \
+        f"smem: {cfg}"
+    assert not cfg.wg_epilogue or separate_o_fits(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages,
+                                                  q_stages=cfg.q_stages), cfg
     return cfg
 
 
@@ -203,6 +216,9 @@ def variants() -> Iterator[FwdConfig]:
         yield dataclasses.replace(base, p_after_wait=False, rescale_threshold=None)
         yield dataclasses.replace(base, p_after_wait=True)
         yield dataclasses.replace(base, rescale_threshold=0.0)
+        yield dataclasses.replace(base, q_stages=2, wg_epilogue=True)
+        yield dataclasses.replace(default_config(64, 64, "bfloat16", causal), q_stages=2,
+                                  wg_epilogue=True)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), p_after_wait=False,
                                   rescale_threshold=None)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), rescale_early=False)

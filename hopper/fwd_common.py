@@ -27,13 +27,13 @@ REGS = {2: (24, 240), 3: (32, 160)}  # consumers: (producer, consumer)
 
 
 def make_qkv_pipes(storage, num_consumers: int, stages: int, bytes_q: int, bytes_k: int,
-                   bytes_v: int):
-    """Full/empty mbarrier rings for Q (1 stage), K and V (`stages` each): one producer thread,
+                   bytes_v: int, q_stages: int = 1):
+    """Full/empty mbarrier rings for Q (`q_stages`), K and V (`stages` each): one producer thread,
     the consumer warps (4 per warpgroup) release. Ends with the init fence and a CTA barrier."""
     producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
     consumers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * num_consumers)  # warps
     pipes = []
-    for bar, n, nbytes in ((storage.mbar_q, 1, bytes_q), (storage.mbar_k, stages, bytes_k),
+    for bar, n, nbytes in ((storage.mbar_q, q_stages, bytes_q), (storage.mbar_k, stages, bytes_k),
                            (storage.mbar_v, stages, bytes_v)):
         pipes.append(pipeline.PipelineTmaAsync.create(
             barrier_storage=bar.data_ptr(), num_stages=n, producer_group=producer,
@@ -97,9 +97,14 @@ class StagedGemmMixin:
 
     @cute.jit
     def gemm_qk(self, ctx, acc_S, stage, wait: cutlass.Constexpr[int]):
-        """acc_S = Q K^T with K from ring slot `stage`."""
+        """acc_S = Q K^T with K from ring slot `stage` (and Q from slot ctx.q_stage, if given:
+        a double-buffered Q)."""
+        q_stage = getattr(ctx, "q_stage", None)
         if const_expr(self.cfg.desc_hoist):
-            gemm_desc(ctx.tiled_mma_qk, acc_S, ctx.dQ, ctx.dK, stage, True, wait)
+            gemm_desc(ctx.tiled_mma_qk, acc_S, ctx.dQ, ctx.dK, stage, True, wait, stage_a=q_stage)
+        elif const_expr(q_stage is not None):
+            gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ[None, None, None, q_stage],
+                 ctx.tSrK[None, None, None, stage], True, wait)
         else:
             gemm(ctx.tiled_mma_qk, acc_S, ctx.tSrQ, ctx.tSrK[None, None, None, stage], True, wait)
 

@@ -43,9 +43,10 @@ from fa3.hopper.tile_size import separate_o_fits
 from fa3.hopper.wgmma_utils import (acc_to_frag_a, acc_to_mn, pack_f16x2, schedule_fence, smem_layout,
                                     transpose_view)
 
-# Named barriers (0 is __syncthreads; BAR_PINGPONG.. in fwd_common).
+# Named barriers (0 is __syncthreads; BAR_PINGPONG.. in fwd_common, one per consumer warpgroup).
 BAR_EPILOGUE = 1
-assert BAR_EPILOGUE < BAR_PINGPONG
+BAR_EPILOGUE_WG = BAR_PINGPONG + 3  # + consumer warpgroup index (wg_epilogue)
+assert BAR_EPILOGUE < BAR_PINGPONG and BAR_EPILOGUE_WG + 3 <= 16
 
 
 class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
@@ -97,17 +98,26 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             dtype, dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN, Float32,
             (self.num_consumers, 1, 1), (64, self.dv), warpgroup.OperandSource.RMEM)
 
-        sQ_layout = smem_layout(dtype, self.tile_m, self.d)
+        self.q_stages = self.cfg.q_stages
+        sQ_layout = smem_layout(dtype, self.tile_m, self.d, self.q_stages if self.q_stages > 1 else None)
         sK_layout = smem_layout(dtype, self.tile_n, self.d, self.stages)
         sV_layout = smem_layout(dtype, self.tile_n, self.dv, self.stages)
-        sO_layout = smem_layout(dtype, self.tile_m, self.dv)
         # O is staged in its own smem buffer for a TMA store when it fits; else (hd256) each thread
         # stores its registers straight to global memory. Either way Q is released right after the
         # last S = Q K^T, so the next tile's Q loads while this tile finishes (persistent mode).
-        self.separate_o = (separate_o_fits(self.tile_m, self.tile_n, self.d, self.dv, self.stages)
+        self.separate_o = (separate_o_fits(self.tile_m, self.tile_n, self.d, self.dv, self.stages,
+                                           q_stages=self.q_stages)
                            and not self.cfg.varlen)
+        # wg_epilogue: O's buffer as one 64-row slice per consumer warpgroup, each stored by TMA
+        self.wg_epi = self.cfg.wg_epilogue and self.separate_o
+        if const_expr(self.wg_epi):
+            sO_layout = smem_layout(dtype, 64, self.dv, self.num_consumers)
+            tiler_o = self.rows_tiler(self.dv, 64)
+        else:
+            sO_layout = smem_layout(dtype, self.tile_m, self.dv)
         # else, with o_in_q, O is staged in Q's buffer (Q is then released only after the store)
         self.o_in_q = self.cfg.o_in_q and not self.separate_o and not self.cfg.varlen
+        assert not (self.o_in_q and self.q_stages > 1)
         # Q released after the tile's last S GEMM (not when O is later staged in Q's buffer)
         self.q_early = self.cfg.q_early and self.cfg.overlap and not self.o_in_q
         self.tma_o = self.separate_o or self.o_in_q
@@ -117,14 +127,16 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         sO_elems = cute.cosize(sO_layout) if const_expr(self.separate_o) else 0
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
-        tma_Q, tQ = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, tiler_q)
+        sQ_one = cute.select(sQ_layout, mode=[0, 1]) if const_expr(self.q_stages > 1) else sQ_layout
+        sO_one = cute.select(sO_layout, mode=[0, 1]) if const_expr(self.wg_epi) else sO_layout
+        tma_Q, tQ = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_one, tiler_q)
         tma_K, tK = cpasync.make_tiled_tma_atom(
             g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.d))
         tma_V, tV = cpasync.make_tiled_tma_atom(
             g2s, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.dv))
         tma_O, tO = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileS2GOp(), mO, sO_layout, tiler_o)
-        self.bytes_q = cute.size_in_bytes(dtype, sQ_layout)
+            cpasync.CopyBulkTensorTileS2GOp(), mO, sO_one, tiler_o)
+        self.bytes_q = cute.size_in_bytes(dtype, sQ_one)
         self.bytes_k = cute.size_in_bytes(dtype, cute.select(sK_layout, mode=[0, 1]))
         self.bytes_v = cute.size_in_bytes(dtype, cute.select(sV_layout, mode=[0, 1]))
 
@@ -132,7 +144,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
 
         @cute.struct
         class SharedStorage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, sQO_elems], 1024]
@@ -141,7 +153,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
 
         @cute.struct
         class SharedStorageWithO:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * stages]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, sQO_elems], 1024]
@@ -187,7 +199,8 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
 
         storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
         pipe_q, pipe_k, pipe_v = make_qkv_pipes(storage, self.num_consumers, self.stages,
-                                                self.bytes_q, self.bytes_k, self.bytes_v)
+                                                self.bytes_q, self.bytes_k, self.bytes_v,
+                                                self.q_stages)
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         if const_expr(self.separate_o):
@@ -266,11 +279,18 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             seqlen_k = cutlass.min(feat.used_k[batch], seqlen_k)
         return offset_q, offset_k, seqlen_q, store_q, seqlen_k, bidx
 
-    def rows_tiler(self, cols: int):
-        """Tile shape of Q/O rows x cols (pack_gqa: rows as (qpk heads, positions))."""
+    def rows_tiler(self, cols: int, rows: int | None = None):
+        """Tile shape of Q/O rows (default tile_m) x cols (pack_gqa: rows as (qpk heads, positions))."""
+        rows = rows or self.tile_m
         if self.qpk > 1:
-            return ((self.qpk, self.tile_m // self.qpk), cols)
-        return (self.tile_m, cols)
+            return ((self.qpk, rows // self.qpk), cols)
+        return (rows, cols)
+
+    def q_slot(self, tQs, q_state):
+        """Q's TMA destination: its ring slot when Q is double-buffered (q_stages = 2)."""
+        if const_expr(self.q_stages > 1):
+            return tQs[None, q_state.index]
+        return tQs
 
     def row_offset(self, offset_q):
         """Domain offset of a varlen sequence's first row in the (packed) row mode."""
@@ -313,11 +333,11 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             # previous tile's O store (o_in_q, persistent), the first K goes ahead of Q.
             k_first = const_expr(self.o_in_q and self.cfg.persistent and self.cfg.overlap)
             if const_expr(not k_first):
-                tma_load(tma_Q, tQg, tQs, pipe_q, q_state)
+                tma_load(tma_Q, tQg, self.q_slot(tQs, q_state), pipe_q, q_state)
                 q_state.advance()
             else:
                 if n_max <= n_min:
-                    tma_load(tma_Q, tQg, tQs, pipe_q, q_state)
+                    tma_load(tma_Q, tQg, self.q_slot(tQs, q_state), pipe_q, q_state)
                     q_state.advance()
             if n_max > n_min:
                 if const_expr(not self.cfg.overlap):
@@ -334,7 +354,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                     cute.copy(tma_K, tKg[None, n_max - 1], tKs[None, kv_state.index],
                               tma_bar_ptr=pipe_k.producer_get_barrier(kv_state))
                     if const_expr(k_first):
-                        tma_load(tma_Q, tQg, tQs, pipe_q, q_state)
+                        tma_load(tma_Q, tQg, self.q_slot(tQs, q_state), pipe_q, q_state)
                         q_state.advance()
                     for i in cutlass.range(n_max - 1 - n_min, unroll=1):
                         n = n_max - 2 - i
@@ -379,6 +399,8 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             offset_q, _, seqlen_q, store_q, seqlen_k, bidx = self.seq_info(batch, feat)
             # a per-tile view (mutating ctx here would make it loop-carried state)
             tctx = SimpleNamespace(seqlen_q=seqlen_q, seqlen_k=seqlen_k, **vars(ctx))
+            if const_expr(self.q_stages > 1):
+                tctx.q_stage = q_state.index
             n_min, n_max, n_hi, n_lo = self.kv_range(seqlen_q, seqlen_k, m_block, feat)
             acc_O.fill(0.0)
             row_max.fill(-Float32.inf)
@@ -460,7 +482,10 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             tile = tile_index(rnd, cta, grid, self.lpt)
             m_block, head, batch, valid, c_b, c_t, c_incl = self.next_work(tile, c_b, c_t, c_incl, feat)
         if const_expr(self.tma_o):
-            if tidx < 32:
+            store_warp = tidx < 32
+            if const_expr(self.wg_epi):  # one storing warp per warpgroup
+                store_warp = tidx % 128 < 32
+            if store_warp:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the last store
 
     @cute.jit
@@ -544,7 +569,9 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         written. bidx/offset_q: batch index into the tensors and row offset (varlen)."""
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
         rO.store(acc_O.load().to(self.dtype))
-        if const_expr(self.tma_o):
+        if const_expr(self.wg_epi):
+            self.epilogue_wg(rO, mO, sO, tma_O, tidx, m_block, head, batch)
+        elif const_expr(self.tma_o):
             # the previous tile's O store must have read sO before it is rewritten; with O in Q's
             # buffer this barrier also orders every warpgroup's last wgmma read of Q before it
             if tidx < 32:
@@ -572,3 +599,33 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                          self.qpk)
         store_lse(lse, mLSE, tOcO_mn, m_block, self.tile_m, store_q, self.qpk, offset_q, head,
                   bidx)
+
+    @cute.jit
+    def epilogue_wg(self, rO, mO, sO, tma_O, tidx, m_block, head, batch):
+        """wg_epilogue: this warpgroup's 64 rows of O through its own smem slice and TMA store;
+        only its own 128 threads meet (at its own named barrier)."""
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        wtid = tidx % 128
+        bar = BAR_EPILOGUE_WG + wg
+        if wtid < 32:  # this warpgroup's previous store must have read its slice
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
+        cute.arch.barrier(barrier_id=bar, number_of_threads=128)
+        # one warpgroup's view of the PV GEMM: its accumulator layout is the same as this
+        # thread's slice of the full tiled MMA
+        mma_wg = make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
+            Float32, (1, 1, 1), (64, self.dv), warpgroup.OperandSource.RMEM)
+        copy_atom = cute.make_copy_atom(
+            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
+        thr_copy = cute.make_tiled_copy_C(copy_atom, mma_wg).get_slice(wtid)
+        sO_wg = sO[None, None, wg]
+        cute.copy(copy_atom, thr_copy.retile(rO), thr_copy.partition_D(sO_wg))
+        cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> TMA (async proxy)
+        cute.arch.barrier(barrier_id=bar, number_of_threads=128)
+        if wtid < 32:
+            gO = cute.local_tile(mO[None, None, head, batch], self.rows_tiler(self.dv, 64),
+                                 (m_block * self.num_consumers + wg, 0))
+            tOs, tOg = cpasync.tma_partition(tma_O, 0, cute.make_layout(1),
+                                             cute.group_modes(sO_wg, 0, 2), cute.group_modes(gO, 0, 2))
+            cute.copy(tma_O, tOs, tOg)  # rows past seqlen_q are clipped by the TMA unit
+            cute.arch.cp_async_bulk_commit_group()

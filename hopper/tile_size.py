@@ -9,8 +9,10 @@ from __future__ import annotations
 SMEM_LIMIT = 227 * 1024
 
 
-def smem_bytes(tile_m: int, tile_n: int, d: int, dv: int, stages: int, elem_bytes: int = 2) -> int:
-    return elem_bytes * (tile_m * max(d, dv) + stages * tile_n * (d + dv)) + 1024
+def smem_bytes(tile_m: int, tile_n: int, d: int, dv: int, stages: int, elem_bytes: int = 2,
+               q_stages: int = 1) -> int:
+    return elem_bytes * (tile_m * max(d, dv) + (q_stages - 1) * tile_m * d
+                         + stages * tile_n * (d + dv)) + 1024
 
 
 def padding(seqlen: int, tile: int) -> float:
@@ -52,6 +54,8 @@ def tile_size(d: int, dv: int, causal: bool, seqlen_q: int | None = None,
     return tile_m, tile_n, stages
 
 
-def separate_o_fits(tile_m: int, tile_n: int, d: int, dv: int, stages: int, elem_bytes: int = 2) -> bool:
+def separate_o_fits(tile_m: int, tile_n: int, d: int, dv: int, stages: int, elem_bytes: int = 2,
+                    q_stages: int = 1) -> bool:
     """Whether O's smem staging buffer (for a TMA store) fits; else O is stored from registers."""
-    return smem_bytes(tile_m, tile_n, d, dv, stages, elem_bytes) + elem_bytes * tile_m * dv <= SMEM_LIMIT
+    return (smem_bytes(tile_m, tile_n, d, dv, stages, elem_bytes, q_stages) + elem_bytes * tile_m * dv
+            <= SMEM_LIMIT)

@@ -157,10 +157,10 @@ class DescFrag:
 
 @cute.jit
 def gemm_desc(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a, frag_b: DescFrag, stage,
-              zero_init: cutlass.Constexpr[bool], wait: cutlass.Constexpr[int]):
+              zero_init: cutlass.Constexpr[bool], wait: cutlass.Constexpr[int], stage_a=None):
     """gemm() with B (and A, when it is not a DSL fragment: registers or a smem view) given as
     DescFrag: a staged operand's k-blocks are taken from ring slot `stage` (the backward's dQ GEMM
-    has a staged A, dS, and a fixed B, K)."""
+    has a staged A, dS, and a fixed B, K), a staged A's from `stage_a` where given."""
     a_is_desc = const_expr(isinstance(frag_a, DescFrag))
     # every k-block's descriptors before the first wgmma: ptxas then fills the operand
     # registers of later wgmmas while earlier ones issue
@@ -168,7 +168,7 @@ def gemm_desc(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a, frag_b: DescFr
     if const_expr(not a_is_desc):  # a DSL fragment (registers: the RS GEMM)
         a_k = [frag_a[None, None, k] for k in range(frag_b.num_k)]
     else:
-        a_k = frag_a.k_views(stage)
+        a_k = frag_a.k_views(stage if const_expr(stage_a is None) else stage_a)
     warpgroup.fence()
     atom = cute.make_mma_atom(tiled_mma.op)
     atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
