@@ -39,7 +39,8 @@ class FwdConfig:
     q_early: bool = True
     # Q's ring depth. 2 (persistent): the next tile's Q loads while this tile runs, instead of
     # after its last S = Q K^T, so a short tile does not start by waiting for Q's TMA (nor for
-    # its first K, which the producer issues after that Q).
+    # its first K, which the producer issues after that Q). Measured no help, so off: H100,
+    # 3 rounds, hd64/hd128 at 512-4k tokens 0.975-1.002x (h100-2026-12-06-s6-fwd.json).
     q_stages: int = 1
     # Each consumer warpgroup stores its own 64 rows of O (its own smem slice, named barrier and
     # TMA store) instead of all of them meeting at one barrier per tile: the warpgroups then
@@ -151,12 +152,16 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # is faster. H100, 5 rounds, off vs on, two sessions: hd128 4k +0.8/+2.1%, 16k +2.6/+1.6%,
     # 4k causal +1.9/+1.6%, 1k +2.0%; hd64 4k -1.4/+0.1%, 16k causal -3.5/-2.5%; hd256 -0.3..+1.3%.
     p_after_wait = not (64 < max(d, dv) <= 128)
+    # Per-warpgroup O stores wherever O has its own smem buffer (the kernel ignores it for varlen).
+    # H100, 5 rounds: hd64 s512 338 -> 355 TFLOP/s (causal 227 -> 230), hd128 s512 489 -> 505,
+    # s1k 576 -> 587 (causal 438 -> 444); hd64 1k/2k +-0.2% (h100-2026-12-06-s6-fwd.json).
+    wg_epilogue = not big and not features.get("varlen")
     # keywords only: fields were added in the middle of FwdConfig before, and a positional o_in_q
     # once landed in q_early (hd256 lost its staged O store, every other head dim its early Q)
     cfg = FwdConfig(d=d, dv=dv, dtype=dtype, causal=bool(causal), tile_m=tile_m, tile_n=tile_n,
                     stages=stages, pingpong=pingpong, persistent=persistent, p_after_wait=p_after_wait,
                     rescale_early=rescale_early, o_in_q=o_in_q, l2_group=l2_group,
-                    l2_group_mb=l2_group_mb, **features,
+                    l2_group_mb=l2_group_mb, wg_epilogue=wg_epilogue, **features,
                     pack_gqa=pack)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     assert not (cfg.causal and cfg.local), cfg
@@ -167,8 +172,10 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     assert cfg.q_stages in (1, 2) and not (cfg.q_stages > 1 and cfg.o_in_q), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages, q_stages=cfg.q_stages) <= SMEM_LIMIT, \
         f"smem: {cfg}"
-    assert not cfg.wg_epilogue or separate_o_fits(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages,
-                                                  q_stages=cfg.q_stages), cfg
+    # wg_epilogue needs O's own smem buffer: off where an override (tiles, stages) leaves none
+    if cfg.wg_epilogue and (cfg.varlen or not separate_o_fits(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages,
+                                                              q_stages=cfg.q_stages)):
+        cfg = dataclasses.replace(cfg, wg_epilogue=False)
     return cfg
 
 
@@ -216,7 +223,8 @@ def variants() -> Iterator[FwdConfig]:
         yield dataclasses.replace(base, p_after_wait=False, rescale_threshold=None)
         yield dataclasses.replace(base, p_after_wait=True)
         yield dataclasses.replace(base, rescale_threshold=0.0)
-        yield dataclasses.replace(base, q_stages=2, wg_epilogue=True)
+        yield dataclasses.replace(base, q_stages=2)
+        yield dataclasses.replace(base, wg_epilogue=False)
         yield dataclasses.replace(default_config(64, 64, "bfloat16", causal), q_stages=2,
                                   wg_epilogue=True)
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), p_after_wait=False,

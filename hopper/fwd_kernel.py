@@ -19,7 +19,8 @@ logit in the denominator), `varlen` (cu_seqlens: per-sequence row offsets into p
 tiles walked by the varlen scheduler, O stored from registers with row predicates since a TMA
 store cannot clip at a sequence's end), `seqused_q/k` (valid lengths; rows past seqused_q are
 fully masked rows), `pack_gqa` (qpk > 1 query heads per kv head share a Q tile).
-Epilogue: O /= l; O -> its own smem buffer -> TMA store (clips rows past seqlen_q) where that fits,
+Epilogue: O /= l; O -> its own smem buffer -> TMA store (clips rows past seqlen_q) where that fits
+(wg_epilogue: each consumer warpgroup its own 64-row slice and store, with no barrier across them),
 else (hd256) with `o_in_q` O -> Q's smem buffer -> TMA store (Q released after the store when
 persistent), or O straight from registers to global memory; LSE from registers.
 """

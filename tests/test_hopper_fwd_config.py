@@ -56,3 +56,23 @@ def test_long_causal_one_cta_per_tile_uses_16mb_groups(d, seqlen):
 def test_hd64_non_causal_stays_persistent(seqlen):
     assert default_config(64, 64, "bfloat16", False, seqlen_q=seqlen, seqlen_k=seqlen).persistent
     assert default_config(64, 64, "bfloat16", True, seqlen_q=4096, seqlen_k=4096).persistent
+
+
+@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
+def test_wg_epilogue_where_o_has_its_own_buffer(d):
+    """Per-warpgroup O stores need O's own smem buffer: on for the head dims that have one, off
+    for hd192/256 (O from registers or in Q's buffer), for varlen (O from registers), and dropped
+    where an override leaves no room (hd128 with 176-key blocks)."""
+    cfg = default_config(d, d, "bfloat16", False, seqlen_q=512, seqlen_k=512)
+    has_o = separate_o_fits(cfg.tile_m, cfg.tile_n, d, d, cfg.stages)
+    assert cfg.wg_epilogue == has_o and has_o == (d <= 128)
+    assert not default_config(d, d, "bfloat16", True, features=dict(varlen=True)).wg_epilogue
+    if d == 128:
+        assert not default_config(d, d, "bfloat16", False, tile_n=176).wg_epilogue
+
+
+def test_q_double_buffer_fits_beside_o():
+    """q_stages=2 (an ablation switch) keeps O's buffer at hd64 (192-row tiles) and hd128."""
+    for d, tile_m in ((64, 192), (128, 128)):
+        assert separate_o_fits(tile_m, 128, d, d, 2, q_stages=2)
+        assert default_config(d, d, "bfloat16", False, q_stages=2).wg_epilogue
