@@ -38,6 +38,8 @@ ABLATIONS = [
     ("non-persistent", {"persistent": False}),  # one CTA per tile instead of #SMs CTAs
     ("late-q", {"q_early": False}),  # Q's buffer freed after the tile's last PV, not its last S
     ("no-l2-group", {"l2_group": False}),  # causal: heaviest-first over all heads at once
+    ("shared-epilogue", {"wg_epilogue": False}),  # all consumer warpgroups store O together
+    ("q-double-buffer", {"q_stages": 2}),  # the next tile's Q loads one tile ahead
 ]
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}

@@ -188,3 +188,19 @@ def test_script_rejects_bad_shape():
     r = subprocess.run([sys.executable, str(BENCH / "bench_attn.py"), "--shape", "1,2,3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "shape" in r.stderr
+
+
+def test_ablation_switches_are_config_fields():
+    """bench_attn --ablation passes its switch sets as FwdConfig overrides: each must name a field
+    and build a valid config (a renamed switch would otherwise fail only on the GPU)."""
+    import dataclasses
+
+    import bench_attn
+    from fa3.hopper.flash_fwd import FwdConfig, default_config
+
+    fields = {f.name for f in dataclasses.fields(FwdConfig)}
+    assert bench_attn.ABLATIONS[0] == ("baseline", {})
+    for name, overrides in bench_attn.ABLATIONS:
+        assert set(overrides) <= fields, name
+        for d in (64, 128):
+            default_config(d, d, "bfloat16", True, **overrides)
