@@ -58,7 +58,7 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
 from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
-                                    transpose_view)
+                                    stmatrix_copy, transpose_view)
 
 # Named barriers (0 is __syncthreads)
 BAR_PDS = 1  # both consumer warpgroups: P / dS tiles complete in smem
@@ -495,9 +495,7 @@ class FlashBwdSm90:
         acc_dK.fill(0.0)
         tScS_mn = acc_to_mn(thr_sdp.partition_C(cute.make_identity_tensor(pds_shape)))
         # P / dS registers -> smem (stmatrix), in the accumulator's own orientation
-        st_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4),
-                                      self.dtype)
-        thr_st = cute.make_tiled_copy_C(st_atom, sdp).get_slice(tidx)
+        st_atom, thr_st = stmatrix_copy(self.dtype, sdp, tidx)
         thr_dq_copy = dq_copy(self.cfg).get_slice(tidx)
         if const_expr(self.cfg.dq_red):
             # this thread's 4-float vectors of query block 0's dQaccum tile, where the dQ warp
@@ -719,9 +717,7 @@ class FlashBwdSm90:
         the register path's 4-byte stores queued in the LSU at every CTA's end (ncu hd128 1k:
         lg-throttle stalls 0.9 per instruction; FA4 stores these tiles by TMA too)."""
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)  # last wgmma reads of Q / dO
-        st_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4),
-                                      self.dtype)
-        thr = cute.make_tiled_copy_C(st_atom, tiled_mma).get_slice(tidx)
+        st_atom, thr = stmatrix_copy(self.dtype, tiled_mma, tidx)
         for acc, s in ((acc_dK, sdK), (acc_dV, sdV)):
             r = cute.make_rmem_tensor_like(acc, self.dtype)
             r.store(acc.load().to(self.dtype))

@@ -45,7 +45,8 @@ class FwdConfig:
     # Each consumer warpgroup stores its own 64 rows of O (its own smem slice, named barrier and
     # TMA store) instead of all of them meeting at one barrier per tile: the warpgroups then
     # stay staggered across tiles, as pingpong staggers them within one, and the first softmax
-    # of a tile hides under another warpgroup's GEMMs. Needs O's own smem buffer.
+    # of a tile hides under another warpgroup's GEMMs. Needs O's own smem buffer; default_config
+    # turns it on wherever that fits.
     wg_epilogue: bool = False
     # causal: heaviest-first order within groups of heads whose K/V fit in L2 (tile_scheduler)
     # rather than over all heads at once

@@ -42,7 +42,7 @@ from fa3.hopper.fwd_common import (BAR_PINGPONG, REGS, PingpongMixin, StagedGemm
 from fa3.hopper.tile_scheduler import decode_tile, lpt_group, tile_index, varlen_decode, varlen_window
 from fa3.hopper.tile_size import separate_o_fits
 from fa3.hopper.wgmma_utils import (acc_to_frag_a, acc_to_mn, pack_f16x2, schedule_fence, smem_layout,
-                                    transpose_view)
+                                    stmatrix_copy, transpose_view)
 
 # Named barriers (0 is __syncthreads; BAR_PINGPONG.. in fwd_common, one per consumer warpgroup).
 BAR_EPILOGUE = 1
@@ -578,9 +578,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             if tidx < 32:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)
             cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=self.num_consumers * 128)
-            copy_atom = cute.make_copy_atom(
-                cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
-            thr_copy = cute.make_tiled_copy_C(copy_atom, tiled_mma_pv).get_slice(tidx)
+            copy_atom, thr_copy = stmatrix_copy(self.dtype, tiled_mma_pv, tidx)
             cute.copy(copy_atom, thr_copy.retile(rO), thr_copy.partition_D(sO))
             cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> TMA (async proxy)
             cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=self.num_consumers * 128)
@@ -616,9 +614,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         mma_wg = make_trivial_tiled_mma(
             self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
             Float32, (1, 1, 1), (64, self.dv), warpgroup.OperandSource.RMEM)
-        copy_atom = cute.make_copy_atom(
-            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
-        thr_copy = cute.make_tiled_copy_C(copy_atom, mma_wg).get_slice(wtid)
+        copy_atom, thr_copy = stmatrix_copy(self.dtype, mma_wg, wtid)
         sO_wg = sO[None, None, wg]
         cute.copy(copy_atom, thr_copy.retile(rO), thr_copy.partition_D(sO_wg))
         cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> TMA (async proxy)

@@ -116,9 +116,8 @@ def test_fwd_tile_variants(tiles, causal, sq, sk):
 def test_fwd_many_tiles_per_cta(d, causal, hk, cfg):
     """Several tiles per persistent CTA (384-768 tiles), so the Q ring wraps (q_stages = 2) and
     each warpgroup's O slice (wg_epilogue, the default) is rewritten while its previous TMA store
-    may be in flight; a
-    ragged length so the last tile's rows are clipped; with 8 query heads per kv head packed
-    into a tile's rows, a warpgroup's O slice holds 8 positions of 8 heads."""
+    may be in flight; a ragged length so the last tile's rows are clipped; with 8 query heads
+    per kv head packed into a tile's rows, a warpgroup's O slice holds 8 positions of 8 heads."""
     check(4, 16, hk, 1000, 1000, d, torch.bfloat16, causal, **cfg)
 
 
