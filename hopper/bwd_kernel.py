@@ -57,6 +57,7 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
+from fa3.hopper import tile_scheduler
 from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
                                     stmatrix_copy, transpose_view)
 
@@ -241,7 +242,7 @@ class FlashBwdSm90:
                     softmax_scale, window_left, window_right, softcap, mCuSeqlensQ, mCuSeqlensK,
                     mSeqUsedQ, mSeqUsedK).launch(
             grid=[num_n_blocks, mQ.shape[2], num_batch], block=[384, 1, 1], stream=stream,
-            min_blocks_per_mp=1)
+            min_blocks_per_mp=1, use_pdl=self.cfg.pdl)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
@@ -258,6 +259,8 @@ class FlashBwdSm90:
                mSeqUsedK: Optional[cute.Tensor]):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
+        if const_expr(self.cfg.pdl):  # the postprocess may launch once every CTA got here
+            cute.arch.griddepcontrol_launch_dependents()  # (it waits for this grid's end)
         if warp_idx == 0:
             for atom in (tma_Q, tma_K, tma_V, tma_dO):
                 cpasync.prefetch_descriptor(atom)
@@ -297,6 +300,13 @@ class FlashBwdSm90:
         n_block, head, batch = cute.arch.block_idx()
         if const_expr(self.cfg.spt):
             n_block = cute.arch.grid_dim()[0] - 1 - n_block
+        if const_expr(self.cfg.lpt):  # heaviest KV blocks first, in L2-sized groups of heads
+            num_n, num_h, num_b = cute.arch.grid_dim()
+            # bytes per query row: Q and dO (2 bytes, d = dv) and dQaccum (fp32)
+            group = tile_scheduler.lpt_group(mQ.shape[0], 8 * self.d, 1, num_h * num_b, num_n,
+                                             self.cfg.lpt_mb << 20, static_split=False)
+            n_block, head, batch = tile_scheduler.decode_kv_block(
+                n_block + num_n * (head + num_h * batch), num_n, num_h, num_h * num_b, group)
         seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
         bidx = batch  # batch index into the tensors (varlen: 0, the sequence is a row offset)
         if const_expr(self.cfg.varlen):
@@ -393,6 +403,8 @@ class FlashBwdSm90:
         pipe_kv.producer_acquire(kv_state)
         cute.copy(tma_K, tKg, tKs, tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
         cute.copy(tma_V, tVg, tVs, tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
+        if const_expr(self.cfg.pdl):  # LSE2 and D come from the preprocess (K, V: the caller's)
+            cute.arch.griddepcontrol_wait()
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         m_nomask = m_max  # unused without stagger
         if const_expr(self.cfg.stagger):
@@ -418,6 +430,8 @@ class FlashBwdSm90:
     def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane, seqlen_q,
                   seqlen_k, window_left):
         """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum."""
+        if const_expr(self.cfg.pdl):
+            cute.arch.griddepcontrol_wait()  # the preprocess zeroes dQaccum (and semaphores)
         chunk = self.tile_m * self.d // 2
         acc_row = mdQacc[batch, head, None]
         sem_row = mSem[batch, head, None]
@@ -465,6 +479,8 @@ class FlashBwdSm90:
                  seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out):
         wg = cute.arch.make_warp_uniform(tidx // 128)
         tm, tn, d = self.tile_m, self.tile_n, self.d
+        if const_expr(self.cfg.pdl):  # before any global access: dq_red adds to dQaccum, and
+            cute.arch.griddepcontrol_wait()  # dK / dV may be zeroed by the kernel just before
         wg_sdp, wg_dkv, wg_dq = sdp.get_slice(wg * 128), dkv.get_slice(wg * 128), dq.get_slice(wg * 128)
         thr_sdp = sdp.get_slice(tidx)
         if const_expr(self.swap):

@@ -40,6 +40,7 @@ class PreprocessConfig:
     pad_tile: int = 0  # varlen / fill: the main kernel's tile_m (padded output rows)
     fill: bool = False  # dense: write padded rows, zero dQaccum (head_dim_v floats a row)
     sem: bool = False  # fill: zero the deterministic semaphores (one int32 per pad_tile rows)
+    pdl: bool = False  # fill (sm90): let the PDL-launched main kernel start during the last wave
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "fp16"):
@@ -52,6 +53,8 @@ class PreprocessConfig:
             raise ValueError("fill is dense only, with pad_tile a multiple of rows_per_cta")
         if self.sem and not self.fill:
             raise ValueError("sem needs fill")
+        if self.pdl and not self.fill:
+            raise ValueError("pdl needs fill (griddepcontrol is sm90+)")
 
     @property
     def lanes(self) -> int:
@@ -86,6 +89,7 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
     log2e = math.log2(math.e)
 
     varlen, seqused, pad_tile, fill, sem = cfg.varlen, cfg.seqused, cfg.pad_tile, cfg.fill, cfg.sem
+    pdl = cfg.pdl
 
     @cute.kernel
     def kernel(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,
@@ -93,6 +97,8 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
                mdQacc: Optional[cute.Tensor], mSem: Optional[cute.Tensor]):
         tidx, _, _ = cute.arch.thread_idx()
         m_blk, hi, bi = cute.arch.block_idx()
+        if cutlass.const_expr(pdl):  # the main kernel's CTAs may launch once the last wave runs
+            cute.arch.griddepcontrol_launch_dependents()
         lane = tidx % lanes
         row = m_blk * rows + tidx // lanes
         seqlen = mO.shape[1]

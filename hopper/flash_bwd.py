@@ -86,6 +86,20 @@ class BwdConfig:
     # as FwdConfig.desc_hoist) instead of re-derived from the smem pointers in every m block
     # (hd128: 118 of the loop's 389 SASS instructions are uniform-datapath). Off: H100 A/B mixed.
     desc_hoist: bool = False
+    # causal: KV blocks launch heaviest first (block 0 sees every query block), all heads of an
+    # L2-sized group of lpt_mb before the next lighter block (tile_scheduler.decode_kv_block),
+    # instead of blocks 0..N-1 head after head. A host model of in-order dispatch put the grid
+    # order's tail at 3-7% of causal 1k-8k, but the H100 disagrees (2 runs of 2-3 rounds, vs off):
+    # hd128 4k +1.5/+2.5%, 16k -0.3/+6%, 2k 0/0, 1k -2/-2%; hd64 1k -10/-11% (8 and 16 MB
+    # groups: -6/-4%), 4k -0.7/-1.6%; hd256 4k +2.5/+0.3%, 1k -1%. So off; kept for A/B.
+    lpt: bool = False
+    lpt_mb: int = 32  # megabytes of Q / dO / dQaccum one lpt group of heads may hold in L2
+    # Programmatic dependent launch: the main kernel and the postprocess launch while the kernel
+    # before each drains (each waits on griddepcontrol before touching that kernel's output; the
+    # main kernel's producer loads K / V first). GPU-tested; measured neutral, so off: H100, 17
+    # shape pairs over two runs of 3 and 5 rounds, hd64/128/256 1k-16k, causal or not: geomean
+    # 1.00x, each within the run's +-4% round-to-round spread.
+    pdl: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -103,6 +117,7 @@ class PostConfig:
     tile_n: int
     swap: bool
     varlen: bool = False
+    pdl: bool = False  # launched dependent on the main kernel (BwdConfig.pdl)
 
 
 def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False) -> int:
@@ -162,13 +177,15 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.dkv_tma or cfg.stages * cfg.tile_m >= cfg.tile_n, cfg  # dK fits Q's buffer
     assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
+    assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
                       dq_red=cfg.dq_red) <= SMEM_LIMIT, cfg
     return cfg
 
 
 def post_config(cfg: BwdConfig) -> PostConfig:
-    return PostConfig(cfg.d, cfg.dv, cfg.dtype, cfg.tile_m, cfg.tile_n, cfg.swap, cfg.varlen)
+    return PostConfig(cfg.d, cfg.dv, cfg.dtype, cfg.tile_m, cfg.tile_n, cfg.swap, cfg.varlen,
+                      cfg.pdl)
 
 
 def variants() -> Iterator:
@@ -199,6 +216,11 @@ def variants() -> Iterator:
         yield cfg
         posts.add(post_config(cfg))
     yield default_config(128, 128, "bfloat16", True, True, False, spt=False)  # ascending adds
+    yield default_config(64, 64, "float16", True, lpt=True)  # heaviest KV blocks first
+    yield default_config(128, 128, "bfloat16", False, pdl=True)  # dependent launches (A/B)
+    yield default_config(256, 256, "bfloat16", False, pdl=True)  # dq_red: consumers wait too
+    yield default_config(256, 256, "float16", True, True, True, pdl=True)
+    yield default_config(256, 256, "bfloat16", True, False, True, lpt=True, lpt_mb=8)
     yield default_config(128, 128, "bfloat16", False, stats_early=False)
     for d, causal in ((64, False), (128, True), (256, False)):  # dK/dV from registers (MHA)
         yield default_config(d, d, "float16" if causal else "bfloat16", causal, dkv_tma=False)
@@ -467,7 +489,7 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
         pre = PreprocessConfig(dt, dv, varlen=True, seqused=used_q is not None, pad_tile=tm)
     else:  # the fill variant: it writes the padded rows, dQaccum and semaphores the kernel reads
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None, pad_tile=tm, fill=True,
-                               sem=bool(deterministic))
+                               sem=bool(deterministic), pdl=cfg.pdl)
     # workspace pieces per (batch, head), each a multiple of 4 floats so every piece (and the
     # strides) stays 16-byte aligned: LSE2, D, dQaccum, semaphores (int32, deterministic)
     split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,) if deterministic else ())

@@ -82,6 +82,34 @@ def decode_tile(tile, num_m_blocks, num_heads, num_hb, lpt: bool, group=None):
     return m_block, hb % num_heads, hb // num_heads
 
 
+def _select(cond, a, b):
+    """cutlass.select_ in traced code; the plain choice on host ints (the CPU tests)."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    return cutlass.select_(cond, Int32(a), Int32(b))
+
+
+def decode_kv_block(cta, num_n_blocks, num_heads, num_hb, group):
+    """Causal backward (one CTA per KV block): linear CTA index -> (n_block, head, batch). Block
+    n = 0, which the most query blocks see, first: all (batch, head) pairs of a group before the
+    next lighter block, group after group. As many groups as ``group`` (lpt_group, sized by the
+    rows' Q / dO / dQaccum bytes) pairs each would make, their sizes within one of each other: a
+    short last group would leave its heaviest blocks for the grid's end. The hardware hands CTAs
+    out in index order, so the grid ends on light blocks."""
+    count = (num_hb + group - 1) // group
+    small = num_hb // count  # pairs of a group; the first num_hb % count groups have one more
+    big_ctas = (num_hb % count) * (small + 1) * num_n_blocks
+    in_big = cta < big_ctas
+    size = _select(in_big, small + 1, small)
+    rel = _select(in_big, cta, cta - big_ctas)
+    g = rel // (size * num_n_blocks)
+    first = _select(in_big, g * (small + 1), (num_hb % count) * (small + 1) + g * small)
+    r = rel - g * size * num_n_blocks
+    n_block = r // size
+    hb = first + r - n_block * size
+    return n_block, hb % num_heads, hb // num_heads
+
+
 def tile_index(rnd, cta, grid, snake: bool):
     """Tile of CTA `cta` in round `rnd`. With `snake` (causal, tiles sorted heaviest first) odd
     rounds run backwards, so a CTA that got a heavier tile in one round gets a lighter one in the

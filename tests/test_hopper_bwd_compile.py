@@ -41,14 +41,16 @@ VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagg
 
 def _id(cfg):
     if not isinstance(cfg, BwdConfig):
-        return f"post-hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}" + ("-varlen" if cfg.varlen else "")
+        return (f"post-hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}" + ("-varlen" if cfg.varlen else "")
+                + ("" if cfg.pdl else "-nopdl"))
     flags = "".join(c for c, on in (("c", cfg.causal), ("d", cfg.deterministic), ("g", cfg.gqa),
                                           ("s", cfg.spt), ("l", cfg.local),
                                           ("t", cfg.softcap), ("v", cfg.varlen),
                                           ("q", cfg.seqused_q), ("k", cfg.seqused_k),
                                           ("r", cfg.stagger), ("a", cfg.dq_red),
                                           ("E", cfg.dv_early), ("K", cfg.dk_early),
-                                          ("H", cfg.desc_hoist)) if on)
+                                          ("H", cfg.desc_hoist), ("L", cfg.lpt),
+                                          ("N", not cfg.pdl)) if on)
     return f"hd{cfg.d}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"
 
 
@@ -67,6 +69,8 @@ def test_compile_bwd(cfg, tmp_path):
               spill_limit=160 if cfg.softcap else 32 if cfg.local else 0)
     if cfg.dq_red:  # no smem dQ path left (its bulk add is the only cp.reduce in this kernel)
         assert "cp.reduce.async.bulk" not in ptx
+    # PDL: waits on the preprocess and lets the postprocess launch early, only when switched on
+    assert ("griddepcontrol.wait" in ptx) == ("griddepcontrol.launch_dependents" in ptx) == cfg.pdl
 
 
 def test_dq_red_config():

@@ -69,6 +69,18 @@ def test_compile_preprocess_seqs(varlen, seqused):
         PreprocessConfig("bf16", 128, varlen=True)
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("pdl", [False, True])
+def test_compile_preprocess_fill(pdl):
+    """The sm90 backward's fill variant (zeroed dQaccum and semaphores), with and without the
+    early launch of the main kernel (PDL: sm90 only, so refused outside fill)."""
+    from fa3.hopper.bwd_preprocess import PreprocessConfig, build
+
+    assert build(PreprocessConfig("bf16", 128, pad_tile=64, fill=True, sem=True, pdl=pdl)) is not None
+    with pytest.raises(ValueError, match="pdl"):
+        PreprocessConfig("bf16", 128, pdl=True)
+
+
 @pytest.mark.parametrize("tile_m", [64, 128])
 def test_varlen_padded_rows_disjoint(tile_m):
     """The padded per-sequence layout of LSE2 / D / dQaccum (bwd_kernel.py): sequence i starts at

@@ -78,6 +78,28 @@ def test_bwd(d, dtype, causal, sq, sk, bhs):
     check(*bhs, sq, sk, d, dtype, causal)
 
 
+@pytest.mark.parametrize("d,causal,det,bhs", [(64, False, False, (2, 4, 4)), (128, True, False, (1, 6, 2)),
+                                              (128, False, True, (2, 4, 4)), (256, False, False, (2, 4, 4)),
+                                              (256, True, True, (1, 6, 2))])
+def test_bwd_pdl(d, causal, det, bhs):
+    """Dependent launches (BwdConfig.pdl, off by default): each kernel waits for the one before
+    it (preprocess -> main -> postprocess) before touching its output; dq_red and deterministic
+    included (the adds and the semaphores need the preprocess's zeros)."""
+    check(*bhs, 1000, 1357, d, torch.bfloat16, causal, deterministic=det, pdl=True)
+
+
+@pytest.mark.parametrize("d,b,h,hk,sq,sk", [(64, 2, 16, 16, 4224, 4224), (128, 2, 20, 4, 2000, 2100),
+                                             (256, 3, 8, 8, 1024, 1357)])
+def test_bwd_lpt_groups(d, b, h, hk, sq, sk):
+    """Causal KV blocks heaviest first over several L2 groups of heads (BwdConfig.lpt; the grid
+    tests above fit one group), uneven group sizes included."""
+    from fa3.hopper.tile_scheduler import L2_GROUP_BYTES
+
+    group = min(max(L2_GROUP_BYTES // (sq * 8 * d), 1), b * h)  # the kernel's lpt_group
+    assert -(-b * h // group) >= 2
+    check(b, h, hk, sq, sk, d, torch.bfloat16, True, lpt=True)
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("bhs", [(2, 4, 4), (1, 6, 2)], ids=["mha", "gqa"])

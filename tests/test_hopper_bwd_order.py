@@ -53,3 +53,17 @@ def test_stagger_default(d):
     assert default_config(d, d, "bfloat16", False, stagger=True).stagger
     with pytest.raises(AssertionError):
         default_config(d, d, "bfloat16", False, True, stagger=True)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_lpt_switch(d):
+    """Heaviest-first KV blocks: opt-in (measured mixed on the H100), causal only, not with
+    deterministic (spt orders those) or varlen."""
+    for causal, det, gqa in itertools.product((False, True), repeat=3):
+        assert not default_config(d, d, "bfloat16", causal, det, gqa).lpt
+    assert default_config(d, d, "bfloat16", True, lpt=True).lpt
+    for bad in (dict(causal=False), dict(deterministic=True), dict(varlen=True)):
+        args = dict(causal=True, deterministic=False) | bad
+        with pytest.raises(AssertionError):
+            default_config(d, d, "bfloat16", args.pop("causal"), args.pop("deterministic"),
+                           lpt=True, **args)
