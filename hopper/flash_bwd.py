@@ -89,9 +89,9 @@ class BwdConfig:
     # causal: KV blocks launch heaviest first (block 0 sees every query block), all heads of an
     # L2-sized group of lpt_mb before the next lighter block (tile_scheduler.decode_kv_block),
     # instead of blocks 0..N-1 head after head. A host model of in-order dispatch put the grid
-    # order's tail at 3-7% of causal 1k-8k, but the H100 disagrees (2 runs of 2-3 rounds, vs off):
-    # hd128 4k +1.5/+2.5%, 16k -0.3/+6%, 2k 0/0, 1k -2/-2%; hd64 1k -10/-11% (8 and 16 MB
-    # groups: -6/-4%), 4k -0.7/-1.6%; hd256 4k +2.5/+0.3%, 1k -1%. So off; kept for A/B.
+    # order's tail at 3-7% of causal 1k-8k, but the H100 disagrees (vs off, run 1 / run 2 of 2 / 3
+    # rounds): hd64 1k -11/-10% (run 2, 8 MB groups -4%, 16 MB -6%), 4k -0.7/-1.6%; hd128 1k
+    # -2/-2%, 2k 0/0, 4k +2.5/+1.5%, 16k +6/-0.3%; hd256 1k -1%, 4k +2.5/+0.3%. So off (A/B only).
     lpt: bool = False
     lpt_mb: int = 32  # megabytes of Q / dO / dQaccum one lpt group of heads may hold in L2
     # Programmatic dependent launch: the main kernel and the postprocess launch while the kernel
