@@ -90,9 +90,12 @@ FEATURES = ("local", "softcap", "sink", "varlen", "seqused_q", "seqused_k")
 
 def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = None,
                    seqlen_k: int | None = None, features: dict | None = None,
-                   qhead_per_kvhead: int = 1, **overrides) -> FwdConfig:
+                   qhead_per_kvhead: int = 1, window: tuple[int, int] | None = None,
+                   **overrides) -> FwdConfig:
     """features: {name: True} for FEATURES; qhead_per_kvhead: the GQA ratio (pack_gqa heuristic);
-    overrides: any FwdConfig field (tiles, switches, pack_gqa=1 to turn packing off)."""
+    window: the kernel's (left, right) when local (sides may be mask.UNBOUNDED): it bounds the
+    keys one Q tile reads; overrides: any FwdConfig field (tiles, switches, pack_gqa=1 to turn
+    packing off)."""
     features = {k: bool(v) for k, v in (features or {}).items()}
     assert set(features) <= set(FEATURES), features
     dtype = _dtype_name(dtype)
@@ -122,7 +125,13 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # hd64 causal too (H100, 5 rounds, 16 MB groups: 2x8k 448 -> 465, 16k 480 -> 492, 32k 499 -> 513;
     # ncu at 16k: L2 hit rate 40% for our persistent walk, 82% for FA4's one CTA per tile);
     # hd64 non-causal loses 0.8% (8k/16k), hd64 causal 4k loses 0.7%.
-    long_kv = seqlen_k is not None and seqlen_k >= 8192
+    # A window bounds the keys one Q tile reads (FA4 sizes its splits the same way): window 4096
+    # on 32k reads 33 blocks a tile, short-KV work, so it stays persistent. H100, two runs of 5 and
+    # 7 rounds, one CTA per tile -> persistent: 595 -> 607 and 604 -> 605 TFLOP/s (FA4 595, 608).
+    kv_span = seqlen_k
+    if kv_span is not None and window is not None and features.get("local"):
+        kv_span = min(kv_span, window[0] + window[1] + 1 + tile_m)
+    long_kv = kv_span is not None and kv_span >= 8192
     if long_kv and (64 < max(d, dv) <= 128 or (causal and max(d, dv) <= 64)):
         persistent = False
     # Causal LPT groups (tile_scheduler.lpt_group): with the static persistent split, small groups
@@ -322,7 +331,8 @@ def _plan(q, k, v, out, lse, causal, window, softcap, sink, varlen, seqused_q, s
     cfg = default_config(d, dv, q.dtype, causal,
                          seqlen_q=max_seqlen_q if varlen else sq,
                          seqlen_k=max_seqlen_k if varlen else sk,
-                         features=features, qhead_per_kvhead=h // hk, **(config_overrides or {}))
+                         features=features, qhead_per_kvhead=h // hk,
+                         window=(left, right) if local else None, **(config_overrides or {}))
     fn = _compile.get_kernel(cfg, build)
     if varlen and cfg.persistent:
         grid = _num_sms(q.device)  # the tile count is known only on the device

@@ -76,3 +76,17 @@ def test_q_double_buffer_fits_beside_o():
     for d, tile_m in ((64, 192), (128, 128)):
         assert separate_o_fits(tile_m, 128, d, d, 2, q_stages=2)
         assert default_config(d, d, "bfloat16", False, q_stages=2).wg_epilogue
+
+
+def test_window_bounds_the_keys_a_tile_reads():
+    """hd128 at 32k keys launches one CTA per tile (long KV); a 4096 window reads 33 key blocks
+    a tile, so it keeps the persistent walk, and a window wider than the sequence does not."""
+    from fa3.hopper.mask import UNBOUNDED
+
+    def cfg(window):
+        return default_config(128, 128, "bfloat16", False, seqlen_q=32768, seqlen_k=32768,
+                              features=dict(local=window is not None), window=window)
+
+    assert not cfg(None).persistent
+    assert cfg((4096, 0)).persistent and cfg((2048, 2048)).persistent
+    assert not cfg((UNBOUNDED, 0)).persistent and not cfg((8192, 0)).persistent
