@@ -19,6 +19,9 @@ Two layouts (BwdConfig.swap):
   goes through smem (for dQ, whose reduction runs over all keys of the tile).
 * not swap (hd256: dK and dV are too large to keep 64 full rows per warpgroup): S = Q K^T split by
   key columns, P and dS through smem, dV/dK/dQ split by head-dim columns (wgmma SS).
+80 query rows (swapped, hd128; tile_m not whole 64-row wgmma M blocks): dQ^T = K^T dS^T puts the
+head dim in M (FA3's dQ_swapAB); dS is then stored keys-contiguous (stmatrix.trans) so its 80-wide
+tile keeps the 128-byte swizzle, and the postprocess maps dQ^T's register order back.
 GEMM issue order (swapped layout, BwdConfig A/B switches): dv_early issues dV before the dS step
 (the tensor pipe runs it while the warpgroup computes dS), dk_early issues dK before the P / dS
 barrier (GEMM work across the warpgroups' wait; Q released before dQ's store).
@@ -120,10 +123,18 @@ def red_release_add(ptr: cute.Pointer, val: int, *, loc=None, ip=None):
         is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
 
 
+def dq_transposed(cfg) -> bool:
+    """dQ^T = K^T dS^T (FA3's dQ_swapAB): a query tile that is not whole 64-row wgmma M blocks
+    (80) goes in N, the head dim (128: 64 a warpgroup) in M."""
+    return cfg.swap and cfg.tile_m % 64 != 0
+
+
 def n_split(cfg, gemm: str) -> int:
     """Head-dim columns per warpgroup of the dK/dV ("dkv") or dQ ("dq") GEMM."""
     if gemm == "dkv":
         return cfg.d if cfg.swap else cfg.d // 2
+    if dq_transposed(cfg):
+        return cfg.d // 2  # rows of dQ^T
     return cfg.d // (2 // (cfg.tile_m // 64))
 
 
@@ -138,10 +149,17 @@ def tiled_mmas(dtype, cfg):
     else:  # S (tile_m x tile_n) split by key columns; dK/dV split by head-dim columns
         sdp = make_trivial_tiled_mma(dtype, dtype, MK, MK, Float32, (1, 2, 1), (64, tn // 2))
         dkv = make_trivial_tiled_mma(dtype, dtype, MN, MN, Float32, (1, 2, 1), (64, n_split(cfg, "dkv")))
+    if dq_transposed(cfg):  # dQ^T (d x tile_m): A = K^T (MN-major), B = dS^T (K-major) in smem
+        return sdp, dkv, make_trivial_tiled_mma(dtype, dtype, MN, MK, Float32, (2, 1, 1), (64, tm))
     wg_m = tm // 64  # dQ (tile_m x d): split by rows when there are two 64-row halves
     dq = make_trivial_tiled_mma(dtype, dtype, MN if cfg.swap else MK, MN, Float32,
                                 (wg_m, 2 // wg_m, 1), (64, n_split(cfg, "dq")))
     return sdp, dkv, dq
+
+
+def dq_tile_shape(cfg) -> tuple[int, int]:
+    """The dQ GEMM's (M, N): (tile_m, d), or (d, tile_m) when transposed."""
+    return (cfg.d, cfg.tile_m) if dq_transposed(cfg) else (cfg.tile_m, cfg.d)
 
 
 def dq_copy(cfg):
@@ -161,7 +179,8 @@ class FlashBwdSm90:
         assert not (cfg.stagger and cfg.deterministic)  # the semaphores order adds per m by n
         assert not (cfg.dq_red and (cfg.deterministic or cfg.swap))  # unordered adds; hd192/256
         if cfg.swap:
-            assert self.tile_n == 128 and self.tile_m in (64, 128)
+            assert self.tile_n == 128 and self.tile_m in (64, 80, 128)
+            assert not dq_transposed(cfg) or cfg.d == 128  # dQ^T's M: 64 head dims a warpgroup
         else:
             assert self.tile_m == 64 and self.tile_n % 32 == 0
 
@@ -191,7 +210,9 @@ class FlashBwdSm90:
         sK_layout = smem_layout(dtype, tn, d, swizzle_cols=sw_k)
         sV_layout = smem_layout(dtype, tn, d)
         # P / dS tiles in the SdP accumulator's orientation (S^T: keys x queries when swapped)
-        pds_shape = (tn, tm) if const_expr(self.swap) else (tm, tn)
+        # (dQ transposed: dS keys-contiguous (tile_m x tile_n), so 80 query rows keep the 128-byte
+        # swizzle; dQ^T's B operand is then K-major and stmatrix stores S^T transposed)
+        pds_shape = (tn, tm) if const_expr(self.swap and not dq_transposed(self.cfg)) else (tm, tn)
         sPdS_layout = smem_layout(dtype, *pds_shape, self.pds_stages)
         # dkv_tma: dK / dV staged in Q's / dO's buffers (free after the last m block)
         sdKV_layout = smem_layout(dtype, tn, d, swizzle_cols=sw_qdo)  # its atoms divide dK's N split
@@ -491,7 +512,12 @@ class FlashBwdSm90:
                 wg_sdp.partition_B(sdO))
             tdVrP = wg_dkv.make_fragment_A(wg_dkv.partition_shape_A((tn, tm)))
             tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_shape_A((tn, tm)))
-            tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))
+            if const_expr(dq_transposed(self.cfg)):  # dQ^T = K^T dS^T: the operands trade places
+                tdQrdS = wg_dq.make_fragment_B(wg_dq.partition_B(sdS))
+                tdQrK = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sK)))
+            else:
+                tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))
+                tdQrK = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
         else:
             tSrA, tSrB = wg_sdp.make_fragment_A(wg_sdp.partition_A(sQ)), wg_sdp.make_fragment_B(
                 wg_sdp.partition_B(sK))
@@ -500,9 +526,9 @@ class FlashBwdSm90:
             tdVrP = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sP)))
             tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sdS)))
             tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(sdS))
+            tdQrK = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
         tdVrdO = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sdO)))
         tdKrQ = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
-        tdQrK = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
         pds_shape = (tn, tm) if const_expr(self.swap) else (tm, tn)
         shape_S = wg_sdp.partition_shape_C(pds_shape)
         acc_dV = cute.make_rmem_tensor(wg_dkv.partition_shape_C((tn, d)), Float32)
@@ -511,7 +537,8 @@ class FlashBwdSm90:
         acc_dK.fill(0.0)
         tScS_mn = acc_to_mn(thr_sdp.partition_C(cute.make_identity_tensor(pds_shape)))
         # P / dS registers -> smem (stmatrix), in the accumulator's own orientation
-        st_atom, thr_st = stmatrix_copy(self.dtype, sdp, tidx)
+        st_atom, thr_st = stmatrix_copy(self.dtype, sdp, tidx, transpose=dq_transposed(self.cfg))
+        sdS_st = transpose_view(sdS) if const_expr(dq_transposed(self.cfg)) else sdS
         thr_dq_copy = dq_copy(self.cfg).get_slice(tidx)
         if const_expr(self.cfg.dq_red):
             # this thread's 4-float vectors of query block 0's dQaccum tile, where the dQ warp
@@ -534,7 +561,7 @@ class FlashBwdSm90:
         ctx = dict(tSrA=tSrA, tSrB=tSrB, tPrA=tPrA, tPrB=tPrB, tdVrP=tdVrP, tdKrdS=tdKrdS,
                    tdQrdS=tdQrdS, tdVrdO=tdVrdO, tdKrQ=tdKrQ, tdQrK=tdQrK, shape_S=shape_S,
                    acc_dV=acc_dV, acc_dK=acc_dK, tScS_mn=tScS_mn, thr_st=thr_st, st_atom=st_atom, tdQsdQ=tdQsdQ,
-                   sP=sP, sdS=sdS, sLSE=sLSE, sD=sD, scale_log2=scale_log2, bf16=bf16, wg=wg,
+                   sP=sP, sdS=sdS_st, sLSE=sLSE, sD=sD, scale_log2=scale_log2, bf16=bf16, wg=wg,
                    sdp=sdp, dkv=dkv, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
                    window_right=window_right, softcap_pre=softcap_pre)
@@ -650,10 +677,13 @@ class FlashBwdSm90:
         if const_expr(not self.swap):
             gemm(c["dkv"], c["acc_dV"], c["tdVrP"][None, None, None, 0],
                  c["tdVrdO"][None, None, None, state.index], False, -1)
-        # dQ = dS K
-        acc_dQ = cute.make_rmem_tensor(c["dq"].get_slice(c["wg"] * 128).partition_shape_C((tm, self.d)),
-                                       Float32)
-        self.mm(c, "dq", acc_dQ, "tdQrdS", "tdQrK", pds_idx, True, 1)
+        # dQ = dS K (or dQ^T = K^T dS^T)
+        acc_dQ = cute.make_rmem_tensor(
+            c["dq"].get_slice(c["wg"] * 128).partition_shape_C(dq_tile_shape(self.cfg)), Float32)
+        if const_expr(dq_transposed(self.cfg)):
+            self.mm(c, "dq", acc_dQ, "tdQrK", "tdQrdS", pds_idx, True, 1)
+        else:
+            self.mm(c, "dq", acc_dQ, "tdQrdS", "tdQrK", pds_idx, True, 1)
         c["pipe_do"].consumer_release(state)  # dV is done with dO
         # dK += dS^T Q
         if const_expr(dk_early):  # dK is done too (Q free); dQ, the last GEMM, before its store

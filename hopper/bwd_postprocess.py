@@ -3,7 +3,8 @@ input dtype, times softmax_scale.
 
 One CTA of 256 threads per (m block, head, batch): thread t reads exactly the 16-byte vectors that
 consumer thread t of the main kernel added (dq_copy), and the dQ tiled MMA tells it which (row,
-column) each value is; rows past seqlen_q are skipped.
+column) each value is (transposed, 80-row tiles: (head dim, row), bwd_kernel.dq_transposed); rows
+past seqlen_q are skipped.
 Varlen: one CTA per (m block of the longest sequence, head, sequence); dQaccum is in the main
 kernel's per-sequence padded row layout, dQ packed (1, total_q, h, d); CTAs past a sequence's end
 exit. Rows past seqused_q have dQaccum = 0, so they get dQ = 0.
@@ -14,8 +15,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from fa3.hopper.bwd_kernel import dq_copy, tiled_mmas
-from fa3.hopper.wgmma_utils import acc_to_mn
+from fa3.hopper.bwd_kernel import dq_copy, dq_tile_shape, dq_transposed, tiled_mmas
+from fa3.hopper.wgmma_utils import acc_to_mn, transpose_view
 
 
 class BwdPostprocess:
@@ -68,15 +69,24 @@ class BwdPostprocess:
                                 cute.make_layout((chunk, 2)))
         tg = dq_copy(self.cfg).get_slice(tidx).partition_S(gacc)
         thr = dq.get_slice(tidx)
-        tc_mn = acc_to_mn(thr.partition_C(cute.make_identity_tensor((tm, d))))
-        acc = cute.make_rmem_tensor(thr.partition_shape_C((tm, d)), Float32)
+        shape = dq_tile_shape(self.cfg)  # (d, tm) when the main kernel computed dQ^T
+        tc_mn = acc_to_mn(thr.partition_C(cute.make_identity_tensor(shape)))
+        acc = cute.make_rmem_tensor(thr.partition_shape_C(shape), Float32)
         cute.autovec_copy(tg, cute.make_tensor(acc.iterator, cute.make_layout(tg.shape)))
         r = cute.make_rmem_tensor_like(acc, mdQ.element_type)
         r.store((acc.load() * softmax_scale).to(mdQ.element_type))
         gdQ = cute.local_tile(mdQ[None, None, head, batch], (tm, d), (m, 0))
-        tg_mn = acc_to_mn(thr.partition_C(gdQ))
+        end = seqlen if const_expr(seqlen is not None) else mdQ.shape[0]
         r_mn = acc_to_mn(r)
-        for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
-            if m * tm + tc_mn[i, 0][0] < (seqlen if const_expr(seqlen is not None) else mdQ.shape[0]):
-                for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
-                    tg_mn[i, j] = r_mn[i, j]
+        if const_expr(dq_transposed(self.cfg)):  # accumulator rows are head dims, columns queries
+            tg_mn = acc_to_mn(thr.partition_C(transpose_view(gdQ)))
+            for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
+                if m * tm + tc_mn[0, j][1] < end:
+                    for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
+                        tg_mn[i, j] = r_mn[i, j]
+        else:
+            tg_mn = acc_to_mn(thr.partition_C(gdQ))
+            for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
+                if m * tm + tc_mn[i, 0][0] < end:
+                    for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
+                        tg_mn[i, j] = r_mn[i, j]

@@ -75,7 +75,8 @@ def variants():
     fills += [PreprocessConfig("bf16", 128, pad_tile=64, fill=True, sem=True),
               PreprocessConfig("fp16", 64, pad_tile=128, fill=True, sem=True, seqused=True),
               PreprocessConfig("bf16", 256, pad_tile=64, fill=True, seqused=True),
-              PreprocessConfig("bf16", 64, pad_tile=64, fill=True)]  # hd64 softcap: tile_m 64
+              PreprocessConfig("bf16", 64, pad_tile=64, fill=True),  # hd64 softcap: tile_m 64
+              PreprocessConfig("bf16", 128, pad_tile=80, fill=True)]  # hd128 80-row tiles (A/B)
     return plain + fills
 
 

@@ -47,6 +47,10 @@ class BwdConfig:
     causal: bool
     deterministic: bool
     gqa: bool  # dK/dV outputs are per-query-head fp32 partials
+    # query rows a block (64 or 128; 80 at hd128, swapped: FA3's non-causal tile, an A/B switch
+    # here, with dQ computed transposed, dQ^T = K^T dS^T, and dS stored keys-contiguous; the
+    # H100 measured 0.86-0.95x of 64 with every wgmma serialized, C7512, before default_config
+    # turned stats_early / dv_early off for it; the unserialized build is unmeasured)
     tile_m: int
     tile_n: int
     stages: int  # Q / dO (+ LSE / D) ring depth
@@ -144,11 +148,15 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
         tile = dict(tile_m=64, tile_n=64, stages=2 if dq_red else 1, swap=False, dq_red=dq_red)
     if d <= 64 and overrides.get("softcap"):
         tile["tile_m"] = 64  # 1 - tanh^2 of a 128-query S^T tile would not fit in registers
+    # 80 query rows (hd128 swap, FA3's non-causal choice; dQ computed transposed): S^T and dP^T
+    # take 80 columns, which leaves no registers for LSE / D loaded early or dV issued early
+    # (ptxas serializes every wgmma, C7512, or spills)
+    tile80 = overrides.get("tile_m", tile["tile_m"]) == 80
     tile["stagger"] = False  # measured neutral on the H100 (module docstring); kept for A/B
     # where it does not spill (swap with a mask, softcap or hd64 does): H100 same run, hd128
     # non-causal 1k/4k/16k +0/+1.8/+0.8%, hd256 1k/16k/causal 4k +1.0/+0.9/+1.0%
     tile["stats_early"] = not tile["swap"] or (d > 64 and not causal and not overrides.get("local")
-                                               and not overrides.get("softcap"))
+                                               and not overrides.get("softcap") and not tile80)
     # dK / dV by TMA wherever it applies: H100 same run, +10% hd128 1k, +7% causal hd64/128 1k,
     # +1..4% at 4k/16k and hd256
     tile["dkv_tma"] = not (gqa or overrides.get("varlen") or overrides.get("seqused_k"))
@@ -162,7 +170,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # Not with dK / dV stored from registers (GQA, varlen, seqused_k: 12 / 28 B spills) or a
     # window / softcap (more registers, never measured)
     tile["dv_early"] = (d == 128 and not causal and tile["dkv_tma"] and not overrides.get("local")
-                        and not overrides.get("softcap"))
+                        and not overrides.get("softcap") and not tile80)
     tile.update(overrides)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
@@ -230,6 +238,12 @@ def variants() -> Iterator:
         yield default_config(d, d, "float16", False, True, True, local=True)
         yield default_config(d, d, "bfloat16", True, False, False, softcap=True)
         yield default_config(d, d, "bfloat16", False, False, True, softcap=True, local=True)
+    # 80 query rows, dQ transposed (an A/B switch; its postprocess maps dQ^T back)
+    for cfg in (default_config(128, 128, "bfloat16", False, tile_m=80),
+                default_config(128, 128, "float16", True, True, True, tile_m=80),
+                default_config(128, 128, "bfloat16", False, False, True, tile_m=80, varlen=True)):
+        yield cfg
+        posts.add(post_config(cfg))
     yield from sorted(posts, key=repr)
 
 

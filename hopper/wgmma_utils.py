@@ -60,10 +60,12 @@ def pack_f16x2(lo: Float32, hi: Float32, bf16: bool, *, loc=None, ip=None) -> In
         has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
 
 
-def stmatrix_copy(dtype, tiled_mma: cute.TiledMma, tidx):
+def stmatrix_copy(dtype, tiled_mma: cute.TiledMma, tidx, transpose: bool = False):
     """(stmatrix copy atom, thread `tidx`'s slice of it over the accumulator of `tiled_mma`):
-    16-bit accumulator registers -> smem in the accumulator's orientation, 16 bytes per lane."""
-    atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4),
+    16-bit accumulator registers -> smem in the accumulator's orientation, 16 bytes per lane;
+    transpose: stmatrix.trans, for a destination whose contiguous mode is the accumulator's rows
+    (partition a transpose_view of it)."""
+    atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=transpose, num_matrices=4),
                                dtype)
     return atom, cute.make_tiled_copy_C(atom, tiled_mma).get_slice(tidx)
 

@@ -124,3 +124,22 @@ def test_early_config():
         d = bad.pop("d")
         with pytest.raises(AssertionError):
             default_config(d, d, "bfloat16", False, **bad)
+
+
+def test_tile80_config():
+    """80 query rows (hd128, dQ transposed): an A/B switch, off by default; it takes neither
+    early stats nor early dV (ptxas serializes every wgmma there, C7512), and refuses dv_early
+    when asked; its build is among the compiled variants, postprocess included."""
+    from fa3.hopper.bwd_kernel import dq_tile_shape, dq_transposed
+    from fa3.hopper.flash_bwd import post_config, variants
+
+    for causal in (False, True):
+        assert default_config(128, 128, "bfloat16", causal).tile_m == 64
+    cfg = default_config(128, 128, "bfloat16", False, tile_m=80)
+    assert dq_transposed(cfg) and dq_tile_shape(cfg) == (128, 80)
+    assert not cfg.stats_early and not cfg.dv_early
+    assert not dq_transposed(default_config(128, 128, "bfloat16", False))
+    with pytest.raises(AssertionError):
+        default_config(128, 128, "bfloat16", False, tile_m=80, dv_early=True)
+    built = list(variants())
+    assert cfg in built and post_config(cfg) in built

@@ -100,6 +100,18 @@ def test_varlen_dq_red(d, causal):
     _varlen_case(MIX_Q, MIX_K, 6, 2, d, torch.bfloat16, causal, cfg=dict(dq_red=True))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_tile80(causal):
+    """80-query tiles (dQ transposed) in the per-sequence padded rows, GQA."""
+    _varlen_case(MIX_Q, MIX_K, 6, 2, 128, torch.bfloat16, causal,
+                 cfg=dict(tile_m=80))
+
+
+def test_varlen_window_tile80():
+    _varlen_case(MIX_Q, MIX_K, 4, 2, 128, torch.bfloat16, False, sink=True, window=(100, 30),
+                 cfg=dict(tile_m=80))
+
+
 @pytest.mark.parametrize("d", [96, 192])
 def test_varlen_hd96_192(d):
     _varlen_case(MIX_Q, MIX_K, 4, 2, d, torch.float16, True)
