@@ -536,7 +536,8 @@ class FlashBwdSm90:
         acc_dV.fill(0.0)
         acc_dK.fill(0.0)
         tScS_mn = acc_to_mn(thr_sdp.partition_C(cute.make_identity_tensor(pds_shape)))
-        # P / dS registers -> smem (stmatrix), in the accumulator's own orientation
+        # P / dS registers -> smem (stmatrix), in the accumulator's own orientation (dQ transposed:
+        # stmatrix.trans into the keys-contiguous dS)
         st_atom, thr_st = stmatrix_copy(self.dtype, sdp, tidx, transpose=dq_transposed(self.cfg))
         sdS_st = transpose_view(sdS) if const_expr(dq_transposed(self.cfg)) else sdS
         thr_dq_copy = dq_copy(self.cfg).get_slice(tidx)
