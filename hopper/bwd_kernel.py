@@ -130,9 +130,11 @@ def dq_transposed(cfg) -> bool:
 
 
 def n_split(cfg, gemm: str) -> int:
-    """Head-dim columns per warpgroup of the dK/dV ("dkv") or dQ ("dq") GEMM."""
-    if gemm == "dkv":
-        return cfg.d if cfg.swap else cfg.d // 2
+    """Head-dim columns per warpgroup of the dK/dV ("dkv"), dV ("dv": differs where dv != d) or
+    dQ ("dq") GEMM."""
+    if gemm in ("dkv", "dv"):
+        cols = cfg.dv if gemm == "dv" else cfg.d
+        return cols if cfg.swap else cols // 2
     if dq_transposed(cfg):
         return cfg.d // 2  # rows of dQ^T
     return cfg.d // (2 // (cfg.tile_m // 64))
@@ -141,7 +143,7 @@ def n_split(cfg, gemm: str) -> int:
 def tiled_mmas(dtype, cfg):
     """(SdP, dK/dV, dQ) tiled MMAs, shared with the postprocess kernel (dQ's register order)."""
     tm, tn, d, dv = cfg.tile_m, cfg.tile_n, cfg.d, cfg.dv
-    assert d == dv
+    assert d == dv or not cfg.swap  # d != dv (192 / 128): unswapped, dV its own GEMM (dv_mma)
     if cfg.swap:  # S^T (tile_n x tile_m), 64 keys per warpgroup; dK/dV likewise, A in registers
         sdp = make_trivial_tiled_mma(dtype, dtype, MK, MK, Float32, (2, 1, 1), (64, tm))
         dkv = make_trivial_tiled_mma(dtype, dtype, MK, MN, Float32, (2, 1, 1), (64, d),
@@ -155,6 +157,13 @@ def tiled_mmas(dtype, cfg):
     dq = make_trivial_tiled_mma(dtype, dtype, MN if cfg.swap else MK, MN, Float32,
                                 (wg_m, 2 // wg_m, 1), (64, n_split(cfg, "dq")))
     return sdp, dkv, dq
+
+
+def dv_mma(dtype, cfg, dkv):
+    """The dV GEMM's tiled MMA: dK's (dkv) unless dv != d (then split over dv's columns)."""
+    if cfg.dv == cfg.d:
+        return dkv
+    return make_trivial_tiled_mma(dtype, dtype, MN, MN, Float32, (1, 2, 1), (64, n_split(cfg, "dv")))
 
 
 def dq_tile_shape(cfg) -> tuple[int, int]:
@@ -173,8 +182,9 @@ class FlashBwdSm90:
     def __init__(self, cfg):
         self.cfg = cfg
         self.tile_m, self.tile_n, self.stages = cfg.tile_m, cfg.tile_n, cfg.stages
-        self.d = cfg.d
+        self.d, self.dv = cfg.d, cfg.dv
         self.causal, self.swap = cfg.causal, cfg.swap
+        assert self.d == self.dv or not self.swap
         self.pds_stages = cfg.stages if cfg.swap else 1
         assert not (cfg.stagger and cfg.deterministic)  # the semaphores order adds per m by n
         assert not (cfg.dq_red and (cfg.deterministic or cfg.swap))  # unordered adds; hd192/256
@@ -183,6 +193,16 @@ class FlashBwdSm90:
             assert not dq_transposed(cfg) or cfg.d == 128  # dQ^T's M: 64 head dims a warpgroup
         else:
             assert self.tile_m == 64 and self.tile_n % 32 == 0
+
+    def sw_do(self) -> int:
+        """dO's swizzle columns: its atoms divide dV's N split (as Q's divide dK's)."""
+        return math.gcd(self.dv, n_split(self.cfg, "dv"))
+
+    def sdv_layout(self, dtype, sdk_layout):
+        """dV's smem staging (dkv_tma, in dO's buffer): dK's layout unless dv != d."""
+        if self.dv == self.d:
+            return sdk_layout
+        return smem_layout(dtype, self.tile_n, self.dv, swizzle_cols=self.sw_do())
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
@@ -205,10 +225,11 @@ class FlashBwdSm90:
         # slices of the GEMMs' N split: their swizzle atoms must divide it (hd96: dQ's N is 48,
         # hd192: every N is 96); at hd 64/128/256 this is the widest swizzle, as before
         sw_qdo, sw_k = math.gcd(d, n_split(self.cfg, "dkv")), math.gcd(d, n_split(self.cfg, "dq"))
+        dv = self.dv  # dO and V (and dV) have dv columns
         sQ_layout = smem_layout(dtype, tm, d, st, sw_qdo)
-        sdO_layout = smem_layout(dtype, tm, d, st, sw_qdo)
+        sdO_layout = smem_layout(dtype, tm, dv, st, self.sw_do())
         sK_layout = smem_layout(dtype, tn, d, swizzle_cols=sw_k)
-        sV_layout = smem_layout(dtype, tn, d)
+        sV_layout = smem_layout(dtype, tn, dv)
         # P / dS tiles in the SdP accumulator's orientation (S^T: keys x queries when swapped)
         # (dQ transposed: dS keys-contiguous (tile_m x tile_n), so 80 query rows keep the 128-byte
         # swizzle; dQ^T's B operand is then K-major and stmatrix stores S^T transposed)
@@ -216,22 +237,24 @@ class FlashBwdSm90:
         sPdS_layout = smem_layout(dtype, *pds_shape, self.pds_stages)
         # dkv_tma: dK / dV staged in Q's / dO's buffers (free after the last m block)
         sdKV_layout = smem_layout(dtype, tn, d, swizzle_cols=sw_qdo)  # its atoms divide dK's N split
+        sdV_layout = self.sdv_layout(dtype, sdKV_layout)
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_Q, tQ = cpasync.make_tiled_tma_atom(g2s, mQ, cute.select(sQ_layout, mode=[0, 1]), (tm, d))
         tma_dO, tdO = cpasync.make_tiled_tma_atom(g2s, mdO, cute.select(sdO_layout, mode=[0, 1]),
-                                                  (tm, d))
+                                                  (tm, dv))
         tma_K, tK = cpasync.make_tiled_tma_atom(g2s, mK, sK_layout, (tn, d))
-        tma_V, tV = cpasync.make_tiled_tma_atom(g2s, mV, sV_layout, (tn, d))
+        tma_V, tV = cpasync.make_tiled_tma_atom(g2s, mV, sV_layout, (tn, dv))
         tma_dK, tma_dV = tma_K, tma_V  # placeholders, unused without dkv_tma
         sQ_elems, sdO_elems = cute.cosize(sQ_layout), cute.cosize(sdO_layout)
         if const_expr(self.cfg.dkv_tma):
             s2g = cpasync.CopyBulkTensorTileS2GOp()
             tma_dK, mdK = cpasync.make_tiled_tma_atom(s2g, mdK, sdKV_layout, (tn, d))
-            tma_dV, mdV = cpasync.make_tiled_tma_atom(s2g, mdV, sdKV_layout, (tn, d))
+            tma_dV, mdV = cpasync.make_tiled_tma_atom(s2g, mdV, sdV_layout, (tn, dv))
             sQ_elems = max(sQ_elems, cute.cosize(sdKV_layout))
-            sdO_elems = max(sdO_elems, cute.cosize(sdKV_layout))
+            sdO_elems = max(sdO_elems, cute.cosize(sdV_layout))
         self.bytes_q = cute.size_in_bytes(dtype, cute.select(sQ_layout, mode=[0, 1])) + tm * 4
-        self.bytes_kv = cute.size_in_bytes(dtype, sK_layout) * 2
+        self.bytes_do = cute.size_in_bytes(dtype, cute.select(sdO_layout, mode=[0, 1])) + tm * 4
+        self.bytes_kv = cute.size_in_bytes(dtype, sK_layout) + cute.size_in_bytes(dtype, sV_layout)
         pds_elems = cute.cosize(sPdS_layout)
         p_elems = 0 if const_expr(self.swap) else pds_elems  # P goes through smem only unswapped
 
@@ -293,7 +316,7 @@ class FlashBwdSm90:
             consumer_group=consumers, tx_count=self.bytes_q, defer_sync=True)
         pipe_do = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_do.data_ptr(), num_stages=self.stages, producer_group=producer,
-            consumer_group=consumers, tx_count=self.bytes_q, defer_sync=True)
+            consumer_group=consumers, tx_count=self.bytes_do, defer_sync=True)
         pipe_kv = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_kv.data_ptr(), num_stages=1, producer_group=producer,
             consumer_group=consumers, tx_count=self.bytes_kv, defer_sync=True)
@@ -316,15 +339,16 @@ class FlashBwdSm90:
         sdK, sdV = sQ, sdO  # unused without dkv_tma
         if const_expr(self.cfg.dkv_tma):
             sdK = storage.sQ.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner)
-            sdV = storage.sdO.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner)
+            sdV_layout = self.sdv_layout(self.dtype, sdKV_layout)
+            sdV = storage.sdO.get_tensor(sdV_layout.outer, swizzle=sdV_layout.inner)
 
         n_block, head, batch = cute.arch.block_idx()
         if const_expr(self.cfg.spt):
             n_block = cute.arch.grid_dim()[0] - 1 - n_block
         if const_expr(self.cfg.lpt):  # heaviest KV blocks first, in L2-sized groups of heads
             num_n, num_h, num_b = cute.arch.grid_dim()
-            # bytes per query row: Q and dO (2 bytes, d = dv) and dQaccum (fp32)
-            group = tile_scheduler.lpt_group(mQ.shape[0], 8 * self.d, 1, num_h * num_b, num_n,
+            # bytes per query row: Q and dO (2 bytes) and dQaccum (fp32)
+            group = tile_scheduler.lpt_group(mQ.shape[0], 6 * self.d + 2 * self.dv, 1, num_h * num_b, num_n,
                                              self.cfg.lpt_mb << 20, static_split=False)
             n_block, head, batch = tile_scheduler.decode_kv_block(
                 n_block + num_n * (head + num_h * batch), num_n, num_h, num_h * num_b, group)
@@ -407,9 +431,9 @@ class FlashBwdSm90:
                  seqlen_q, seqlen_k):
         one = cute.make_layout(1)
         gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
-        gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
+        gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.dv), (n_block, 0))
         gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (None, 0))
-        gdO = cute.local_tile(mdO[None, None, head, batch], (self.tile_m, self.d), (None, 0))
+        gdO = cute.local_tile(mdO[None, None, head, batch], (self.tile_m, self.dv), (None, 0))
         tKs, tKg = cpasync.tma_partition(tma_K, 0, one, cute.group_modes(sK, 0, 2),
                                          cute.group_modes(gK, 0, 2))
         tVs, tVg = cpasync.tma_partition(tma_V, 0, one, cute.group_modes(sV, 0, 2),
@@ -503,6 +527,8 @@ class FlashBwdSm90:
         if const_expr(self.cfg.pdl):  # before any global access: dq_red adds to dQaccum, and
             cute.arch.griddepcontrol_wait()  # dK / dV may be zeroed by the kernel just before
         wg_sdp, wg_dkv, wg_dq = sdp.get_slice(wg * 128), dkv.get_slice(wg * 128), dq.get_slice(wg * 128)
+        dvm = dv_mma(self.dtype, self.cfg, dkv)  # dkv itself unless dv != d
+        wg_dvm = dvm.get_slice(wg * 128)
         thr_sdp = sdp.get_slice(tidx)
         if const_expr(self.swap):
             # S^T = K Q^T, dP^T = V dO^T; dV += P^T dO and dK += dS^T Q with A in registers
@@ -523,15 +549,15 @@ class FlashBwdSm90:
                 wg_sdp.partition_B(sK))
             tPrA, tPrB = wg_sdp.make_fragment_A(wg_sdp.partition_A(sdO)), wg_sdp.make_fragment_B(
                 wg_sdp.partition_B(sV))
-            tdVrP = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sP)))
+            tdVrP = wg_dvm.make_fragment_A(wg_dvm.partition_A(transpose_view(sP)))
             tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sdS)))
             tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(sdS))
             tdQrK = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
-        tdVrdO = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sdO)))
+        tdVrdO = wg_dvm.make_fragment_B(wg_dvm.partition_B(transpose_view(sdO)))
         tdKrQ = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
         pds_shape = (tn, tm) if const_expr(self.swap) else (tm, tn)
         shape_S = wg_sdp.partition_shape_C(pds_shape)
-        acc_dV = cute.make_rmem_tensor(wg_dkv.partition_shape_C((tn, d)), Float32)
+        acc_dV = cute.make_rmem_tensor(wg_dvm.partition_shape_C((tn, self.dv)), Float32)
         acc_dK = cute.make_rmem_tensor(wg_dkv.partition_shape_C((tn, d)), Float32)
         acc_dV.fill(0.0)
         acc_dK.fill(0.0)
@@ -563,7 +589,7 @@ class FlashBwdSm90:
                    tdQrdS=tdQrdS, tdVrdO=tdVrdO, tdKrQ=tdKrQ, tdQrK=tdQrK, shape_S=shape_S,
                    acc_dV=acc_dV, acc_dK=acc_dK, tScS_mn=tScS_mn, thr_st=thr_st, st_atom=st_atom, tdQsdQ=tdQsdQ,
                    sP=sP, sdS=sdS_st, sLSE=sLSE, sD=sD, scale_log2=scale_log2, bf16=bf16, wg=wg,
-                   sdp=sdp, dkv=dkv, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
+                   sdp=sdp, dkv=dkv, dvm=dvm, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
                    window_right=window_right, softcap_pre=softcap_pre)
         if const_expr(self.cfg.desc_hoist):
@@ -583,11 +609,11 @@ class FlashBwdSm90:
         acc_dK.store(acc_dK.load() * softmax_scale)
         if const_expr(self.cfg.dkv_tma):
             tma_dK, tma_dV, sdK, sdV = dkv_out
-            self.store_tma(acc_dK, acc_dV, sdK, sdV, mdK, mdV, tma_dK, tma_dV, dkv, tidx, n_block,
+            self.store_tma(acc_dK, acc_dV, sdK, sdV, mdK, mdV, tma_dK, tma_dV, dkv, dvm, tidx, n_block,
                            head, batch)
         else:
-            self.store_rows(acc_dK, mdK, dkv, tidx, n_block, head, batch, seqlen_k)
-            self.store_rows(acc_dV, mdV, dkv, tidx, n_block, head, batch, seqlen_k)
+            self.store_rows(acc_dK, mdK, dkv, tidx, n_block, head, batch, seqlen_k, self.d)
+            self.store_rows(acc_dV, mdV, dvm, tidx, n_block, head, batch, seqlen_k, self.dv)
 
     @cute.jit
     def one_m_block(self, c, state, m, masked: cutlass.Constexpr[bool]):
@@ -636,7 +662,7 @@ class FlashBwdSm90:
             if const_expr(self.cfg.dv_early):
                 # dV += P^T dO now: the tensor pipe runs it while this warpgroup computes dS
                 # (else it idles there, both warpgroups being in their dS step at once)
-                self.mm(c, "dkv", c["acc_dV"], "tdVrP", "tdVrdO", state.index, False, -1)
+                self.mm(c, "dvm", c["acc_dV"], "tdVrP", "tdVrdO", state.index, False, -1)
         else:
             rP = cute.make_rmem_tensor(acc_S.layout.shape, self.dtype)
             self.pack(rP, acc_S, c["bf16"])
@@ -667,7 +693,7 @@ class FlashBwdSm90:
         cute.copy(c["st_atom"], thr_st.retile(rdS), thr_st.partition_D(c["sdS"][None, None, pds_idx]))
         if const_expr(self.swap and not self.cfg.dv_early):
             # dV += P^T dO (P^T in registers) while the other warpgroup finishes its dS
-            self.mm(c, "dkv", c["acc_dV"], "tdVrP", "tdVrdO", state.index, False, -1)
+            self.mm(c, "dvm", c["acc_dV"], "tdVrP", "tdVrdO", state.index, False, -1)
         dk_early = const_expr(self.swap and self.cfg.dk_early)
         if const_expr(dk_early):
             # dK += dS^T Q needs only this warpgroup's dS (registers): issued before the barrier,
@@ -676,7 +702,7 @@ class FlashBwdSm90:
         cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> wgmma (async proxy)
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
         if const_expr(not self.swap):
-            gemm(c["dkv"], c["acc_dV"], c["tdVrP"][None, None, None, 0],
+            gemm(c["dvm"], c["acc_dV"], c["tdVrP"][None, None, None, 0],
                  c["tdVrdO"][None, None, None, state.index], False, -1)
         # dQ = dS K (or dQ^T = K^T dS^T)
         acc_dQ = cute.make_rmem_tensor(
@@ -757,23 +783,23 @@ class FlashBwdSm90:
             d32[i] = pack_f16x2(src[2 * i], src[2 * i + 1], bf16)
 
     @cute.jit
-    def store_tma(self, acc_dK, acc_dV, sdK, sdV, mdK, mdV, tma_dK, tma_dV, tiled_mma, tidx, n_block,
-                  head, batch):
+    def store_tma(self, acc_dK, acc_dV, sdK, sdV, mdK, mdV, tma_dK, tma_dV, mma_dk, mma_dv, tidx,
+                  n_block, head, batch):
         """dK / dV tiles through smem (Q's and dO's buffers, free once both warpgroups are past
         their last m block) and one TMA store each, rows past seqlen_k clipped by the TMA unit:
         the register path's 4-byte stores queued in the LSU at every CTA's end (ncu hd128 1k:
         lg-throttle stalls 0.9 per instruction; FA4 stores these tiles by TMA too)."""
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)  # last wgmma reads of Q / dO
-        st_atom, thr = stmatrix_copy(self.dtype, tiled_mma, tidx)
-        for acc, s in ((acc_dK, sdK), (acc_dV, sdV)):
+        for acc, s, mma in ((acc_dK, sdK, mma_dk), (acc_dV, sdV, mma_dv)):
+            st_atom, thr = stmatrix_copy(self.dtype, mma, tidx)
             r = cute.make_rmem_tensor_like(acc, self.dtype)
             r.store(acc.load().to(self.dtype))
             cute.copy(st_atom, thr.retile(r), thr.partition_D(s))
         cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> TMA (async proxy)
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
         if tidx < 32:
-            for atom, s, m in ((tma_dK, sdK, mdK), (tma_dV, sdV, mdV)):
-                g = cute.local_tile(m[None, None, head, batch], (self.tile_n, self.d), (n_block, 0))
+            for atom, s, m, cols in ((tma_dK, sdK, mdK, self.d), (tma_dV, sdV, mdV, self.dv)):
+                g = cute.local_tile(m[None, None, head, batch], (self.tile_n, cols), (n_block, 0))
                 ts, tg = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(s, 0, 2),
                                                cute.group_modes(g, 0, 2))
                 cute.copy(atom, ts, tg)
@@ -781,14 +807,16 @@ class FlashBwdSm90:
             cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the stores' reads
 
     @cute.jit
-    def store_rows(self, acc, mOut, tiled_mma, tidx, n_block, head, batch, seqlen_k):
-        """dK / dV tile from registers to global memory (rows past seqlen_k skipped)."""
+    def store_rows(self, acc, mOut, tiled_mma, tidx, n_block, head, batch, seqlen_k,
+                   cols: cutlass.Constexpr[int]):
+        """dK / dV tile (cols: d or dv) from registers to global memory (rows past seqlen_k
+        skipped)."""
         r = cute.make_rmem_tensor_like(acc, mOut.element_type)
         r.store(acc.load().to(mOut.element_type))
-        gO = cute.local_tile(mOut[None, None, head, batch], (self.tile_n, self.d), (n_block, 0))
+        gO = cute.local_tile(mOut[None, None, head, batch], (self.tile_n, cols), (n_block, 0))
         thr = tiled_mma.get_slice(tidx)
         tg_mn = acc_to_mn(thr.partition_C(gO))
-        tc_mn = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, self.d))))
+        tc_mn = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, cols))))
         r_mn = acc_to_mn(r)
         for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
             if n_block * self.tile_n + tc_mn[i, 0][0] < seqlen_k:

@@ -31,11 +31,15 @@ DTYPES = ("bfloat16", "float16")
 # the GPU tests; an implemented but unverified one is refused unless allow_unverified=True (the GPU
 # tests pass it), so no user gets an untested gradient.
 # Head dims 96 and 192 count as features "hd96" / "hd192" here until GPU-verified.
-IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink", "varlen", "seqused", "hd96", "hd192"})
+# "hd192_128": q/k head dim 192 with v 128 (DeepSeek's), the unswapped layout with dV its own
+# GEMM; compiled on the CPU, its GPU tests (test_hd192_128*) not yet run.
+IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink", "varlen", "seqused", "hd96", "hd192",
+                                  "hd192_128"})
 # All passed on an H100 (2026-11-22): tests/test_hopper_bwd_gpu.py -k "window or softcap or spt"
 # and tests/test_hopper_bwd_features_gpu.py.
-VERIFIED_FEATURES = IMPLEMENTED_FEATURES
+VERIFIED_FEATURES = IMPLEMENTED_FEATURES - {"hd192_128"}
 HEAD_DIMS = (64, 96, 128, 192, 256)
+SPLIT_HEAD_DIMS = ((192, 128),)  # (q/k, v) pairs with dv != d
 SMEM_LIMIT = 227 * 1024
 
 
@@ -124,10 +128,11 @@ class PostConfig:
     pdl: bool = False  # launched dependent on the main kernel (BwdConfig.pdl)
 
 
-def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False) -> int:
+def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False, dv=None) -> int:
+    dv = d if dv is None else dv  # Q, K: d columns; dO, V: dv
     pds = tile_m * tile_n * elem * (stages if swap else 2)  # dS ring (swap) or P + dS
     dq = 0 if dq_red else tile_m * d * 4  # fp32 dQ staging
-    return (2 * stages * tile_m * d * elem + 2 * tile_n * d * elem + pds + dq
+    return (stages * tile_m * (d + dv) * elem + tile_n * (d + dv) * elem + pds + dq
             + 2 * stages * tile_m * 4 + 1024)
 
 
@@ -187,7 +192,8 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
-                      dq_red=cfg.dq_red) <= SMEM_LIMIT, cfg
+                      dq_red=cfg.dq_red, dv=dv) <= SMEM_LIMIT, cfg
+    assert d == dv or (not cfg.swap and (d, dv) in SPLIT_HEAD_DIMS), cfg
     return cfg
 
 
@@ -238,6 +244,12 @@ def variants() -> Iterator:
         yield default_config(d, d, "float16", False, True, True, local=True)
         yield default_config(d, d, "bfloat16", True, False, False, softcap=True)
         yield default_config(d, d, "bfloat16", False, False, True, softcap=True, local=True)
+    # q/k 192 with v 128 (built, its GPU tests not yet run): MHA and GQA, causal, deterministic
+    for cfg in (default_config(192, 128, "bfloat16", False),
+                default_config(192, 128, "float16", True, True, True),
+                default_config(192, 128, "bfloat16", True, False, True, varlen=True)):
+        yield cfg
+        posts.add(post_config(cfg))
     # 80 query rows, dQ transposed (an A/B switch; its postprocess maps dQ^T back)
     for cfg in (default_config(128, 128, "bfloat16", False, tile_m=80),
                 default_config(128, 128, "float16", True, True, True, tile_m=80),
@@ -309,8 +321,10 @@ def bwd_missing(r) -> str | None:
 
     if r.dtype not in (torch.float16, torch.bfloat16):
         return f"backward for dtype {r.dtype}"
-    if r.d != r.dv:
+    if r.d != r.dv and (r.d, r.dv) not in SPLIT_HEAD_DIMS:
         return f"backward for head dim q/k {r.d} != v {r.dv}"
+    if r.d != r.dv and f"hd{r.d}_{r.dv}" in IMPLEMENTED_FEATURES - VERIFIED_FEATURES:
+        return f"backward for head dims q/k {r.d}, v {r.dv} (built, not yet GPU-verified)"
     if r.d not in HEAD_DIMS:
         return f"backward for head dim {r.d} (sm90 supports {', '.join(map(str, HEAD_DIMS))} today)"
     if f"hd{r.d}" in IMPLEMENTED_FEATURES - VERIFIED_FEATURES:
@@ -408,11 +422,18 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     cu_q, cu_k = features.get("cu_seqlens_q"), features.get("cu_seqlens_k")
     used_q, used_k = features.get("seqused_q"), features.get("seqused_k")
     rows, tm = plan.rows, cfg.tile_m
-    if varlen:  # rows outside every sequence and gaps between them: the caller's fill (below)
-        dq = torch.zeros_like(q)  # rows outside every sequence are never written
+    dv = v.shape[-1]
+    if varlen or dv != d:  # padding rows (varlen: rows outside every sequence, gaps) filled here:
+        # the preprocess's own fill zeroes dQaccum rows of dv floats, so d != dv comes here too
+        dq = torch.zeros_like(q) if varlen else torch.empty_like(q)
         lse2 = torch.full((b, h, rows), math.inf, device=dev, dtype=torch.float32)
         dsum = torch.zeros((b, h, rows), device=dev, dtype=torch.float32)
-        plan.pre(out, dout, lse, dsum, lse2, cu_q, used_q, plan.max_q)
+        if varlen:
+            plan.pre(out, dout, lse, dsum, lse2, cu_q, used_q, plan.max_q)
+        elif used_q is not None:
+            plan.pre(out, dout, lse, dsum, lse2, None, used_q, None)
+        else:
+            plan.pre(out, dout, lse, dsum, lse2)
         dqacc = torch.zeros((b, h, rows * d), device=dev, dtype=torch.float32)
         sem = (torch.zeros((b, h, rows // tm), device=dev, dtype=torch.int32) if deterministic
                else None)
@@ -427,10 +448,10 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         if sem is None:
             sem = _NO_SEM[dev] = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
     if cfg.gqa:  # per-query-head fp32 partials, summed over each group below
-        part = torch.empty((2, b, sk, h, d), device=dev, dtype=torch.float32)
-        if used_k is not None or varlen:
-            part.zero_()  # keys past seqused_k or outside every sequence are not written
-        dk_part, dv_part = part.unbind(0)
+        # (keys past seqused_k or outside every sequence are not written)
+        alloc = torch.zeros if (used_k is not None or varlen) else torch.empty
+        dk_part = alloc((b, sk, h, d), device=dev, dtype=torch.float32)
+        dv_part = alloc((b, sk, h, dv), device=dev, dtype=torch.float32)
     elif used_k is not None or varlen:
         dk_part, dv_part = torch.zeros_like(k), torch.zeros_like(v)
     else:
@@ -442,7 +463,7 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     if cfg.gqa:
         g = h // hk
         dk_part = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
-        dv_part = dv_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
+        dv_part = dv_part.view(b, sk, hk, g, dv).sum(3).to(q.dtype)
     if varlen:
         dq, dk_part, dv_part = dq.squeeze(0), dk_part.squeeze(0), dv_part.squeeze(0)
     return (dq, dk_part, dv_part) if sink is None else (dq, dk_part, dv_part,
@@ -460,6 +481,8 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
     names = {_FEATURE_NAMES.get(f, f) for f in features}
     if f"hd{q.shape[-1]}" in IMPLEMENTED_FEATURES:
         names.add(f"hd{q.shape[-1]}")
+    if q.shape[-1] != v.shape[-1]:  # a (q/k, v) pair counts as its own feature
+        names.add(f"hd{q.shape[-1]}_{v.shape[-1]}")
     missing = sorted(names - IMPLEMENTED_FEATURES)
     if missing:
         raise NotImplementedError(f"fa3: sm90 backward does not support {missing} yet")
@@ -476,9 +499,11 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
         q, k, v, out, dout, lse = (t.unsqueeze(0) for t in (q, k, v, out, dout, lse))
     b, sq, h, d = q.shape
     _, sk, hk, dv = v.shape
-    if d != dv or d not in HEAD_DIMS:  # the forward takes more head dims than this backward
+    if d not in HEAD_DIMS or (d != dv and (d, dv) not in SPLIT_HEAD_DIMS):
+        # the forward takes more head dims than this backward
         raise NotImplementedError(f"fa3: sm90 backward for head dims q/k {d}, v {dv} is not built "
-                                  f"yet (it supports {', '.join(map(str, HEAD_DIMS))}, q/k = v)")
+                                  f"yet (it supports {', '.join(map(str, HEAD_DIMS))} with q/k = v, "
+                                  "and q/k 192 with v 128)")
     assert tuple(k.shape) == (b, sk, hk, d) and tuple(dout.shape) == tuple(out.shape) == (b, sq, h, dv)
     assert tuple(lse.shape) == (b, h, sq) and lse.dtype == torch.float32
     assert h % hk == 0 and q.dtype == k.dtype == v.dtype == out.dtype == dout.dtype
@@ -501,6 +526,8 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
     dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
     if varlen:
         pre = PreprocessConfig(dt, dv, varlen=True, seqused=used_q is not None, pad_tile=tm)
+    elif d != dv:  # the plain one; the caller fills padding and zeroes dQaccum (d floats a row)
+        pre = PreprocessConfig(dt, dv, seqused=used_q is not None)
     else:  # the fill variant: it writes the padded rows, dQaccum and semaphores the kernel reads
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None, pad_tile=tm, fill=True,
                                sem=bool(deterministic), pdl=cfg.pdl)

@@ -57,13 +57,13 @@ def _flash_bwd(do, q, k, v, out, lse, causal, deterministic=False, **features):
 
 
 def _varlen_case(lens_q, lens_k, h, hk, d, dtype, causal, deterministic=False, used_q=None,
-                 used_k=None, sink=False, window=None, cfg=None):
+                 used_k=None, sink=False, window=None, cfg=None, dv=None):
     torch.manual_seed(sum(lens_q) + 3 * sum(lens_k) + d + h)
     tq, tk = sum(lens_q), sum(lens_k)
     q = torch.randn(tq, h, d, device="cuda", dtype=dtype)
     k = torch.randn(tk, hk, d, device="cuda", dtype=dtype)
-    v = torch.randn(tk, hk, d, device="cuda", dtype=dtype)
-    do = torch.randn(tq, h, d, device="cuda", dtype=dtype)
+    v = torch.randn(tk, hk, dv or d, device="cuda", dtype=dtype)
+    do = torch.randn(tq, h, dv or d, device="cuda", dtype=dtype)
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
     s = torch.randn(h, device="cuda", dtype=torch.float32) if sink else None
     opt = dict(seqused_q=used_q, seqused_k=used_k, window_size=window or (-1, -1))
@@ -147,10 +147,13 @@ def test_varlen_window_sink():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_dense_seqused(causal):
-    b, h, hk, sq, sk, d = 3, 4, 2, 300, 517, 64
+@pytest.mark.parametrize("d,dv", [(64, 64), (192, 128)])
+def test_dense_seqused(causal, d, dv):
+    """(192 / 128: the plain preprocess with seqused, padding filled by the caller)"""
+    b, h, hk, sq, sk = 3, 4, 2, 300, 517
     q, k, v = random_qkv(b, h, hk, sq, sk, d, torch.bfloat16)
-    do = torch.randn_like(q)
+    v = v[..., :dv].contiguous()
+    do = torch.randn(b, sq, h, dv, device="cuda", dtype=torch.bfloat16)
     used_q = torch.tensor([300, 0, 77], device="cuda", dtype=torch.int32)
     used_k = torch.tensor([1, 517, 200], device="cuda", dtype=torch.int32)
 
@@ -216,6 +219,38 @@ def test_hd96_192_deterministic(d):
     for _ in range(5):
         for a, g in zip(first, _flash_bwd(do, q, k, v, out, lse, True, True)):
             assert torch.equal(a, g)
+
+
+@pytest.mark.parametrize("bhs", [(2, 4, 4), (1, 6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (799, 3), (3, 1100), (1000, 1357)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hd192_128(causal, sq, sk, bhs):
+    """q/k head dim 192 with v 128 (DeepSeek's): dV its own GEMM over 128 columns, the
+    preprocess's D over dv, dQaccum rows of 192 floats zeroed by the caller."""
+    b, h, hk = bhs
+    q, k, _ = random_qkv(b, h, hk, sq, sk, 192, torch.bfloat16)
+    v = torch.randn(b, sk, hk, 128, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn(b, sq, h, 128, device="cuda", dtype=torch.bfloat16)
+
+    def fn(upcast):
+        return lambda q, k, v: attention_ref(q, k, v, causal=causal, upcast=upcast)
+
+    out, lse = fn(True)(q, k, v)
+    got = _flash_bwd(do, q, k, v, out, lse, causal)
+    _check(got, _grads(fn(True), (q, k, v), do), _grads(fn(False), (q, k, v), do),
+           ("dq", "dk", "dv"), torch.bfloat16)
+
+
+def test_hd192_128_deterministic_varlen():
+    got, (q, k, v, out, lse, do, feats) = _varlen_case(MIX_Q, MIX_K, 4, 2, 192, torch.float16,
+                                                       True, deterministic=True, dv=128)
+    for _ in range(5):
+        for a, g in zip(got, _flash_bwd(do, q, k, v, out, lse, True, True, **feats)):
+            assert torch.equal(a, g)
+
+
+def test_hd192_128_varlen_window():
+    _varlen_case(MIX_Q, MIX_K, 4, 4, 192, torch.bfloat16, False, window=(100, 30), dv=128)
 
 
 def test_api_varlen_sink_autograd(monkeypatch):
