@@ -32,7 +32,8 @@ DTYPES = ("bfloat16", "float16")
 # tests pass it), so no user gets an untested gradient.
 # Head dims 96 and 192 count as features "hd96" / "hd192" here until GPU-verified.
 # "hd192_128": q/k head dim 192 with v 128 (DeepSeek's), the unswapped layout with dV its own
-# GEMM; compiled on the CPU, its GPU tests (test_hd192_128*) not yet run.
+# GEMM; compiled on the CPU, its GPU tests not yet run (tests/test_hopper_bwd_features_gpu.py
+# -k "192-128 or 192_128 or dense_seqused").
 IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink", "varlen", "seqused", "hd96", "hd192",
                                   "hd192_128"})
 # All passed on an H100 (2026-11-22): tests/test_hopper_bwd_gpu.py -k "window or softcap or spt"
