@@ -32,13 +32,13 @@ DTYPES = ("bfloat16", "float16")
 # tests pass it), so no user gets an untested gradient.
 # Head dims 96 and 192 count as features "hd96" / "hd192" here until GPU-verified.
 # "hd192_128": q/k head dim 192 with v 128 (DeepSeek's), the unswapped layout with dV its own
-# GEMM; compiled on the CPU, its GPU tests not yet run (tests/test_hopper_bwd_features_gpu.py
-# -k "192-128 or 192_128 or dense_seqused").
+# GEMM; verified on an H200 (2026-12-06, 26 passed): tests/test_hopper_bwd_features_gpu.py
+# -k "192-128 or 192_128 or dense_seqused".
 IMPLEMENTED_FEATURES = frozenset({"window", "softcap", "sink", "varlen", "seqused", "hd96", "hd192",
                                   "hd192_128"})
 # All passed on an H100 (2026-11-22): tests/test_hopper_bwd_gpu.py -k "window or softcap or spt"
 # and tests/test_hopper_bwd_features_gpu.py.
-VERIFIED_FEATURES = IMPLEMENTED_FEATURES - {"hd192_128"}
+VERIFIED_FEATURES = IMPLEMENTED_FEATURES
 HEAD_DIMS = (64, 96, 128, 192, 256)
 SPLIT_HEAD_DIMS = ((192, 128),)  # (q/k, v) pairs with dv != d
 SMEM_LIMIT = 227 * 1024

@@ -148,8 +148,8 @@ def test_tile80_config():
 
 def test_hd192_128_config_and_gate():
     """q/k 192 with v 128: the unswapped layout with dV's own GEMM (its smem counted with dv),
-    compiled among the variants; until its GPU tests pass, the API refuses its gradient by name
-    and flash_bwd only with allow_unverified; other d != dv pairs stay refused outright."""
+    compiled among the variants and accepted (GPU-verified); other d != dv pairs stay refused
+    outright."""
     import torch
 
     from fa3._dispatch import FwdRequest
@@ -162,8 +162,7 @@ def test_hd192_128_config_and_gate():
     req = lambda d, dv: FwdRequest(torch.bfloat16, d, dv, False, (-1, -1), 0.0, False, False,
                                    False, False)
     assert fb.bwd_missing(req(192, 192)) is None
-    if "hd192_128" not in fb.VERIFIED_FEATURES:
-        assert "not yet GPU-verified" in fb.bwd_missing(req(192, 128))
+    assert fb.bwd_missing(req(192, 128)) is None
     assert "!=" in fb.bwd_missing(req(128, 64))
     with pytest.raises(AssertionError):
         default_config(128, 64, "bfloat16", False)  # swapped layout: d == dv only
