@@ -4,7 +4,10 @@ input dtype, times softmax_scale.
 One CTA of 256 threads per (m block, head, batch): thread t reads exactly the 16-byte vectors that
 consumer thread t of the main kernel added (dq_copy), and the dQ tiled MMA tells it which (row,
 column) each value is (transposed, 80-row tiles: (head dim, row), bwd_kernel.dq_transposed); rows
-past seqlen_q are skipped.
+past seqlen_q are skipped. Where whole 16-byte row pieces tile the CTA (head dim 64, 128, 256; not
+transposed) the dQ tile goes through smem first (stmatrix, rows padded by 16 bytes: no bank
+conflicts) so that each thread stores 16 contiguous bytes of a row instead of 4-byte pairs
+scattered over 8 rows per warp instruction (FA4's postprocess stages dQ through smem too).
 Varlen: one CTA per (m block of the longest sequence, head, sequence); dQaccum is in the main
 kernel's per-sequence padded row layout, dQ packed (1, total_q, h, d); CTAs past a sequence's end
 exit. Rows past seqused_q have dQaccum = 0, so they get dQ = 0.
@@ -16,7 +19,9 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from fa3.hopper.bwd_kernel import dq_copy, dq_tile_shape, dq_transposed, tiled_mmas
-from fa3.hopper.wgmma_utils import acc_to_mn, transpose_view
+from fa3.hopper.wgmma_utils import acc_to_mn, stmatrix_copy, transpose_view
+
+THREADS = 256
 
 
 class BwdPostprocess:
@@ -36,7 +41,7 @@ class BwdPostprocess:
             num_m_blocks = (max_seqlen_q + (self.tile_m - 1)) // self.tile_m
             num_batch = mCuSeqlensQ.shape[0] - 1
         self.kernel(mdQacc, mdQ, dq, softmax_scale, mCuSeqlensQ).launch(
-            grid=[num_m_blocks, mdQ.shape[2], num_batch], block=[256, 1, 1], stream=stream,
+            grid=[num_m_blocks, mdQ.shape[2], num_batch], block=[THREADS, 1, 1], stream=stream,
             use_pdl=self.cfg.pdl)
 
     @cute.kernel
@@ -84,9 +89,39 @@ class BwdPostprocess:
                 if m * tm + tc_mn[0, j][1] < end:
                     for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
                         tg_mn[i, j] = r_mn[i, j]
+        elif const_expr(staged(self.cfg)):
+            self.store_staged(r, gdQ, dq, tidx, m, end)
         else:
             tg_mn = acc_to_mn(thr.partition_C(gdQ))
             for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
                 if m * tm + tc_mn[i, 0][0] < end:
                     for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
                         tg_mn[i, j] = r_mn[i, j]
+
+    @cute.jit
+    def store_staged(self, r, gdQ, dq, tidx, m, end):
+        """r (this thread's dQ registers, in the dQ MMA's layout) -> smem -> 16-byte row pieces
+        of gdQ; rows at or past end skipped."""
+        tm, d, dtype = self.tile_m, self.d, r.element_type
+        smem = cutlass.utils.SmemAllocator()
+        sdQ = smem.allocate_tensor(dtype, cute.make_layout((tm, d), stride=(d + 8, 1)),
+                                   byte_alignment=16)
+        atom, thr_st = stmatrix_copy(dtype, dq, tidx)
+        cute.copy(atom, thr_st.retile(r), thr_st.partition_D(sdQ))
+        cute.arch.barrier()
+        vec = 128 // dtype.width
+        cols = d // vec
+        copy = cute.make_tiled_copy_tv(
+            cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128),
+            cute.make_layout((THREADS // cols, cols), stride=(cols, 1)), cute.make_layout((1, vec)))
+        thr = copy.get_slice(tidx)
+        tS, tD = thr.partition_S(sdQ), thr.partition_D(gdQ)
+        tC = thr.partition_S(cute.make_identity_tensor((tm, d)))
+        for k in cutlass.range_constexpr(cute.size(tS, mode=[1])):
+            if m * tm + tC[0, k, 0][0] < end:
+                cute.autovec_copy(tS[None, k, None], tD[None, k, None])
+
+
+def staged(cfg) -> bool:
+    """Whether the dQ tile is stored through smem (BwdPostprocess.store_staged)."""
+    return not dq_transposed(cfg) and THREADS % (cfg.d // 8) == 0
