@@ -67,11 +67,13 @@ class BwdPostprocess:
         """One dQ tile; rows at or past seqlen (None: all of mdQ's rows) are skipped."""
         tm, d = self.tile_m, self.d
         chunk = tm * d // 2
-        # The offset pointer's alignment is unknown, so these are 4-byte loads (LDG.E x 32); the
-        # 16-byte ones (make_ptr with assumed_align=16: LDG.E.128 x 8) measured slower, H100 hd128
-        # b16 s1k: 73.6 -> 88.6 us for this kernel (FA4's: 68-69)
-        gacc = cute.make_tensor(mdQacc[batch, head, None].iterator + m * tm * d,
-                                cute.make_layout((chunk, 2)))
+        # 16-byte loads: dQaccum's base, strides and tile offsets are whole 16-byte units, which
+        # the DSL cannot see through the offset. With the staged stores, H100 b16 s1k: hd256
+        # 72.5 -> 68.0 us, hd64 / hd128 level (FA4's: 67-68); with the old direct stores they had
+        # measured slower (73.6 -> 88.6 us at hd128)
+        base = mdQacc[batch, head, None].iterator + m * tm * d
+        base = cute.make_ptr(Float32, base.toint(), cute.AddressSpace.gmem, assumed_align=16)
+        gacc = cute.make_tensor(base, cute.make_layout((chunk, 2)))
         tg = dq_copy(self.cfg).get_slice(tidx).partition_S(gacc)
         thr = dq.get_slice(tidx)
         shape = dq_tile_shape(self.cfg)  # (d, tm) when the main kernel computed dQ^T
