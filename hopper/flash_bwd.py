@@ -72,7 +72,7 @@ class BwdConfig:
     # Load each m block's LSE / D values into registers right after the S / dP GEMMs are issued,
     # not where the exp2 / dS loops use them (ncu, hd128 1k: short-scoreboard stalls 1.6 vs
     # FA4's 0.9 per issued instruction). Costs live registers: default_config turns it on where
-    # the build does not spill.
+    # it measured a gain (see there).
     stats_early: bool = False
     # dK / dV stored by TMA from smem (Q's / dO's buffers) instead of from registers; MHA dense
     # only (GQA's fp32 partials do not fit those buffers; a TMA store cannot stop at a varlen
@@ -160,8 +160,10 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # (ptxas serializes every wgmma, C7512, or spills)
     tile80 = overrides.get("tile_m", tile["tile_m"]) == 80
     tile["stagger"] = False  # measured neutral on the H100 (module docstring); kept for A/B
-    # where it does not spill (swap with a mask, softcap or hd64 does): H100 same run, hd128
-    # non-causal 1k/4k/16k +0/+1.8/+0.8%, hd256 1k/16k/causal 4k +1.0/+0.9/+1.0%
+    # where it measured a gain: H100 same run, hd128 non-causal 1k/4k/16k +0/+1.8/+0.8%, hd256
+    # 1k/16k/causal 4k +1.0/+0.9/+1.0%. Causal hd128 MHA builds without spills now but measured
+    # neutral (H200, 3 rounds: 1k 1.00, 4k 1.01); hd64 non-causal loses (1k 0.98); hd64 causal,
+    # GQA (dK / dV from registers) and softcap spill with it; a window: not measured.
     tile["stats_early"] = not tile["swap"] or (d > 64 and not causal and not overrides.get("local")
                                                and not overrides.get("softcap") and not tile80)
     # dK / dV by TMA wherever it applies: H100 same run, +10% hd128 1k, +7% causal hd64/128 1k,

@@ -111,6 +111,15 @@ def test_bwd_tile80_deterministic(causal):
             assert torch.equal(a, g), "deterministic backward differs between runs"
 
 
+@pytest.mark.parametrize("bhs", BHS, ids=lambda x: "b%dh%dhk%d" % x)
+@pytest.mark.parametrize("sq,sk", SEQLENS)
+@pytest.mark.parametrize("d,causal", [(128, True), (64, False)], ids=["hd128-causal", "hd64"])
+def test_bwd_stats_early(d, causal, sq, sk, bhs):
+    """LSE / D loaded into registers under the S GEMM (BwdConfig.stats_early) where the default
+    loads them after it: causal hd128 (masked blocks included) and hd64's 128-query tile."""
+    check(*bhs, sq, sk, d, torch.bfloat16, causal, stats_early=True)
+
+
 @pytest.mark.parametrize("d,b,h,hk,sq,sk", [(64, 2, 16, 16, 4224, 4224), (128, 2, 20, 4, 2000, 2100),
                                              (256, 3, 8, 8, 1024, 1357)])
 def test_bwd_lpt_groups(d, b, h, hk, sq, sk):
