@@ -601,11 +601,24 @@ class FlashBwdSm90:
                 ctx["h_" + key] = DescFrag(ctx[key], fixed_k=8 if key == "tSrA" else 0)
         # two loops, so that unmasked blocks run no mask code; the walk's masked part is in order
         # (m_at(p) = p there), its unmasked part goes through m_at like the producer's and dQ's
-        m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
-        for m in cutlass.range(m_min, m_nomask, unroll=1):
-            state = self.one_m_block(ctx, state, m, True)
-        for p in cutlass.range(m_nomask, m_max, unroll=1):
-            state = self.one_m_block(ctx, state, self.m_at(p, m_nomask, m_max, n_block), False)
+        if const_expr(self.cfg.window_split):
+            # a window's walk is in order (m_nomask = m_max): blocks on its right edge, then blocks
+            # that see the whole KV tile (no mask), then blocks on its left edge
+            a, b = mask_mod.window_nomask_range_bwd(seqlen_q, seqlen_k, n_block, m_min, m_max,
+                                                    self.tile_m, self.tile_n, window_left,
+                                                    window_right)
+            for m in cutlass.range(m_min, a, unroll=1):
+                state = self.one_m_block(ctx, state, m, True)
+            for m in cutlass.range(a, b, unroll=1):
+                state = self.one_m_block(ctx, state, m, False)
+            for m in cutlass.range(b, m_max, unroll=1):
+                state = self.one_m_block(ctx, state, m, True)
+        else:
+            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+            for m in cutlass.range(m_min, m_nomask, unroll=1):
+                state = self.one_m_block(ctx, state, m, True)
+            for p in cutlass.range(m_nomask, m_max, unroll=1):
+                state = self.one_m_block(ctx, state, self.m_at(p, m_nomask, m_max, n_block), False)
         acc_dK.store(acc_dK.load() * softmax_scale)
         if const_expr(self.cfg.dkv_tma):
             tma_dK, tma_dV, sdK, sdV = dkv_out

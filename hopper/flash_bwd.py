@@ -96,6 +96,9 @@ class BwdConfig:
     # as FwdConfig.desc_hoist) instead of re-derived from the smem pointers in every m block
     # (hd128: 118 of the loop's 389 SASS instructions are uniform-datapath). Off: H100 A/B mixed.
     desc_hoist: bool = False
+    # Sliding window: blocks that see the whole KV tile inside the window run without mask code
+    # (mask.window_nomask_range_bwd); off, every block of a window is masked. Off until GPU-tested.
+    window_split: bool = False
     # causal: KV blocks launch heaviest first (block 0 sees every query block), all heads of an
     # L2-sized group of lpt_mb before the next lighter block (tile_scheduler.decode_kv_block),
     # instead of blocks 0..N-1 head after head. A host model of in-order dispatch put the grid
@@ -193,6 +196,8 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.desc_hoist or cfg.swap, cfg  # unswapped, dV / dK read two smem rings
     assert not cfg.dkv_tma or cfg.stages * cfg.tile_m >= cfg.tile_n, cfg  # dK fits Q's buffer
     assert not (cfg.local and (cfg.causal or cfg.spt)), cfg
+    # (with softcap its unmasked loop spills: hd128 156 B vs 60 B all-masked)
+    assert not cfg.window_split or (cfg.local and not cfg.softcap), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
@@ -248,7 +253,7 @@ def variants() -> Iterator:
         yield default_config(d, d, "float16", False, True, True, local=True)
         yield default_config(d, d, "bfloat16", True, False, False, softcap=True)
         yield default_config(d, d, "bfloat16", False, False, True, softcap=True, local=True)
-    # q/k 192 with v 128 (built, its GPU tests not yet run): MHA and GQA, causal, deterministic
+    # q/k 192 with v 128: MHA and GQA, causal, deterministic
     for cfg in (default_config(192, 128, "bfloat16", False),
                 default_config(192, 128, "float16", True, True, True),
                 default_config(192, 128, "bfloat16", True, False, True, varlen=True)):

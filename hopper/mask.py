@@ -152,8 +152,10 @@ def m_block_nomask_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32, m_min: 
                        causal: cutlass.Constexpr[bool], local: cutlass.Constexpr[bool]) -> Int32:
     """Query blocks [m_min, m_nomask) of KV block n_block need the mask, [m_nomask, m_max) not:
     the causal diagonal's blocks, and every block of a KV tile that ends past seqlen_k (its
-    zero-filled keys would give P = exp2(-LSE), which may overflow); sliding window: all (simple,
-    not yet tuned). Every role of the backward walks the blocks in this split (walk_block)."""
+    zero-filled keys would give P = exp2(-LSE), which may overflow); sliding window: all, in order
+    (BwdConfig.window_split has the consumers skip the mask inside the window:
+    window_nomask_range_bwd). Every role of the backward walks the blocks in this split
+    (walk_block)."""
     m_nomask = m_min
     if cutlass.const_expr(causal):
         m_nomask = cutlass.max(m_min, m_block_min_no_mask_bwd(seqlen_q, seqlen_k, n_block, tile_m,
@@ -163,6 +165,22 @@ def m_block_nomask_bwd(seqlen_q: Int32, seqlen_k: Int32, n_block: Int32, m_min: 
     if cutlass.const_expr(local):
         m_nomask = m_max
     return cutlass.min(m_nomask, m_max)
+
+
+def window_nomask_range_bwd(seqlen_q, seqlen_k, n_block, m_min, m_max, tile_m: int, tile_n: int,
+                            window_left, window_right):
+    """Sliding window: the query blocks [a, b) of [m_min, m_max) whose every row sees every key of
+    KV block n_block (no mask there); the blocks before a cross the window's right edge, those from
+    b on its left edge. None if the KV tile ends past seqlen_k (see m_block_nomask_bwd). Plain
+    arithmetic on non-negative values: traced Int32 in the kernel, Python ints in the CPU test."""
+    diag = seqlen_k - seqlen_q
+    # every key <= the first row's right edge: (n + 1) * tile_n - 1 <= m * tile_m + diag + right
+    a = (cutlass.max((n_block + 1) * tile_n - 1 - diag - window_right, 0) + tile_m - 1) // tile_m
+    # every key >= the last row's left edge: n * tile_n >= (m + 1) * tile_m - 1 + diag - left
+    b = cutlass.max(n_block * tile_n - diag + window_left + 1, 0) // tile_m
+    a = cutlass.min(cutlass.max(a, m_min), m_max)
+    a = select_int((n_block + 1) * tile_n > seqlen_k, m_max, a)
+    return a, cutlass.min(cutlass.max(b, a), m_max)
 
 
 def select_int(cond, a, b):

@@ -33,10 +33,17 @@ HOIST = [default_config(128, 128, "bfloat16", False, desc_hoist=True),
          default_config(128, 128, "bfloat16", False, local=True, softcap=True, desc_hoist=True),
          default_config(64, 64, "bfloat16", False, desc_hoist=True),
          default_config(64, 64, "bfloat16", True, desc_hoist=True, dk_early=True)]
+# window_split (a sliding window's blocks that see the whole KV tile run unmasked): an A/B switch,
+# not yet GPU-tested
+WINDOW_SPLIT = [default_config(d, d, dt, False, det, gqa, local=True, window_split=True)
+                for d in (64, 128, 256) for dt, det, gqa in (("bfloat16", False, False),
+                                                             ("float16", True, True))] \
+    + [default_config(96, 96, "bfloat16", False, False, True, varlen=True, local=True,
+                      window_split=True)]
 # shipped variants (ascending query-block walk), plus the staggered walk (an A/B switch) twice
 VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=True),
                                default_config(256, 256, "bfloat16", True, stagger=True)] + DQ_RED \
-    + EARLY + HOIST
+    + EARLY + HOIST + WINDOW_SPLIT
 
 
 def _id(cfg):
@@ -50,6 +57,7 @@ def _id(cfg):
                                           ("r", cfg.stagger), ("a", cfg.dq_red),
                                           ("E", cfg.dv_early), ("K", cfg.dk_early),
                                           ("H", cfg.desc_hoist), ("L", cfg.lpt),
+                                          ("W", cfg.window_split),
                                           ("N", not cfg.pdl)) if on)
     hd = f"{cfg.d}" if cfg.dv == cfg.d else f"{cfg.d}_{cfg.dv}"
     return f"hd{hd}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"

@@ -212,6 +212,26 @@ def test_bwd_window(d, sq, sk, window):
     check(1, 6, 2, sq, sk, d, torch.bfloat16, False, window=window)
 
 
+@pytest.mark.parametrize("window", [(100, 50), (-1, 32), (256, -1), (300, 200), (700, 0)],
+                         ids=lambda w: "w%d_%d" % w)
+@pytest.mark.parametrize("sq,sk", [(113, 203), (3, 1100), (1000, 1357), (2048, 1500)])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bwd_window_split(d, sq, sk, window):
+    """BwdConfig.window_split (off by default): the blocks inside the window run the unmasked
+    loop, between masked blocks on both edges; MHA (dK / dV by TMA) and GQA."""
+    bhs = (2, 4, 4) if sq % 2 else (1, 6, 2)
+    check(*bhs, sq, sk, d, torch.bfloat16, False, window=window, window_split=True)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bwd_window_split_deterministic(d):
+    q, k, v, do, first = check(2, 4, 4, 1000, 1357, d, torch.float16, False, deterministic=True,
+                               window=(300, 200), window_split=True)
+    again = run_bwd(q, k, v, do, False, deterministic=True, window=(300, 200), window_split=True)
+    for a, g in zip(first, again):
+        assert torch.equal(a, g), "deterministic backward differs between runs"
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_bwd_window_deterministic(d):
     q, k, v, do, first = check(2, 4, 4, 1000, 1357, d, torch.bfloat16, False, deterministic=True,

@@ -5,13 +5,15 @@ producer, consumer and dQ warp trace, here on Python ints) and of the config swi
   first and ascending, then the unmasked run rotated to start at m_nomask + n_block % its length;
 * KV blocks with the same bounds (the non-causal CTAs of a head, running together) never visit the
   same query block at the same step while there are no more of them than unmasked blocks;
-* stagger is an opt-in switch (measured neutral on the H100), refused when deterministic."""
+* stagger is an opt-in switch (measured neutral on the H100), refused when deterministic;
+* a sliding window's unmasked query blocks (window_split) are exactly the blocks inside it."""
 import itertools
+import random
 
 import pytest
 
 from fa3.hopper.flash_bwd import default_config
-from fa3.hopper.mask import walk_block
+from fa3.hopper.mask import UNBOUNDED, walk_block, window_nomask_range_bwd
 
 
 def walk(m_min, m_nomask, m_max, n_block):
@@ -67,3 +69,33 @@ def test_lpt_switch(d):
         with pytest.raises(AssertionError):
             default_config(d, d, "bfloat16", args.pop("causal"), args.pop("deterministic"),
                            lpt=True, **args)
+
+
+def _visible(q, k, sq, sk, left, right):
+    return k < sk and q + sk - sq - left <= k <= q + sk - sq + right
+
+
+@pytest.mark.parametrize("tm,tn", [(16, 32), (32, 16), (16, 16)])
+def test_window_nomask_range(tm, tn):
+    """BwdConfig.window_split: [a, b) is exactly the query blocks (of those meeting KV block n)
+    whose every row sees every key of the block, by brute force over small tiles (the bounds are
+    the kernel's arithmetic, here on Python ints)."""
+    rng = random.Random(tm * 100 + tn)
+    for _ in range(300):
+        sq, sk = rng.randint(1, 160), rng.randint(1, 160)
+        left, right = (rng.choice([UNBOUNDED, 0, 1, 5, tm, tn, 40, 100]) for _ in range(2))
+        for n in range(-(-sk // tn)):
+            keys = range(n * tn, (n + 1) * tn)
+            met = [m for m in range(-(-sq // tm))
+                   if any(_visible(q, k, sq, sk, left, right) for q in range(m * tm, (m + 1) * tm)
+                          for k in keys)]
+            if not met:
+                continue
+            m_min, m_max = met[0], met[-1] + 1
+            assert met == list(range(m_min, m_max))  # the kernel's [m_min, m_max) is a range
+            a, b = window_nomask_range_bwd(sq, sk, n, m_min, m_max, tm, tn, left, right)
+            assert m_min <= a <= b <= m_max
+            for m in range(m_min, m_max):
+                whole = all(_visible(q, k, sq, sk, left, right)
+                            for q in range(m * tm, (m + 1) * tm) for k in keys)
+                assert whole == (a <= m < b), (sq, sk, left, right, n, m, a, b)
