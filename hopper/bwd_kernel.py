@@ -599,8 +599,9 @@ class FlashBwdSm90:
             # as well spill (24 B with V's, 180 B with all three), so those add to one base
             for key in ("tSrA", "tSrB", "tPrA", "tPrB", "tdVrdO", "tdKrQ", "tdQrdS", "tdQrK"):
                 ctx["h_" + key] = DescFrag(ctx[key], fixed_k=8 if key == "tSrA" else 0)
-        # two loops, so that unmasked blocks run no mask code; the walk's masked part is in order
-        # (m_at(p) = p there), its unmasked part goes through m_at like the producer's and dQ's
+        # unmasked blocks run no mask code: a masked loop and an unmasked one (a window with
+        # window_split: three); the walk's masked part is in order (m_at(p) = p there), its
+        # unmasked part goes through m_at like the producer's and dQ's
         if const_expr(self.cfg.window_split):
             # a window's walk is in order (m_nomask = m_max): blocks on its right edge, then blocks
             # that see the whole KV tile (no mask), then blocks on its left edge
