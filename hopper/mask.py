@@ -171,8 +171,9 @@ def window_nomask_range_bwd(seqlen_q, seqlen_k, n_block, m_min, m_max, tile_m: i
                             window_left, window_right):
     """Sliding window: the query blocks [a, b) of [m_min, m_max) whose every row sees every key of
     KV block n_block (no mask there); the blocks before a cross the window's right edge, those from
-    b on its left edge. None if the KV tile ends past seqlen_k (see m_block_nomask_bwd). Plain
-    arithmetic on non-negative values: traced Int32 in the kernel, Python ints in the CPU test."""
+    b on its left edge. Empty (a = b = m_max) if the KV tile ends past seqlen_k (see
+    m_block_nomask_bwd). Plain arithmetic on non-negative values: traced Int32 in the kernel,
+    Python ints in the CPU test."""
     diag = seqlen_k - seqlen_q
     # every key <= the first row's right edge: (n + 1) * tile_n - 1 <= m * tile_m + diag + right
     a = (cutlass.max((n_block + 1) * tile_n - 1 - diag - window_right, 0) + tile_m - 1) // tile_m
