@@ -37,6 +37,10 @@ deterministic: the dQ warp adds tile m only after the CTAs of lower KV blocks ha
 per (batch, head, m) counts them), so the fp32 sums run in one order on every run. With `spt`
 (causal only) KV blocks launch and add from the last one down: a CTA then waits on one that started
 before it and is ahead in m, instead of on block 0, which reaches m last.
+fuse_post: the dQ warp counts each tile's finished adds on its semaphore (a tile behind, so the
+wait for the adds to land overlaps the next tile's GEMMs) and signals warps 2-3; a CTA that then
+reads the count of all KV blocks copies the fp32 tile from L2 into smem and writes dQ, so the
+postprocess kernel (which re-reads all of dQaccum) is not launched.
 dK (times softmax_scale) and dV are stored once per CTA: by TMA from Q's / dO's smem buffers
 (BwdConfig.dkv_tma, MHA dense), else from registers; with GQA they are per query head fp32
 partials that the caller sums over the group.
@@ -69,6 +73,7 @@ BAR_PDS = 1  # both consumer warpgroups: P / dS tiles complete in smem
 BAR_DQ_EMPTY = 2  # + warpgroup: the dQ warp has read the smem dQ chunk
 BAR_DQ_FULL = 4  # + warpgroup: the chunk holds this m block's dQ
 REGS = (24, 240)  # setmaxnreg: producer warpgroup, consumer warpgroups
+CONV_STAGES = 8  # fuse_post: dQ warp -> converter warps signal ring (a slot per m block added)
 
 MK = cute.nvgpu.OperandMajorMode.K
 MN = cute.nvgpu.OperandMajorMode.MN
@@ -210,15 +215,19 @@ class FlashBwdSm90:
                  mdV: cute.Tensor, mSem: cute.Tensor, softmax_scale: Float32, window_left: Int32,
                  window_right: Int32, softcap: Float32, mCuSeqlensQ: Optional[cute.Tensor],
                  mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
-                 mSeqUsedK: Optional[cute.Tensor], max_seqlen_k: Optional[Int32], stream):
+                 mSeqUsedK: Optional[cute.Tensor], max_seqlen_k: Optional[Int32],
+                 mdQ: Optional[cute.Tensor], stream):
         """Varlen: q/k/v/dO/dK/dV come as (1, total, h, d), LSE2/D/dQaccum/semaphores in the
-        per-sequence padded row layout (see kernel); unused optional inputs are None."""
+        per-sequence padded row layout (see kernel); unused optional inputs are None. mdQ (b, s,
+        h, d): the output dQ (fuse_post: converted here; else None, the postprocess's job)."""
         dtype = mQ.element_type
         self.dtype = dtype
         # (b, s, h, d) -> (s, d, h, b): TMA/tile modes first
         mQ, mK, mV, mdO, mdK, mdV = [
             cute.make_tensor(t.iterator, cute.select(t.layout, mode=[1, 3, 2, 0]))
             for t in (mQ, mK, mV, mdO, mdK, mdV)]
+        if const_expr(self.cfg.fuse_post):
+            mdQ = cute.make_tensor(mdQ.iterator, cute.select(mdQ.layout, mode=[1, 3, 2, 0]))
         sdp, dkv, dq = tiled_mmas(dtype, self.cfg)
         tm, tn, d, st = self.tile_m, self.tile_n, self.d, self.stages
         # Q, dO (dK/dV B operands) and K (dQ's) are also read as MN-major operands in head-dim
@@ -257,6 +266,7 @@ class FlashBwdSm90:
         self.bytes_kv = cute.size_in_bytes(dtype, sK_layout) + cute.size_in_bytes(dtype, sV_layout)
         pds_elems = cute.cosize(sPdS_layout)
         p_elems = 0 if const_expr(self.swap) else pds_elems  # P goes through smem only unswapped
+        fuse = self.cfg.fuse_post
 
         @cute.struct
         class SharedStorage:
@@ -273,6 +283,12 @@ class FlashBwdSm90:
             sP: cute.struct.Align[cute.struct.MemRange[dtype, p_elems], 1024]
             sdQ: cute.struct.Align[cute.struct.MemRange[Float32, 0 if self.cfg.dq_red else tm * d],
                                    1024]
+            # fuse_post: the converter warps' copy of a finished dQaccum tile, their signal ring
+            # and the copy's two mbarriers (a chunk per converter warp)
+            sX: cute.struct.Align[cute.struct.MemRange[
+                Float32, tm * d // self.cfg.post_parts if fuse else 0], 128]
+            mbar_conv: cute.struct.MemRange[cutlass.Int64, 2 * CONV_STAGES if fuse else 0]
+            mbar_x: cute.struct.MemRange[cutlass.Int64, 2 if fuse else 0]
 
         self.shared_storage = SharedStorage
         num_n_blocks = (mK.shape[0] + (tn - 1)) // tn
@@ -284,7 +300,7 @@ class FlashBwdSm90:
                     tma_dK, tma_dV, sdp, dkv, dq, sQ_layout, sdO_layout, sK_layout, sV_layout,
                     sPdS_layout, sdKV_layout,
                     softmax_scale, window_left, window_right, softcap, mCuSeqlensQ, mCuSeqlensK,
-                    mSeqUsedQ, mSeqUsedK).launch(
+                    mSeqUsedQ, mSeqUsedK, mdQ).launch(
             grid=[num_n_blocks, mQ.shape[2], num_batch], block=[384, 1, 1], stream=stream,
             min_blocks_per_mp=1, use_pdl=self.cfg.pdl)
 
@@ -300,7 +316,7 @@ class FlashBwdSm90:
                softmax_scale: Float32, window_left: Int32,
                window_right: Int32, softcap: Float32, mCuSeqlensQ: Optional[cute.Tensor],
                mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
-               mSeqUsedK: Optional[cute.Tensor]):
+               mSeqUsedK: Optional[cute.Tensor], mdQ: Optional[cute.Tensor]):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
         if const_expr(self.cfg.pdl):  # the postprocess may launch once every CTA got here
@@ -320,6 +336,19 @@ class FlashBwdSm90:
         pipe_kv = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_kv.data_ptr(), num_stages=1, producer_group=producer,
             consumer_group=consumers, tx_count=self.bytes_kv, defer_sync=True)
+        fused = None  # fuse_post: (dQ, sX, the copy's mbarriers, the signal ring)
+        if const_expr(self.cfg.fuse_post):
+            pipe_conv = pipeline.PipelineAsync.create(
+                barrier_storage=storage.mbar_conv.data_ptr(), num_stages=CONV_STAGES,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 64), defer_sync=True)
+            if warp_idx == 2:
+                with cute.arch.elect_one():
+                    for i in cutlass.range_constexpr(2):
+                        cute.arch.mbarrier_init(storage.mbar_x.data_ptr() + i, 1)
+            sX = storage.sX.get_tensor(cute.make_layout(
+                (self.tile_m * self.d // 2 // self.cfg.post_parts, 2)))
+            fused = (mdQ, sX, storage.mbar_x.data_ptr(), pipe_conv)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -383,7 +412,7 @@ class FlashBwdSm90:
         roles = (mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP, sdS, sLSE,
                  sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
                  softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
-                 bidx, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV)
+                 bidx, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV, fused)
         if const_expr(self.cfg.varlen or self.cfg.seqused_k):
             if n_block * self.tile_n < seqlen_k:  # blocks past this sequence's keys: no work
                 self.roles(*roles)
@@ -394,7 +423,7 @@ class FlashBwdSm90:
     def roles(self, mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP, sdS,
               sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
               softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
-              batch, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV):
+              batch, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV, fused):
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[0])
             if warp_idx == 0:
@@ -405,7 +434,12 @@ class FlashBwdSm90:
             if const_expr(not self.cfg.dq_red):  # (dq_red: the consumers add dQ)
                 if warp_idx == 1:
                     self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max,
-                                   tidx % 32, seqlen_q, seqlen_k, window_left)
+                                   tidx % 32, seqlen_q, seqlen_k, window_left, fused)
+            if const_expr(self.cfg.fuse_post):
+                if warp_idx >= 2:
+                    self.dq_converter(mdQacc, mSem, dq, fused, softmax_scale, n_block, head,
+                                      batch, m_min, m_max, warp_idx - 2, tidx % 32, seqlen_q,
+                                      seqlen_k)
         else:
             cute.arch.setmaxregister_increase(REGS[1])
             self.consumer(mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
@@ -473,16 +507,23 @@ class FlashBwdSm90:
     # ------------------------------------------------------------------------------------------
     @cute.jit
     def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane, seqlen_q,
-                  seqlen_k, window_left):
-        """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum."""
+                  seqlen_k, window_left, fused):
+        """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum.
+        fuse_post: once a block's adds are done in L2, count them on its semaphore and signal the
+        converter warps (a block behind, so the wait overlaps the next block's GEMMs)."""
         if const_expr(self.cfg.pdl):
             cute.arch.griddepcontrol_wait()  # the preprocess zeroes dQaccum (and semaphores)
         chunk = self.tile_m * self.d // 2
         acc_row = mdQacc[batch, head, None]
         sem_row = mSem[batch, head, None]
+        fuse = const_expr(self.cfg.fuse_post)
+        cstate = None
+        if const_expr(fuse):
+            cstate = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, CONV_STAGES)
         m_nomask = m_max  # unused without stagger
         if const_expr(self.cfg.stagger):
             m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        m_prev = m_min
         for p in cutlass.range(m_min, m_max, unroll=1):
             m = self.m_at(p, m_nomask, m_max, n_block)
             for wg in cutlass.range_constexpr(2):
@@ -515,7 +556,109 @@ class FlashBwdSm90:
                 cute.arch.cp_async_bulk_wait_group(0, read=False)  # the adds are done in L2
                 if lane == 0:
                     red_release_add(sem_row.iterator + m, 1)
+                    if const_expr(fuse):
+                        cstate = self.signal(fused[3], cstate)
+            elif const_expr(fuse):
+                if p > m_min:
+                    cute.arch.cp_async_bulk_wait_group(2, read=False)  # block m_prev's adds done
+                    if lane == 0:
+                        red_release_add(sem_row.iterator + m_prev, 1)
+                        cstate = self.signal(fused[3], cstate)
+                m_prev = m
+        if const_expr(fuse and not self.cfg.deterministic):
+            if m_max > m_min:
+                cute.arch.cp_async_bulk_wait_group(0, read=False)
+                if lane == 0:
+                    red_release_add(sem_row.iterator + m_prev, 1)
+                    cstate = self.signal(fused[3], cstate)
         cute.arch.cp_async_bulk_wait_group(0, read=True)
+
+    @cute.jit
+    def signal(self, pipe_conv, cstate):
+        """fuse_post: tell the converter warps the next block of the walk is counted."""
+        pipe_conv.producer_acquire(cstate)
+        pipe_conv.producer_commit(cstate)
+        cstate.advance()
+        return cstate
+
+    @cute.jit
+    def dq_converter(self, mdQacc, mSem, dq, fused, softmax_scale, n_block, head, batch, m_min,
+                     m_max, warp, lane, seqlen_q, seqlen_k):
+        """fuse_post, warps 2 and 3 (chunk `warp` of each dQ tile, as consumer warpgroup `warp`
+        added it): for each block of the walk the dQ warp has counted, a semaphore that shows
+        every KV block's adds means this CTA (maybe others as well: they write the same values)
+        turns the finished fp32 tile into dQ (times softmax_scale), so no postprocess kernel
+        reads dQaccum back from memory. The CTA whose add came last always sees the full count:
+        its count is ordered before its own signal."""
+        mdQ, sX, mbar_x, pipe_conv = fused
+        if const_expr(self.cfg.pdl):
+            cute.arch.griddepcontrol_wait()
+        tm, d = self.tile_m, self.d
+        chunk = tm * d // 2
+        parts = self.cfg.post_parts
+        part = chunk // parts  # floats a warp copies at a time
+        acc_row = mdQacc[batch, head, None]
+        sem_row = mSem[batch, head, None]
+        gdQ = mdQ[None, None, head, batch]
+        total = (seqlen_k + (self.tile_n - 1)) // self.tile_n  # KV blocks adding to each tile
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, CONV_STAGES)
+        phase = Int32(0)
+        m_nomask = m_max  # unused without stagger
+        if const_expr(self.cfg.stagger):
+            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        for p in cutlass.range(m_min, m_max, unroll=1):
+            m = self.m_at(p, m_nomask, m_max, n_block)
+            pipe_conv.consumer_wait(state)
+            pipe_conv.consumer_release(state)
+            state.advance()
+            if const_expr(self.causal):
+                total = mask_mod.n_block_max(seqlen_q, seqlen_k, m, tm, self.tile_n, True)
+            seen = Int32(0)
+            if lane == 0:
+                seen = ld_acquire(sem_row.iterator + m)
+            seen = cute.arch.shuffle_sync(seen, 0)
+            if seen == total:
+                for q in cutlass.range_constexpr(parts):
+                    if lane == 0:
+                        # the bulk copy (async proxy) reads what the acquire made visible
+                        cute.arch.fence_proxy("async.global")
+                        cute.arch.mbarrier_arrive_and_expect_tx(mbar_x + warp, part * 4)
+                        bulk_g2s(sX[None, warp].iterator,
+                                 acc_row.iterator + (m * 2 + warp) * chunk + q * part, part * 4,
+                                 mbar_x + warp)
+                    cute.arch.mbarrier_wait(mbar_x + warp, phase)
+                    phase ^= 1
+                    self.convert_part(sX, cute.local_tile(gdQ, (tm, d), (m, 0)), dq,
+                                      softmax_scale, warp, lane, q, seqlen_q - m * tm)
+                    cute.arch.sync_warp()
+                    # this warp's generic reads of sX before the next bulk copy overwrites it
+                    cute.arch.fence_proxy("async.shared", space="cta")
+
+    @cute.jit
+    def convert_part(self, sX, gdQ, dq, softmax_scale, warp, lane, q: cutlass.Constexpr[int],
+                     rows):
+        """Part q of consumer warpgroup `warp`'s dQ chunk (its registers in dq_copy order, in
+        column `warp` of sX) -> the dQ tile gdQ, rows below `rows`; one 4-float vector at a time
+        (24 registers here)."""
+        dtype = gdQ.element_type
+        for i in cutlass.range(4, unroll=1):  # the warpgroup's 128 threads, a warp at a time
+            vt = warp * 128 + i * 32 + lane
+            # ((4, 1), vectors of this part, 1): vector j of the part is the thread's j + q * nj
+            tg = dq_copy(self.cfg).get_slice(vt).partition_S(sX)
+            thr = dq.get_slice(vt)
+            tD = thr.partition_C(gdQ)  # ((2, 2, V), 1, 1): V = vectors, 2 rows 8 apart
+            tC = thr.partition_C(cute.make_identity_tensor((self.tile_m, self.d)))
+            nj = cute.size(tg, mode=[1])
+            for jj in cutlass.range(nj, unroll=1):  # (unrolled, it spills at 24 registers)
+                j = jj + q * nj
+                v = cute.make_rmem_tensor(cute.make_layout(4), Float32)
+                cute.autovec_copy(tg[None, jj, 0], v)
+                r = cute.make_rmem_tensor(cute.make_layout(4), dtype)
+                r.store((v.load() * softmax_scale).to(dtype))
+                for h in cutlass.range_constexpr(2):  # (row, 2 columns), (row + 8, 2 columns)
+                    if tC[(0, h, j), 0, 0][0] < rows:
+                        tD[(0, h, j), 0, 0] = r[2 * h]
+                        tD[(1, h, j), 0, 0] = r[2 * h + 1]
 
     # ------------------------------------------------------------------------------------------
     @cute.jit

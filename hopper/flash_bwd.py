@@ -106,6 +106,12 @@ class BwdConfig:
     # rounds): hd64 1k -11/-10% (run 2, 8 MB groups -4%, 16 MB -6%), 4k -0.7/-1.6%; hd128 1k
     # -2/-2%, 2k 0/0, 4k +2.5/+1.5%, 16k +6/-0.3%; hd256 1k -1%, 4k +2.5/+0.3%. So off (A/B only).
     lpt: bool = False
+    # The postprocess fused into this kernel: the CTA that finds a dQ tile's semaphore full (all
+    # KV blocks' adds done, counted by the dQ warp) converts it with warps 2-3 of the producer
+    # warpgroup from an smem copy (bwd_kernel.dq_converter); no postprocess kernel re-reads
+    # dQaccum from memory. Swapped dense layouts only (MHA or GQA, no window, varlen, seqused).
+    fuse_post: bool = False
+    post_parts: int = 1  # fuse_post: a converter warp copies its chunk in this many parts (smem)
     lpt_mb: int = 32  # megabytes of Q / dO / dQaccum one lpt group of heads may hold in L2
     # Programmatic dependent launch: the main kernel and the postprocess launch while the kernel
     # before each drains (each waits on griddepcontrol before touching that kernel's output; the
@@ -133,10 +139,13 @@ class PostConfig:
     pdl: bool = False  # launched dependent on the main kernel (BwdConfig.pdl)
 
 
-def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False, dv=None) -> int:
+def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False, dv=None,
+               post_parts=0) -> int:
     dv = d if dv is None else dv  # Q, K: d columns; dO, V: dv
     pds = tile_m * tile_n * elem * (stages if swap else 2)  # dS ring (swap) or P + dS
     dq = 0 if dq_red else tile_m * d * 4  # fp32 dQ staging
+    if post_parts:  # fuse_post: the converters' copy of 1 / post_parts of a tile, mbarriers
+        dq += tile_m * d * 4 // post_parts + 256
     return (stages * tile_m * (d + dv) * elem + tile_n * (d + dv) * elem + pds + dq
             + 2 * stages * tile_m * 4 + 1024)
 
@@ -184,6 +193,11 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     tile["dv_early"] = (d == 128 and not causal and tile["dkv_tma"] and not overrides.get("local")
                         and not overrides.get("softcap") and not tile80)
     tile.update(overrides)
+    if tile.get("fuse_post") and "post_parts" not in overrides:  # the fewest copies that fit
+        tile["post_parts"] = next(
+            (n for n in (1, 2, 4) if smem_bytes(tile["tile_m"], tile["tile_n"], d, tile["stages"],
+                                                tile["swap"], dq_red=tile.get("dq_red", False),
+                                                dv=dv, post_parts=n) <= SMEM_LIMIT), 4)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
     assert not (cfg.stagger and cfg.deterministic), cfg
@@ -200,8 +214,11 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.window_split or (cfg.local and not cfg.softcap), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
+    assert not cfg.fuse_post or (cfg.swap and cfg.tile_m % 64 == 0 and not (
+        cfg.local or cfg.varlen or cfg.seqused_q or cfg.seqused_k)), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
-                      dq_red=cfg.dq_red, dv=dv) <= SMEM_LIMIT, cfg
+                      dq_red=cfg.dq_red, dv=dv,
+                      post_parts=cfg.post_parts if cfg.fuse_post else 0) <= SMEM_LIMIT, cfg
     assert d == dv or (not cfg.swap and (d, dv) in SPLIT_HEAD_DIMS), cfg
     return cfg
 
@@ -317,7 +334,8 @@ def build(cfg, extra_options: str = ""):
     nb = cute.sym_int32()  # sequences (varlen) or batch
     opt = (vec() if cfg.varlen else None, vec() if cfg.varlen else None,
            vec(nb) if cfg.seqused_q else None, vec(nb) if cfg.seqused_k else None,
-           cutlass.Int32(1) if cfg.varlen else None)
+           cutlass.Int32(1) if cfg.varlen else None,
+           _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.d)) if cfg.fuse_post else None)
     return cute.compile(FlashBwdSm90(cfg), q, k, v, do, stat(), stat(), dqacc, dk, dv, sem,
                         cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(0), cutlass.Float32(0.0),
                         *opt, stream, options=opts)
@@ -447,10 +465,11 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         sem = (torch.zeros((b, h, rows // tm), device=dev, dtype=torch.int32) if deterministic
                else None)
     else:  # one workspace; the preprocess writes every element the main kernel reads
-        dq = torch.empty_like(q)
+        # (fuse_post, causal with more queries than keys: tiles that see no key get no converter)
+        dq = torch.zeros_like(q) if cfg.fuse_post and causal and sq > sk else torch.empty_like(q)
         ws = torch.empty((b, h, sum(plan.split)), device=dev, dtype=torch.float32).split(plan.split, 2)
         lse2, dsum, dqacc = ws[0], ws[1], ws[2]
-        sem = ws[3].view(torch.int32) if deterministic else None
+        sem = ws[3].view(torch.int32) if deterministic or cfg.fuse_post else None
         plan.pre(out, dout, lse, dsum, lse2, dqacc, sem, used_q)
     if sem is None:
         sem = _NO_SEM.get(dev)
@@ -467,8 +486,10 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         dk_part, dv_part = torch.empty_like(k), torch.empty_like(v)
     scale = float(softmax_scale)
     plan.main(q, k, v, dout, lse2, dsum, dqacc, dk_part, dv_part, sem, scale, plan.left,
-              plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None)
-    plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
+              plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None,
+              dq if cfg.fuse_post else None)
+    if not cfg.fuse_post:
+        plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
     if cfg.gqa:
         g = h // hk
         dk_part = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
@@ -539,12 +560,15 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None)
     else:  # the fill variant: it writes the padded rows, dQaccum and semaphores the kernel reads
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None, pad_tile=tm, fill=True,
-                               sem=bool(deterministic), pdl=cfg.pdl)
+                               sem=bool(deterministic or cfg.fuse_post), pdl=cfg.pdl)
     # workspace pieces per (batch, head), each a multiple of 4 floats so every piece (and the
     # strides) stays 16-byte aligned: LSE2, D, dQaccum, semaphores (int32, deterministic)
-    split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,) if deterministic else ())
+    # (fuse_post: the semaphores count each tile's adds)
+    split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,)
+                                      if deterministic or cfg.fuse_post else ())
     empty = nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0
-    return _Plan(cfg, _compile.get_kernel(cfg, build), _compile.get_kernel(post_config(cfg), build),
+    post = None if cfg.fuse_post else _compile.get_kernel(post_config(cfg), build)
+    return _Plan(cfg, _compile.get_kernel(cfg, build), post,
                  compile_preprocess(pre), (b, sq, h, d, sk, hk), rows, split, left, right, softcap,
                  nseq, max_q, max_k, empty)
 

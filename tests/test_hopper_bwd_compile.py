@@ -40,10 +40,15 @@ WINDOW_SPLIT = [default_config(d, d, dt, False, det, gqa, local=True, window_spl
                                                              ("float16", True, True))] \
     + [default_config(96, 96, "bfloat16", False, False, True, varlen=True, local=True,
                       window_split=True)]
+# fuse_post (the dQ conversion in the main kernel, no postprocess): an A/B switch
+FUSE = [default_config(d, d, dt, causal, det, gqa, fuse_post=True)
+        for d in (64, 96, 128) for dt, causal, det, gqa in (("bfloat16", False, False, False),
+                                                            ("float16", True, True, True),
+                                                            ("bfloat16", True, False, False))]
 # shipped variants (ascending query-block walk), plus the staggered walk (an A/B switch) twice
 VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=True),
                                default_config(256, 256, "bfloat16", True, stagger=True)] + DQ_RED \
-    + EARLY + HOIST + WINDOW_SPLIT
+    + EARLY + HOIST + WINDOW_SPLIT + FUSE
 
 
 def _id(cfg):
@@ -57,7 +62,7 @@ def _id(cfg):
                                           ("r", cfg.stagger), ("a", cfg.dq_red),
                                           ("E", cfg.dv_early), ("K", cfg.dk_early),
                                           ("H", cfg.desc_hoist), ("L", cfg.lpt),
-                                          ("W", cfg.window_split),
+                                          ("W", cfg.window_split), ("F", cfg.fuse_post),
                                           ("N", not cfg.pdl)) if on)
     hd = f"{cfg.d}" if cfg.dv == cfg.d else f"{cfg.d}_{cfg.dv}"
     return f"hd{hd}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"
@@ -71,11 +76,12 @@ def test_compile_bwd(cfg, tmp_path):
     _, ptx_path, ptx = compile_ptx(build, cfg, tmp_path)
     # softcap keeps 1 - tanh^2 of the S tile in registers: hd128 spills ~100 bytes; the
     # all-masked sliding-window loop hd128 8-16 bytes (accepted until tuned on a GPU);
-    # everything else spills nothing
+    # the fused conversion's warps (24 registers) keep their loop state on the stack (up to
+    # up to 40 bytes, loads of a value or two in the GEMM loops); everything else spills nothing
     dq_add = "red.global.add.v4.f32" if cfg.dq_red else "cp.reduce.async.bulk"
     check_ptx(ptx_path, ptx, tmp_path, ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg",
                                         "mbarrier", dq_add),
-              spill_limit=160 if cfg.softcap else 32 if cfg.local else 0)
+              spill_limit=160 if cfg.softcap else 32 if cfg.local else 64 if cfg.fuse_post else 0)
     if cfg.dq_red:  # no smem dQ path left (its bulk add is the only cp.reduce in this kernel)
         assert "cp.reduce.async.bulk" not in ptx
     # PDL: waits on the preprocess and lets the postprocess launch early, only when switched on
