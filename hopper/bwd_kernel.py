@@ -40,7 +40,8 @@ before it and is ahead in m, instead of on block 0, which reaches m last.
 fuse_post: the dQ warp counts each tile's finished adds on its semaphore (a tile behind, so the
 wait for the adds to land overlaps the next tile's GEMMs) and signals warps 2-3; a CTA that then
 reads the count of all KV blocks copies the fp32 tile from L2 into smem and writes dQ, so the
-postprocess kernel (which re-reads all of dQaccum) is not launched.
+postprocess kernel (which re-reads all of dQaccum) is not launched. With dq_red the consumers
+arrive on an mbarrier ring after each block's red.global adds and warp 1 does the counting.
 dK (times softmax_scale) and dV are stored once per CTA: by TMA from Q's / dO's smem buffers
 (BwdConfig.dkv_tma, MHA dense), else from registers; with GQA they are per query head fp32
 partials that the caller sums over the group.
@@ -289,6 +290,9 @@ class FlashBwdSm90:
                 Float32, tm * d // self.cfg.post_parts if fuse else 0], 128]
             mbar_conv: cute.struct.MemRange[cutlass.Int64, 2 * CONV_STAGES if fuse else 0]
             mbar_x: cute.struct.MemRange[cutlass.Int64, 2 if fuse else 0]
+            # fuse_post with dq_red: consumers -> warp 1, "this block's dQ adds are issued"
+            mbar_red: cute.struct.MemRange[cutlass.Int64,
+                                           2 * CONV_STAGES if fuse and self.cfg.dq_red else 0]
 
         self.shared_storage = SharedStorage
         num_n_blocks = (mK.shape[0] + (tn - 1)) // tn
@@ -348,7 +352,14 @@ class FlashBwdSm90:
                         cute.arch.mbarrier_init(storage.mbar_x.data_ptr() + i, 1)
             sX = storage.sX.get_tensor(cute.make_layout(
                 (self.tile_m * self.d // 2 // self.cfg.post_parts, 2)))
-            fused = (mdQ, sX, storage.mbar_x.data_ptr(), pipe_conv)
+            pipe_red = None
+            if const_expr(self.cfg.dq_red):  # every consumer thread arrives after its adds
+                pipe_red = pipeline.PipelineAsync.create(
+                    barrier_storage=storage.mbar_red.data_ptr(), num_stages=CONV_STAGES,
+                    producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 256),
+                    consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+                    defer_sync=True)
+            fused = (mdQ, sX, storage.mbar_x.data_ptr(), pipe_conv, pipe_red)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -435,6 +446,10 @@ class FlashBwdSm90:
                 if warp_idx == 1:
                     self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max,
                                    tidx % 32, seqlen_q, seqlen_k, window_left, fused)
+            elif const_expr(self.cfg.fuse_post):
+                if warp_idx == 1:
+                    self.dq_counter(mSem, fused, n_block, head, batch, m_min, m_max, tidx % 32,
+                                    seqlen_q, seqlen_k)
             if const_expr(self.cfg.fuse_post):
                 if warp_idx >= 2:
                     self.dq_converter(mdQacc, mSem, dq, fused, softmax_scale, n_block, head,
@@ -445,7 +460,7 @@ class FlashBwdSm90:
             self.consumer(mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
                           pipe_q, pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch,
                           m_min, m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,
-                          (tma_dK, tma_dV, sdK, sdV))
+                          (tma_dK, tma_dV, sdK, sdV), fused)
 
     # ------------------------------------------------------------------------------------------
     def m_nomask(self, seqlen_q, seqlen_k, n_block, m_min, m_max):
@@ -574,6 +589,30 @@ class FlashBwdSm90:
         cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     @cute.jit
+    def dq_counter(self, mSem, fused, n_block, head, batch, m_min, m_max, lane, seqlen_q,
+                   seqlen_k):
+        """fuse_post with dq_red, warp 1: once all 256 consumer threads have issued a block's
+        red.global.add of dQ (their mbarrier arrivals release them), count the block on its
+        semaphore (a gpu-scope release, cumulative over those adds) and signal the converters."""
+        pipe_conv, pipe_red = fused[3], fused[4]
+        if const_expr(self.cfg.pdl):
+            cute.arch.griddepcontrol_wait()  # the preprocess zeroes the semaphores
+        sem_row = mSem[batch, head, None]
+        cstate = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, CONV_STAGES)
+        rstate = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, CONV_STAGES)
+        m_nomask = m_max  # unused without stagger
+        if const_expr(self.cfg.stagger):
+            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        for p in cutlass.range(m_min, m_max, unroll=1):
+            m = self.m_at(p, m_nomask, m_max, n_block)
+            pipe_red.consumer_wait(rstate)
+            if lane == 0:
+                red_release_add(sem_row.iterator + m, 1)
+                pipe_red.consumer_release(rstate)
+                cstate = self.signal(pipe_conv, cstate)
+            rstate.advance()
+
+    @cute.jit
     def signal(self, pipe_conv, cstate):
         """fuse_post: tell the converter warps the next block of the walk is counted."""
         pipe_conv.producer_acquire(cstate)
@@ -590,7 +629,7 @@ class FlashBwdSm90:
         turns the finished fp32 tile into dQ (times softmax_scale), so no postprocess kernel
         reads dQaccum back from memory. The CTA whose add came last always sees the full count:
         its count is ordered before its own signal."""
-        mdQ, sX, mbar_x, pipe_conv = fused
+        mdQ, sX, mbar_x, pipe_conv, _ = fused
         if const_expr(self.cfg.pdl):
             cute.arch.griddepcontrol_wait()
         tm, d = self.tile_m, self.d
@@ -664,7 +703,7 @@ class FlashBwdSm90:
     @cute.jit
     def consumer(self, mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
                  pipe_q, pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
-                 seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out):
+                 seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out, fused):
         wg = cute.arch.make_warp_uniform(tidx // 128)
         tm, tn, d = self.tile_m, self.tile_n, self.d
         if const_expr(self.cfg.pdl):  # before any global access: dq_red adds to dQaccum, and
@@ -734,7 +773,8 @@ class FlashBwdSm90:
                    sP=sP, sdS=sdS_st, sLSE=sLSE, sD=sD, scale_log2=scale_log2, bf16=bf16, wg=wg,
                    sdp=sdp, dkv=dkv, dvm=dvm, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
-                   window_right=window_right, softcap_pre=softcap_pre)
+                   window_right=window_right, softcap_pre=softcap_pre,
+                   pipe_red=fused[4] if const_expr(self.cfg.fuse_post) else None)
         if const_expr(self.cfg.desc_hoist):
             # wgmma smem descriptors taken once here, not rebuilt from the smem pointers in every
             # m block (wgmma_utils.DescFrag); registers stay DSL fragments. K's (S's A) k-block
@@ -884,6 +924,13 @@ class FlashBwdSm90:
             g = cute.make_tensor(c["tdQsdQ"].iterator + m * (tm * self.d), c["tdQsdQ"].layout)
             for j in cutlass.range_constexpr(cute.size(g, mode=[1])):
                 red_add_v4_f32(g[None, j, 0].iterator, *(flat[v, j, 0] for v in range(4)))
+            if const_expr(self.cfg.fuse_post):  # tell warp 1 (dq_counter) they are issued
+                # its ring advances once per block, as this warpgroup's Q ring count does
+                n = state.count
+                rstate = pipeline.PipelineState(CONV_STAGES, n, n % CONV_STAGES,
+                                                ((n // CONV_STAGES) % 2) ^ 1)
+                c["pipe_red"].producer_acquire(rstate)
+                c["pipe_red"].producer_commit(rstate)
         else:
             # dQ -> smem chunk of this warpgroup, once the dQ warp has read the previous one
             cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + c["wg"], number_of_threads=160)

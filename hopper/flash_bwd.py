@@ -109,7 +109,8 @@ class BwdConfig:
     # The postprocess fused into this kernel: the CTA that finds a dQ tile's semaphore full (all
     # KV blocks' adds done, counted by the dQ warp) converts it with warps 2-3 of the producer
     # warpgroup from an smem copy (bwd_kernel.dq_converter); no postprocess kernel re-reads
-    # dQaccum from memory. Swapped dense layouts only (MHA or GQA, no window, varlen, seqused).
+    # dQaccum from memory. dq_red: warp 1 counts the consumers' adds instead (bwd_kernel.
+    # dq_counter). Dense only (MHA or GQA; no window, varlen, seqused; no 80-row tile).
     fuse_post: bool = False
     post_parts: int = 1  # fuse_post: a converter warp copies its chunk in this many parts (smem)
     lpt_mb: int = 32  # megabytes of Q / dO / dQaccum one lpt group of heads may hold in L2
@@ -214,7 +215,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.window_split or (cfg.local and not cfg.softcap), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
-    assert not cfg.fuse_post or (cfg.swap and cfg.tile_m % 64 == 0 and not (
+    assert not cfg.fuse_post or (cfg.tile_m % 64 == 0 and not (
         cfg.local or cfg.varlen or cfg.seqused_q or cfg.seqused_k)), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
                       dq_red=cfg.dq_red, dv=dv,

@@ -42,9 +42,9 @@ WINDOW_SPLIT = [default_config(d, d, dt, False, det, gqa, local=True, window_spl
                       window_split=True)]
 # fuse_post (the dQ conversion in the main kernel, no postprocess): an A/B switch
 FUSE = [default_config(d, d, dt, causal, det, gqa, fuse_post=True)
-        for d in (64, 96, 128) for dt, causal, det, gqa in (("bfloat16", False, False, False),
-                                                            ("float16", True, True, True),
-                                                            ("bfloat16", True, False, False))]
+        for d in (64, 96, 128, 192, 256)
+        for dt, causal, det, gqa in (("bfloat16", False, False, False), ("float16", True, True, True),
+                                     ("bfloat16", True, False, False))]
 # shipped variants (ascending query-block walk), plus the staggered walk (an A/B switch) twice
 VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=True),
                                default_config(256, 256, "bfloat16", True, stagger=True)] + DQ_RED \

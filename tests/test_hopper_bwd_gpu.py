@@ -126,21 +126,23 @@ FUSE = dict(fuse_post=True)
 @pytest.mark.parametrize("bhs", BHS, ids=lambda x: "b%dh%dhk%d" % x)
 @pytest.mark.parametrize("sq,sk", SEQLENS + [(1100, 3)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
 def test_bwd_fuse_post(d, causal, sq, sk, bhs):
     """The postprocess fused into the main kernel (BwdConfig.fuse_post): whichever CTA sees a dQ
-    tile's semaphore full converts it. Ragged tiles, a single KV block, causal with more
-    queries than keys (tiles that see no key stay zero) and fewer."""
+    tile's semaphore full converts it (hd256: the consumers' red.global adds counted by warp 1).
+    Ragged tiles, a single KV block, causal with more queries than keys (tiles that see no key
+    stay zero) and fewer."""
     check(*bhs, sq, sk, d, torch.bfloat16, causal, **FUSE)
 
 
-@pytest.mark.parametrize("d,causal,dtype", [(128, True, torch.float16), (64, False, torch.bfloat16)])
+@pytest.mark.parametrize("d,causal,dtype", [(128, True, torch.float16), (64, False, torch.bfloat16),
+                                             (256, True, torch.bfloat16)])
 def test_bwd_fuse_post_many_blocks(d, causal, dtype):
     """Many KV blocks per dQ tile racing for the last add (8k keys: 64 blocks), 16 heads."""
     check(1, 16, 16, 2048, 8192, d, dtype, causal, **FUSE)
 
 
-@pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, True)])
+@pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, True), (256, True)])
 def test_bwd_fuse_post_deterministic(d, causal):
     """Deterministic adds (semaphore order) with the fused conversion: bitwise-equal runs."""
     q, k, v, do, first = check(2, 4, 4, 1000, 1357, d, torch.bfloat16, causal,
