@@ -64,6 +64,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 
 from fa3.hopper import mask as mask_mod
+from fa3.hopper.flash_bwd import SEMS_PER_TILE
 from fa3.hopper import softmax as sm
 from fa3.hopper import tile_scheduler
 from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
@@ -119,6 +120,16 @@ def ld_acquire(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
     return Int32(llvm.inline_asm(
         T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value()], "ld.global.acquire.gpu.b32 $0, [$1];",
         "=r,l", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@dsl_user_op
+def atom_add_acq_rel(ptr: cute.Pointer, val: int, *, loc=None, ip=None) -> Int32:
+    """atom.add.acq_rel.gpu: the old value; releases what this thread saw before it (cumulative)
+    and acquires what the earlier adders released."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value(), Int32(val).ir_value()],
+        "atom.add.acq_rel.gpu.global.s32 $0, [$1], $2;", "=r,l,r", has_side_effects=True,
+        is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
 
 
 @dsl_user_op
@@ -290,9 +301,6 @@ class FlashBwdSm90:
                 Float32, tm * d // self.cfg.post_parts if fuse else 0], 128]
             mbar_conv: cute.struct.MemRange[cutlass.Int64, 2 * CONV_STAGES if fuse else 0]
             mbar_x: cute.struct.MemRange[cutlass.Int64, 2 if fuse else 0]
-            # fuse_post with dq_red: consumers -> warp 1, "this block's dQ adds are issued"
-            mbar_red: cute.struct.MemRange[cutlass.Int64,
-                                           2 * CONV_STAGES if fuse and self.cfg.dq_red else 0]
 
         self.shared_storage = SharedStorage
         num_n_blocks = (mK.shape[0] + (tn - 1)) // tn
@@ -342,9 +350,11 @@ class FlashBwdSm90:
             consumer_group=consumers, tx_count=self.bytes_kv, defer_sync=True)
         fused = None  # fuse_post: (dQ, sX, the copy's mbarriers, the signal ring)
         if const_expr(self.cfg.fuse_post):
+            # signals: from the dQ warp's lane 0, or (dq_red) every consumer thread after its adds
             pipe_conv = pipeline.PipelineAsync.create(
                 barrier_storage=storage.mbar_conv.data_ptr(), num_stages=CONV_STAGES,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+                producer_group=pipeline.CooperativeGroup(
+                    pipeline.Agent.Thread, 256 if const_expr(self.cfg.dq_red) else 1),
                 consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 64), defer_sync=True)
             if warp_idx == 2:
                 with cute.arch.elect_one():
@@ -352,14 +362,7 @@ class FlashBwdSm90:
                         cute.arch.mbarrier_init(storage.mbar_x.data_ptr() + i, 1)
             sX = storage.sX.get_tensor(cute.make_layout(
                 (self.tile_m * self.d // 2 // self.cfg.post_parts, 2)))
-            pipe_red = None
-            if const_expr(self.cfg.dq_red):  # every consumer thread arrives after its adds
-                pipe_red = pipeline.PipelineAsync.create(
-                    barrier_storage=storage.mbar_red.data_ptr(), num_stages=CONV_STAGES,
-                    producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 256),
-                    consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
-                    defer_sync=True)
-            fused = (mdQ, sX, storage.mbar_x.data_ptr(), pipe_conv, pipe_red)
+            fused = (mdQ, sX, storage.mbar_x.data_ptr(), pipe_conv)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -446,10 +449,6 @@ class FlashBwdSm90:
                 if warp_idx == 1:
                     self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max,
                                    tidx % 32, seqlen_q, seqlen_k, window_left, fused)
-            elif const_expr(self.cfg.fuse_post):
-                if warp_idx == 1:
-                    self.dq_counter(mSem, fused, n_block, head, batch, m_min, m_max, tidx % 32,
-                                    seqlen_q, seqlen_k)
             if const_expr(self.cfg.fuse_post):
                 if warp_idx >= 2:
                     self.dq_converter(mdQacc, mSem, dq, fused, softmax_scale, n_block, head,
@@ -524,21 +523,21 @@ class FlashBwdSm90:
     def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane, seqlen_q,
                   seqlen_k, window_left, fused):
         """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum.
-        fuse_post: once a block's adds are done in L2, count them on its semaphore and signal the
-        converter warps (a block behind, so the wait overlaps the next block's GEMMs)."""
+        fuse_post: once a block's adds are done in L2, signal the converter warps (a block behind,
+        so the wait overlaps the next block's GEMMs)."""
         if const_expr(self.cfg.pdl):
             cute.arch.griddepcontrol_wait()  # the preprocess zeroes dQaccum (and semaphores)
         chunk = self.tile_m * self.d // 2
         acc_row = mdQacc[batch, head, None]
         sem_row = mSem[batch, head, None]
         fuse = const_expr(self.cfg.fuse_post)
+        per_tile = SEMS_PER_TILE if const_expr(fuse) else 1  # the turn is the first
         cstate = None
         if const_expr(fuse):
             cstate = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, CONV_STAGES)
         m_nomask = m_max  # unused without stagger
         if const_expr(self.cfg.stagger):
             m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
-        m_prev = m_min
         for p in cutlass.range(m_min, m_max, unroll=1):
             m = self.m_at(p, m_nomask, m_max, n_block)
             for wg in cutlass.range_constexpr(2):
@@ -559,7 +558,7 @@ class FlashBwdSm90:
                 if lane == 0:
                     seen = Int32(-1)
                     while seen != turn:
-                        seen = ld_acquire(sem_row.iterator + m)
+                        seen = ld_acquire(sem_row.iterator + m * per_tile)
                 cute.arch.sync_warp()
             for wg in cutlass.range_constexpr(2):
                 cute.arch.barrier(barrier_id=BAR_DQ_FULL + wg, number_of_threads=160)
@@ -570,51 +569,24 @@ class FlashBwdSm90:
             if const_expr(self.cfg.deterministic):
                 cute.arch.cp_async_bulk_wait_group(0, read=False)  # the adds are done in L2
                 if lane == 0:
-                    red_release_add(sem_row.iterator + m, 1)
+                    red_release_add(sem_row.iterator + m * per_tile, 1)
                     if const_expr(fuse):
                         cstate = self.signal(fused[3], cstate)
             elif const_expr(fuse):
                 if p > m_min:
                     cute.arch.cp_async_bulk_wait_group(2, read=False)  # block m_prev's adds done
                     if lane == 0:
-                        red_release_add(sem_row.iterator + m_prev, 1)
                         cstate = self.signal(fused[3], cstate)
-                m_prev = m
         if const_expr(fuse and not self.cfg.deterministic):
             if m_max > m_min:
                 cute.arch.cp_async_bulk_wait_group(0, read=False)
                 if lane == 0:
-                    red_release_add(sem_row.iterator + m_prev, 1)
                     cstate = self.signal(fused[3], cstate)
         cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     @cute.jit
-    def dq_counter(self, mSem, fused, n_block, head, batch, m_min, m_max, lane, seqlen_q,
-                   seqlen_k):
-        """fuse_post with dq_red, warp 1: once all 256 consumer threads have issued a block's
-        red.global.add of dQ (their mbarrier arrivals release them), count the block on its
-        semaphore (a gpu-scope release, cumulative over those adds) and signal the converters."""
-        pipe_conv, pipe_red = fused[3], fused[4]
-        if const_expr(self.cfg.pdl):
-            cute.arch.griddepcontrol_wait()  # the preprocess zeroes the semaphores
-        sem_row = mSem[batch, head, None]
-        cstate = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, CONV_STAGES)
-        rstate = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, CONV_STAGES)
-        m_nomask = m_max  # unused without stagger
-        if const_expr(self.cfg.stagger):
-            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
-        for p in cutlass.range(m_min, m_max, unroll=1):
-            m = self.m_at(p, m_nomask, m_max, n_block)
-            pipe_red.consumer_wait(rstate)
-            if lane == 0:
-                red_release_add(sem_row.iterator + m, 1)
-                pipe_red.consumer_release(rstate)
-                cstate = self.signal(pipe_conv, cstate)
-            rstate.advance()
-
-    @cute.jit
     def signal(self, pipe_conv, cstate):
-        """fuse_post: tell the converter warps the next block of the walk is counted."""
+        """fuse_post: tell the converter warps the next block of the walk has landed."""
         pipe_conv.producer_acquire(cstate)
         pipe_conv.producer_commit(cstate)
         cstate.advance()
@@ -624,12 +596,13 @@ class FlashBwdSm90:
     def dq_converter(self, mdQacc, mSem, dq, fused, softmax_scale, n_block, head, batch, m_min,
                      m_max, warp, lane, seqlen_q, seqlen_k):
         """fuse_post, warps 2 and 3 (chunk `warp` of each dQ tile, as consumer warpgroup `warp`
-        added it): for each block of the walk the dQ warp has counted, a semaphore that shows
-        every KV block's adds means this CTA (maybe others as well: they write the same values)
-        turns the finished fp32 tile into dQ (times softmax_scale), so no postprocess kernel
-        reads dQaccum back from memory. The CTA whose add came last always sees the full count:
-        its count is ordered before its own signal."""
-        mdQ, sX, mbar_x, pipe_conv, _ = fused
+        added it): for each block of the walk whose adds have landed (signalled by the dQ warp,
+        or with dq_red by every consumer thread), lane 0 counts it on the chunk's semaphore with
+        an acq_rel atomic; the one CTA whose count completes the tile (every KV block's adds
+        ordered before it) turns the fp32 chunk into dQ (times softmax_scale), so no postprocess
+        kernel reads dQaccum back from memory. (A plain read of a count that others also
+        increment let several CTAs convert the same tile: H100, 0.78-0.92x.)"""
+        mdQ, sX, mbar_x, pipe_conv = fused
         if const_expr(self.cfg.pdl):
             cute.arch.griddepcontrol_wait()
         tm, d = self.tile_m, self.d
@@ -654,12 +627,12 @@ class FlashBwdSm90:
                 total = mask_mod.n_block_max(seqlen_q, seqlen_k, m, tm, self.tile_n, True)
             seen = Int32(0)
             if lane == 0:
-                seen = ld_acquire(sem_row.iterator + m)
+                seen = atom_add_acq_rel(sem_row.iterator + m * SEMS_PER_TILE + 1 + warp, 1)
             seen = cute.arch.shuffle_sync(seen, 0)
-            if seen == total:
+            if seen == total - 1:
                 for q in cutlass.range_constexpr(parts):
                     if lane == 0:
-                        # the bulk copy (async proxy) reads what the acquire made visible
+                        # the bulk copy (async proxy) reads what the atomic acquired
                         cute.arch.fence_proxy("async.global")
                         cute.arch.mbarrier_arrive_and_expect_tx(mbar_x + warp, part * 4)
                         bulk_g2s(sX[None, warp].iterator,
@@ -774,7 +747,7 @@ class FlashBwdSm90:
                    sdp=sdp, dkv=dkv, dvm=dvm, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
                    window_right=window_right, softcap_pre=softcap_pre,
-                   pipe_red=fused[4] if const_expr(self.cfg.fuse_post) else None)
+                   pipe_conv=fused[3] if const_expr(self.cfg.fuse_post) else None)
         if const_expr(self.cfg.desc_hoist):
             # wgmma smem descriptors taken once here, not rebuilt from the smem pointers in every
             # m block (wgmma_utils.DescFrag); registers stay DSL fragments. K's (S's A) k-block
@@ -924,13 +897,13 @@ class FlashBwdSm90:
             g = cute.make_tensor(c["tdQsdQ"].iterator + m * (tm * self.d), c["tdQsdQ"].layout)
             for j in cutlass.range_constexpr(cute.size(g, mode=[1])):
                 red_add_v4_f32(g[None, j, 0].iterator, *(flat[v, j, 0] for v in range(4)))
-            if const_expr(self.cfg.fuse_post):  # tell warp 1 (dq_counter) they are issued
-                # its ring advances once per block, as this warpgroup's Q ring count does
+            if const_expr(self.cfg.fuse_post):  # tell the converter warps they are issued
+                # (the ring advances once per block, as this warpgroup's Q ring count does)
                 n = state.count
                 rstate = pipeline.PipelineState(CONV_STAGES, n, n % CONV_STAGES,
                                                 ((n // CONV_STAGES) % 2) ^ 1)
-                c["pipe_red"].producer_acquire(rstate)
-                c["pipe_red"].producer_commit(rstate)
+                c["pipe_conv"].producer_acquire(rstate)
+                c["pipe_conv"].producer_commit(rstate)
         else:
             # dQ -> smem chunk of this warpgroup, once the dQ warp has read the previous one
             cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + c["wg"], number_of_threads=160)

@@ -42,6 +42,9 @@ VERIFIED_FEATURES = IMPLEMENTED_FEATURES
 HEAD_DIMS = (64, 96, 128, 192, 256)
 SPLIT_HEAD_DIMS = ((192, 128),)  # (q/k, v) pairs with dv != d
 SMEM_LIMIT = 227 * 1024
+# fuse_post: int32 semaphores per dQ tile: the deterministic turn, then one count per converter
+# warp (bwd_kernel.dq_converter)
+SEMS_PER_TILE = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -561,12 +564,13 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None)
     else:  # the fill variant: it writes the padded rows, dQaccum and semaphores the kernel reads
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None, pad_tile=tm, fill=True,
-                               sem=bool(deterministic or cfg.fuse_post), pdl=cfg.pdl)
+                               sem=bool(deterministic or cfg.fuse_post),
+                               sem_per_tile=SEMS_PER_TILE if cfg.fuse_post else 1, pdl=cfg.pdl)
     # workspace pieces per (batch, head), each a multiple of 4 floats so every piece (and the
     # strides) stays 16-byte aligned: LSE2, D, dQaccum, semaphores (int32, deterministic)
     # (fuse_post: the semaphores count each tile's adds)
-    split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,)
-                                      if deterministic or cfg.fuse_post else ())
+    nsem = rows // tm * (SEMS_PER_TILE if cfg.fuse_post else 1)
+    split = (rows, rows, rows * d) + ((-(-nsem // 4) * 4,) if deterministic or cfg.fuse_post else ())
     empty = nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0
     post = None if cfg.fuse_post else _compile.get_kernel(post_config(cfg), build)
     return _Plan(cfg, _compile.get_kernel(cfg, build), post,

@@ -77,11 +77,11 @@ def test_compile_bwd(cfg, tmp_path):
     # softcap keeps 1 - tanh^2 of the S tile in registers: hd128 spills ~100 bytes; the
     # all-masked sliding-window loop hd128 8-16 bytes (accepted until tuned on a GPU);
     # the fused conversion's warps (24 registers) keep their loop state on the stack (up to
-    # up to 40 bytes, loads of a value or two in the GEMM loops); everything else spills nothing
+    # up to 88 bytes at hd192, loads of a value or two in the GEMM loops); everything else spills nothing
     dq_add = "red.global.add.v4.f32" if cfg.dq_red else "cp.reduce.async.bulk"
     check_ptx(ptx_path, ptx, tmp_path, ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg",
                                         "mbarrier", dq_add),
-              spill_limit=160 if cfg.softcap else 32 if cfg.local else 64 if cfg.fuse_post else 0)
+              spill_limit=160 if cfg.softcap else 32 if cfg.local else 96 if cfg.fuse_post else 0)
     if cfg.dq_red:  # no smem dQ path left (its bulk add is the only cp.reduce in this kernel)
         assert "cp.reduce.async.bulk" not in ptx
     # PDL: waits on the preprocess and lets the postprocess launch early, only when switched on
