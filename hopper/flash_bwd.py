@@ -100,7 +100,8 @@ class BwdConfig:
     # (hd128: 118 of the loop's 389 SASS instructions are uniform-datapath). Off: H100 A/B mixed.
     desc_hoist: bool = False
     # Sliding window: blocks that see the whole KV tile inside the window run without mask code
-    # (mask.window_nomask_range_bwd); off, every block of a window is masked. Off until GPU-tested.
+    # (mask.window_nomask_range_bwd); off, every block of a window is masked. default_config
+    # turns it on for a window without softcap (measured: see there).
     window_split: bool = False
     # causal: KV blocks launch heaviest first (block 0 sees every query block), all heads of an
     # L2-sized group of lpt_mb before the next lighter block (tile_scheduler.decode_kv_block),
@@ -112,8 +113,10 @@ class BwdConfig:
     # The postprocess fused into this kernel: the CTA that finds a dQ tile's semaphore full (all
     # KV blocks' adds done, counted by the dQ warp) converts it with warps 2-3 of the producer
     # warpgroup from an smem copy (bwd_kernel.dq_converter); no postprocess kernel re-reads
-    # dQaccum from memory. dq_red: warp 1 counts the consumers' adds instead (bwd_kernel.
-    # dq_counter). Dense only (MHA or GQA; no window, varlen, seqused; no 80-row tile).
+    # dQaccum from memory. dq_red: the consumers signal the converters themselves. Dense only
+    # (MHA or GQA; no window, varlen, seqused; no 80-row tile). GPU-tested; off: H100, 3 rounds,
+    # 0.83-0.93x of the default at hd64/128/256 1k-16k (0.93x at 16k, where the postprocess is
+    # under 1% of the time: the per-block signalling costs the main kernel more than it saves)
     fuse_post: bool = False
     post_parts: int = 1  # fuse_post: a converter warp copies its chunk in this many parts (smem)
     lpt_mb: int = 32  # megabytes of Q / dO / dQaccum one lpt group of heads may hold in L2
@@ -196,6 +199,9 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # window / softcap (more registers, never measured)
     tile["dv_early"] = (d == 128 and not causal and tile["dkv_tma"] and not overrides.get("local")
                         and not overrides.get("softcap") and not tile80)
+    # H100, 3 rounds, window (L, 0), vs all-masked: hd128 L=4096 8k +0.4%, 32k +6.4%; hd64 L=1024
+    # 4k +5.9%; hd256 L=1024 4k +0.1%. With softcap its unmasked loop spills (hd128: 156 B)
+    tile["window_split"] = bool(overrides.get("local")) and not overrides.get("softcap")
     tile.update(overrides)
     if tile.get("fuse_post") and "post_parts" not in overrides:  # the fewest copies that fit
         tile["post_parts"] = next(

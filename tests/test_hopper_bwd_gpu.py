@@ -250,17 +250,18 @@ def test_bwd_window(d, sq, sk, window):
 @pytest.mark.parametrize("sq,sk", [(113, 203), (3, 1100), (1000, 1357), (2048, 1500)])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_bwd_window_split(d, sq, sk, window):
-    """BwdConfig.window_split (off by default): the blocks inside the window run the unmasked
-    loop, between masked blocks on both edges; MHA (dK / dV by TMA) and GQA."""
+    """The window's all-masked walk (BwdConfig.window_split=False, the A/B fallback; the default
+    runs the blocks inside the window unmasked, between masked blocks on both edges); MHA (dK /
+    dV by TMA) and GQA."""
     bhs = (2, 4, 4) if sq % 2 else (1, 6, 2)
-    check(*bhs, sq, sk, d, torch.bfloat16, False, window=window, window_split=True)
+    check(*bhs, sq, sk, d, torch.bfloat16, False, window=window, window_split=False)
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_bwd_window_split_deterministic(d):
     q, k, v, do, first = check(2, 4, 4, 1000, 1357, d, torch.float16, False, deterministic=True,
-                               window=(300, 200), window_split=True)
-    again = run_bwd(q, k, v, do, False, deterministic=True, window=(300, 200), window_split=True)
+                               window=(300, 200), window_split=False)
+    again = run_bwd(q, k, v, do, False, deterministic=True, window=(300, 200), window_split=False)
     for a, g in zip(first, again):
         assert torch.equal(a, g), "deterministic backward differs between runs"
 
