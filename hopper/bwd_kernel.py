@@ -123,12 +123,12 @@ def ld_acquire(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
 
 
 @dsl_user_op
-def atom_add_acq_rel(ptr: cute.Pointer, val: int, *, loc=None, ip=None) -> Int32:
-    """atom.add.acq_rel.gpu: the old value; releases what this thread saw before it (cumulative)
-    and acquires what the earlier adders released."""
+def atom_add(ptr: cute.Pointer, val: int, sem: str, *, loc=None, ip=None) -> Int32:
+    """atom.add.<sem>.gpu (sem: "acquire" | "acq_rel"), returning the old value. A release at gpu
+    scope costs a MEMBAR.GPU (SASS)."""
     return Int32(llvm.inline_asm(
         T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value(), Int32(val).ir_value()],
-        "atom.add.acq_rel.gpu.global.s32 $0, [$1], $2;", "=r,l,r", has_side_effects=True,
+        f"atom.add.{sem}.gpu.global.s32 $0, [$1], $2;", "=r,l,r", has_side_effects=True,
         is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
 
 
@@ -627,7 +627,11 @@ class FlashBwdSm90:
                 total = mask_mod.n_block_max(seqlen_q, seqlen_k, m, tm, self.tile_n, True)
             seen = Int32(0)
             if lane == 0:
-                seen = atom_add_acq_rel(sem_row.iterator + m * SEMS_PER_TILE + 1 + warp, 1)
+                # dQ warp: its bulk adds completed (wait_group) before it signalled, so they are
+                # in L2 before this count; dq_red: the consumers' red.global adds have no
+                # completion to wait on, so the count releases them (MEMBAR.GPU)
+                seen = atom_add(sem_row.iterator + m * SEMS_PER_TILE + 1 + warp, 1,
+                                "acq_rel" if const_expr(self.cfg.dq_red) else "acquire")
             seen = cute.arch.shuffle_sync(seen, 0)
             if seen == total - 1:
                 for q in cutlass.range_constexpr(parts):
