@@ -114,9 +114,10 @@ class BwdConfig:
     # KV blocks' adds done, counted by the dQ warp) converts it with warps 2-3 of the producer
     # warpgroup from an smem copy (bwd_kernel.dq_converter); no postprocess kernel re-reads
     # dQaccum from memory. dq_red: the consumers signal the converters themselves. Dense only
-    # (MHA or GQA; no window, varlen, seqused; no 80-row tile). GPU-tested; off: H100, 3 rounds,
-    # 0.83-0.93x of the default at hd64/128/256 1k-16k (0.93x at 16k, where the postprocess is
-    # under 1% of the time: the per-block signalling costs the main kernel more than it saves)
+    # (MHA or GQA; no window, varlen, seqused; no 80-row tile). Off: H100, 3 rounds, 0.83-0.93x
+    # of the default at hd64/128/256 1k-16k with an acq_rel count (a MEMBAR.GPU per block and
+    # converter warp; 0.93x at 16k, where the postprocess is under 1% of the time). The
+    # dQ-warp path's acquire-only count since (no MEMBAR) is neither GPU-tested nor measured.
     fuse_post: bool = False
     post_parts: int = 1  # fuse_post: a converter warp copies its chunk in this many parts (smem)
     lpt_mb: int = 32  # megabytes of Q / dO / dQaccum one lpt group of heads may hold in L2
