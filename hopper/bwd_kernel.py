@@ -467,6 +467,13 @@ class FlashBwdSm90:
         return mask_mod.m_block_nomask_bwd(seqlen_q, seqlen_k, n_block, m_min, m_max, self.tile_m,
                                            self.tile_n, self.causal, self.cfg.local)
 
+    def walk_start(self, seqlen_q, seqlen_k, n_block, m_min, m_max):
+        """m_at's m_nomask for the roles that only follow the walk (m_max, unused, without
+        stagger)."""
+        if const_expr(self.cfg.stagger):
+            return self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        return m_max
+
     def m_at(self, p, m_nomask, m_max, n_block):
         """The query block at walk position p (m_min <= p < m_max): p itself without stagger."""
         if const_expr(self.cfg.stagger):
@@ -499,9 +506,7 @@ class FlashBwdSm90:
         if const_expr(self.cfg.pdl):  # LSE2 and D come from the preprocess (K, V: the caller's)
             cute.arch.griddepcontrol_wait()
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-        m_nomask = m_max  # unused without stagger
-        if const_expr(self.cfg.stagger):
-            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        m_nomask = self.walk_start(seqlen_q, seqlen_k, n_block, m_min, m_max)
         for p in cutlass.range(m_min, m_max, unroll=1):
             m = self.m_at(p, m_nomask, m_max, n_block)
             pipe_q.producer_acquire(state)
@@ -535,9 +540,7 @@ class FlashBwdSm90:
         cstate = None
         if const_expr(fuse):
             cstate = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, CONV_STAGES)
-        m_nomask = m_max  # unused without stagger
-        if const_expr(self.cfg.stagger):
-            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        m_nomask = self.walk_start(seqlen_q, seqlen_k, n_block, m_min, m_max)
         for p in cutlass.range(m_min, m_max, unroll=1):
             m = self.m_at(p, m_nomask, m_max, n_block)
             for wg in cutlass.range_constexpr(2):
@@ -615,9 +618,7 @@ class FlashBwdSm90:
         total = (seqlen_k + (self.tile_n - 1)) // self.tile_n  # KV blocks adding to each tile
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, CONV_STAGES)
         phase = Int32(0)
-        m_nomask = m_max  # unused without stagger
-        if const_expr(self.cfg.stagger):
-            m_nomask = self.m_nomask(seqlen_q, seqlen_k, n_block, m_min, m_max)
+        m_nomask = self.walk_start(seqlen_q, seqlen_k, n_block, m_min, m_max)
         for p in cutlass.range(m_min, m_max, unroll=1):
             m = self.m_at(p, m_nomask, m_max, n_block)
             pipe_conv.consumer_wait(state)
