@@ -18,7 +18,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from fa3.hopper.bwd_kernel import dq_copy, dq_tile_shape, dq_transposed, tiled_mmas
+from fa3.hopper.bwd_dq import dq_copy
+from fa3.hopper.bwd_kernel import dq_tile_shape, dq_transposed, tiled_mmas
 from fa3.hopper.wgmma_utils import acc_to_mn, stmatrix_copy, transpose_view
 
 THREADS = 256
