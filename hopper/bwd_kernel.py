@@ -37,11 +37,11 @@ deterministic: the dQ warp adds tile m only after the CTAs of lower KV blocks ha
 per (batch, head, m) counts them), so the fp32 sums run in one order on every run. With `spt`
 (causal only) KV blocks launch and add from the last one down: a CTA then waits on one that started
 before it and is ahead in m, instead of on block 0, which reaches m last.
-fuse_post: the dQ warp counts each tile's finished adds on its semaphore (a tile behind, so the
-wait for the adds to land overlaps the next tile's GEMMs) and signals warps 2-3; a CTA that then
-reads the count of all KV blocks copies the fp32 tile from L2 into smem and writes dQ, so the
-postprocess kernel (which re-reads all of dQaccum) is not launched. With dq_red the consumers
-arrive on an mbarrier ring after each block's red.global adds and warp 1 does the counting.
+fuse_post: once a tile's adds have landed the dQ warp signals warps 2-3 (a tile behind, so the
+wait overlaps the next tile's GEMMs; with dq_red the consumers signal after their red.global
+adds); each counts its chunk with an atomic, and the CTA whose count completes the tile copies
+the fp32 chunk from L2 into smem and writes dQ, so the postprocess kernel (which re-reads all of
+dQaccum) is not launched.
 (The dQ warp and the converter warps live in bwd_dq.py, inline PTX in mem_ops.py.)
 dK (times softmax_scale) and dV are stored once per CTA: by TMA from Q's / dO's smem buffers
 (BwdConfig.dkv_tma, MHA dense), else from registers; with GQA they are per query head fp32

@@ -43,7 +43,7 @@ HEAD_DIMS = (64, 96, 128, 192, 256)
 SPLIT_HEAD_DIMS = ((192, 128),)  # (q/k, v) pairs with dv != d
 SMEM_LIMIT = 227 * 1024
 # fuse_post: int32 semaphores per dQ tile: the deterministic turn, then one count per converter
-# warp (bwd_kernel.dq_converter)
+# warp (bwd_dq.DqRoles.dq_converter)
 SEMS_PER_TILE = 3
 
 
@@ -110,9 +110,9 @@ class BwdConfig:
     # rounds): hd64 1k -11/-10% (run 2, 8 MB groups -4%, 16 MB -6%), 4k -0.7/-1.6%; hd128 1k
     # -2/-2%, 2k 0/0, 4k +2.5/+1.5%, 16k +6/-0.3%; hd256 1k -1%, 4k +2.5/+0.3%. So off (A/B only).
     lpt: bool = False
-    # The postprocess fused into this kernel: the CTA that finds a dQ tile's semaphore full (all
-    # KV blocks' adds done, counted by the dQ warp) converts it with warps 2-3 of the producer
-    # warpgroup from an smem copy (bwd_kernel.dq_converter); no postprocess kernel re-reads
+    # The postprocess fused into this kernel: the CTA whose count completes a dQ tile (all KV
+    # blocks' adds landed, counted per chunk by warps 2-3 of the producer warpgroup) converts it
+    # from an smem copy (bwd_dq.DqRoles.dq_converter); no postprocess kernel re-reads
     # dQaccum from memory. dq_red: the consumers signal the converters themselves. Dense only
     # (MHA or GQA; no window, varlen, seqused; no 80-row tile). Off: H100, 3 rounds, 0.83-0.93x
     # of the default at hd64/128/256 1k-16k with an acq_rel count (a MEMBAR.GPU per block and

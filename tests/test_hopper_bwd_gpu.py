@@ -128,8 +128,8 @@ FUSE = dict(fuse_post=True)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
 def test_bwd_fuse_post(d, causal, sq, sk, bhs):
-    """The postprocess fused into the main kernel (BwdConfig.fuse_post): whichever CTA sees a dQ
-    tile's semaphore full converts it (hd256: the consumers' red.global adds counted by warp 1).
+    """The postprocess fused into the main kernel (BwdConfig.fuse_post): the CTA whose count
+    completes a dQ tile converts it (hd256: signalled by the consumers after their red.global adds).
     Ragged tiles, a single KV block, causal with more queries than keys (tiles that see no key
     stay zero) and fewer."""
     check(*bhs, sq, sk, d, torch.bfloat16, causal, **FUSE)
