@@ -30,8 +30,8 @@ class DqRoles:
     def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane, seqlen_q,
                   seqlen_k, window_left, fused):
         """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum.
-        fuse_post: once a block's adds are done in L2, signal the converter warps (a block behind,
-        so the wait overlaps the next block's GEMMs)."""
+        fuse_post: once a block's adds are done in L2, signal the converter warps (cfg.fuse_lag
+        blocks behind, so the wait overlaps the next blocks' GEMMs)."""
         if const_expr(self.cfg.pdl):
             cute.arch.griddepcontrol_wait()  # the preprocess zeroes dQaccum (and semaphores)
         chunk = self.tile_m * self.d // 2
@@ -78,14 +78,16 @@ class DqRoles:
                     if const_expr(fuse):
                         cstate = self.signal(fused[3], cstate)
             elif const_expr(fuse):
-                if p > m_min:
-                    cute.arch.cp_async_bulk_wait_group(2, read=False)  # block m_prev's adds done
+                lag = self.cfg.fuse_lag
+                if p >= m_min + lag:
+                    # the adds of the block `lag` steps back are done (2 groups a block)
+                    cute.arch.cp_async_bulk_wait_group(2 * lag, read=False)
                     if lane == 0:
                         cstate = self.signal(fused[3], cstate)
         if const_expr(fuse and not self.cfg.deterministic):
-            if m_max > m_min:
-                cute.arch.cp_async_bulk_wait_group(0, read=False)
-                if lane == 0:
+            cute.arch.cp_async_bulk_wait_group(0, read=False)
+            if lane == 0:
+                for _ in cutlass.range(cutlass.min(m_max - m_min, self.cfg.fuse_lag), unroll=1):
                     cstate = self.signal(fused[3], cstate)
         cute.arch.cp_async_bulk_wait_group(0, read=True)
 
@@ -158,7 +160,7 @@ class DqRoles:
                      rows):
         """Part q of consumer warpgroup `warp`'s dQ chunk (its registers in dq_copy order, in
         column `warp` of sX) -> the dQ tile gdQ, rows below `rows`; one 4-float vector at a time
-        (24 registers here)."""
+        (32 registers here: the producer warpgroup's share with fuse_post, bwd_kernel.REGS)."""
         dtype = gdQ.element_type
         for i in cutlass.range(4, unroll=1):  # the warpgroup's 128 threads, a warp at a time
             vt = warp * 128 + i * 32 + lane
@@ -168,7 +170,7 @@ class DqRoles:
             tD = thr.partition_C(gdQ)  # ((2, 2, V), 1, 1): V = vectors, 2 rows 8 apart
             tC = thr.partition_C(cute.make_identity_tensor((self.tile_m, self.d)))
             nj = cute.size(tg, mode=[1])
-            for jj in cutlass.range(nj, unroll=1):  # (unrolled, it spills at 24 registers)
+            for jj in cutlass.range(nj, unroll=2):
                 j = jj + q * nj
                 v = cute.make_rmem_tensor(cute.make_layout(4), Float32)
                 cute.autovec_copy(tg[None, jj, 0], v)

@@ -73,6 +73,9 @@ from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f
 # Named barriers (0 is __syncthreads)
 BAR_PDS = 1  # both consumer warpgroups: P / dS tiles complete in smem
 REGS = (24, 240)  # setmaxnreg: producer warpgroup, consumer warpgroups
+# fuse_post: the producer warpgroup (converter warps included) gets 32: 32 x 128 + 240 x 256 =
+# 65,536, the whole register file (at 24 ptxas spilled 12-88 bytes there; at 32 nothing)
+REGS_FUSED = (32, 240)
 
 MK = cute.nvgpu.OperandMajorMode.K
 MN = cute.nvgpu.OperandMajorMode.MN
@@ -370,7 +373,8 @@ class FlashBwdSm90(DqRoles):
               softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
               batch, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV, fused):
         if warp_idx < 4:
-            cute.arch.setmaxregister_decrease(REGS[0])
+            cute.arch.setmaxregister_decrease(REGS_FUSED[0] if const_expr(self.cfg.fuse_post)
+                                              else REGS[0])
             if warp_idx == 0:
                 head_kv = head // (mQ.shape[2] // mK.shape[2])
                 self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K,

@@ -120,6 +120,9 @@ class BwdConfig:
     # dQ-warp path's acquire-only count since (no MEMBAR) is neither GPU-tested nor measured.
     fuse_post: bool = False
     post_parts: int = 1  # fuse_post: a converter warp copies its chunk in this many parts (smem)
+    # fuse_post (not deterministic): the dQ warp waits for a block's bulk adds to complete this
+    # many blocks after issuing them (1: right after the next block's adds are issued)
+    fuse_lag: int = 1
     lpt_mb: int = 32  # megabytes of Q / dO / dQaccum one lpt group of heads may hold in L2
     # Programmatic dependent launch: the main kernel and the postprocess launch while the kernel
     # before each drains (each waits on griddepcontrol before touching that kernel's output; the
@@ -227,6 +230,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
     assert not cfg.fuse_post or (cfg.tile_m % 64 == 0 and not (
         cfg.local or cfg.varlen or cfg.seqused_q or cfg.seqused_k)), cfg
+    assert 1 <= cfg.fuse_lag <= 4, cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
                       dq_red=cfg.dq_red, dv=dv,
                       post_parts=cfg.post_parts if cfg.fuse_post else 0) <= SMEM_LIMIT, cfg

@@ -142,6 +142,14 @@ def test_bwd_fuse_post_many_blocks(d, causal, dtype):
     check(1, 16, 16, 2048, 8192, d, dtype, causal, **FUSE)
 
 
+@pytest.mark.parametrize("sq,sk", [(100, 700), (130, 1000), (1000, 1357), (2048, 2048)])
+@pytest.mark.parametrize("d,causal,lag", [(128, False, 2), (128, True, 2), (64, True, 3)])
+def test_bwd_fuse_post_lag(d, causal, lag, sq, sk):
+    """The dQ warp signalling a block's landed adds 2-3 blocks late (BwdConfig.fuse_lag): walks
+    shorter than the lag (one or two query blocks) signal every block at the end."""
+    check(2, 4, 4, sq, sk, d, torch.bfloat16, causal, fuse_lag=lag, **FUSE)
+
+
 @pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, True), (256, True)])
 def test_bwd_fuse_post_deterministic(d, causal):
     """Deterministic adds (semaphore order) with the fused conversion: bitwise-equal runs."""
