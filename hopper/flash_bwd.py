@@ -116,8 +116,9 @@ class BwdConfig:
     # dQaccum from memory. dq_red: the consumers signal the converters themselves. Dense only
     # (MHA or GQA; no window, varlen, seqused; no 80-row tile). Off: H100, 3 rounds, 0.83-0.93x
     # of the default at hd64/128/256 1k-16k with an acq_rel count (a MEMBAR.GPU per block and
-    # converter warp; 0.93x at 16k, where the postprocess is under 1% of the time). The
-    # dQ-warp path's acquire-only count since (no MEMBAR) is neither GPU-tested nor measured.
+    # converter warp; 0.93x at 16k, where the postprocess is under 1% of the time). Since then,
+    # neither GPU-tested nor measured: the dQ-warp path's acquire-only count (no MEMBAR), 32
+    # registers for the producer warpgroup (no spills) and fuse_lag.
     fuse_post: bool = False
     post_parts: int = 1  # fuse_post: a converter warp copies its chunk in this many parts (smem)
     # fuse_post (not deterministic): the dQ warp waits for a block's bulk adds to complete this
