@@ -160,7 +160,7 @@ class DqRoles:
                      rows):
         """Part q of consumer warpgroup `warp`'s dQ chunk (its registers in dq_copy order, in
         column `warp` of sX) -> the dQ tile gdQ, rows below `rows`; one 4-float vector at a time
-        (32 registers here: the producer warpgroup's share with fuse_post, bwd_kernel.REGS)."""
+        (32 registers here: bwd_kernel.REGS_FUSED)."""
         dtype = gdQ.element_type
         for i in cutlass.range(4, unroll=1):  # the warpgroup's 128 threads, a warp at a time
             vt = warp * 128 + i * 32 + lane
