@@ -372,9 +372,9 @@ class FlashBwdSm90(DqRoles):
               sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
               softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
               batch, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV, fused):
+        regs = REGS_FUSED if const_expr(self.cfg.fuse_post) else REGS
         if warp_idx < 4:
-            cute.arch.setmaxregister_decrease(REGS_FUSED[0] if const_expr(self.cfg.fuse_post)
-                                              else REGS[0])
+            cute.arch.setmaxregister_decrease(regs[0])
             if warp_idx == 0:
                 head_kv = head // (mQ.shape[2] // mK.shape[2])
                 self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K,
@@ -390,7 +390,7 @@ class FlashBwdSm90(DqRoles):
                                       batch, m_min, m_max, warp_idx - 2, tidx % 32, seqlen_q,
                                       seqlen_k)
         else:
-            cute.arch.setmaxregister_increase(REGS[1])
+            cute.arch.setmaxregister_increase(regs[1])
             self.consumer(mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
                           pipe_q, pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch,
                           m_min, m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,

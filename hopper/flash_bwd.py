@@ -231,7 +231,9 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
     assert not cfg.fuse_post or (cfg.tile_m % 64 == 0 and not (
         cfg.local or cfg.varlen or cfg.seqused_q or cfg.seqused_k)), cfg
-    assert 1 <= cfg.fuse_lag <= 4, cfg
+    # (fuse_lag only moves the dQ warp's signal: refused where it would change nothing)
+    assert cfg.fuse_lag == 1 or (1 < cfg.fuse_lag <= 4 and cfg.fuse_post and not cfg.deterministic
+                                 and not cfg.dq_red), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
                       dq_red=cfg.dq_red, dv=dv,
                       post_parts=cfg.post_parts if cfg.fuse_post else 0) <= SMEM_LIMIT, cfg
