@@ -160,7 +160,7 @@ class DqRoles:
                      rows):
         """Part q of consumer warpgroup `warp`'s dQ chunk (its registers in dq_copy order, in
         column `warp` of sX) -> the dQ tile gdQ, rows below `rows`; one 4-float vector at a time
-        (32 registers here: bwd_kernel.REGS_FUSED)."""
+        (the producer warpgroup has 24 registers: bwd_kernel.REGS)."""
         dtype = gdQ.element_type
         for i in cutlass.range(4, unroll=1):  # the warpgroup's 128 threads, a warp at a time
             vt = warp * 128 + i * 32 + lane
@@ -170,7 +170,7 @@ class DqRoles:
             tD = thr.partition_C(gdQ)  # ((2, 2, V), 1, 1): V = vectors, 2 rows 8 apart
             tC = thr.partition_C(cute.make_identity_tensor((self.tile_m, self.d)))
             nj = cute.size(tg, mode=[1])
-            for jj in cutlass.range(nj, unroll=2):
+            for jj in cutlass.range(nj, unroll=1):
                 j = jj + q * nj
                 v = cute.make_rmem_tensor(cute.make_layout(4), Float32)
                 cute.autovec_copy(tg[None, jj, 0], v)

@@ -66,16 +66,18 @@ from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
 from fa3.hopper import tile_scheduler
 from fa3.hopper.bwd_dq import BAR_DQ_EMPTY, BAR_DQ_FULL, CONV_STAGES, DqRoles, dq_copy
+from fa3.hopper.fwd_common import regs_fit
 from fa3.hopper.mem_ops import bulk_g2s, red_add_v4_f32
 from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
                                     stmatrix_copy, transpose_view)
 
 # Named barriers (0 is __syncthreads)
 BAR_PDS = 1  # both consumer warpgroups: P / dS tiles complete in smem
-REGS = (24, 240)  # setmaxnreg: producer warpgroup, consumer warpgroups
-# fuse_post: the producer warpgroup (converter warps included) gets 32: 32 x 128 + 240 x 256 =
-# 65,536, the whole register file (at 24 ptxas spilled 12-88 bytes there; at 32 nothing)
-REGS_FUSED = (32, 240)
+# setmaxnreg: producer warpgroup, consumer warpgroups. 384 threads launch with 168 registers each,
+# so 24 + 2 x 240 is the whole pool (fwd_common.regs_fit); s12's 32 for fuse_post's producer
+# warpgroup left the consumers' setmaxnreg.inc waiting forever (H100: hung)
+REGS = (24, 240)
+assert regs_fit(REGS, 2)
 
 MK = cute.nvgpu.OperandMajorMode.K
 MN = cute.nvgpu.OperandMajorMode.MN
@@ -372,9 +374,8 @@ class FlashBwdSm90(DqRoles):
               sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
               softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
               batch, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV, fused):
-        regs = REGS_FUSED if const_expr(self.cfg.fuse_post) else REGS
         if warp_idx < 4:
-            cute.arch.setmaxregister_decrease(regs[0])
+            cute.arch.setmaxregister_decrease(REGS[0])
             if warp_idx == 0:
                 head_kv = head // (mQ.shape[2] // mK.shape[2])
                 self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K,
@@ -390,7 +391,7 @@ class FlashBwdSm90(DqRoles):
                                       batch, m_min, m_max, warp_idx - 2, tidx % 32, seqlen_q,
                                       seqlen_k)
         else:
-            cute.arch.setmaxregister_increase(regs[1])
+            cute.arch.setmaxregister_increase(REGS[1])
             self.consumer(mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
                           pipe_q, pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch,
                           m_min, m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,

@@ -114,11 +114,11 @@ class BwdConfig:
     # blocks' adds landed, counted per chunk by warps 2-3 of the producer warpgroup) converts it
     # from an smem copy (bwd_dq.DqRoles.dq_converter); no postprocess kernel re-reads
     # dQaccum from memory. dq_red: the consumers signal the converters themselves. Dense only
-    # (MHA or GQA; no window, varlen, seqused; no 80-row tile). Off: H100, 3 rounds, 0.83-0.93x
-    # of the default at hd64/128/256 1k-16k with an acq_rel count (a MEMBAR.GPU per block and
-    # converter warp; 0.93x at 16k, where the postprocess is under 1% of the time). Since then,
-    # neither GPU-tested nor measured: the dQ-warp path's acquire-only count (no MEMBAR), 32
-    # registers for the producer warpgroup (no spills) and fuse_lag.
+    # (MHA or GQA; no window, varlen, seqused; no 80-row tile). Off: H100, 3 rounds, vs the
+    # default: acquire-only count 0.90-0.91x at hd128 1k / causal 1k / 16k, 0.84x hd256 causal
+    # 1k; fuse_lag 2 no better. With the convert loop emptied (timing only) 1.01x at 1k and
+    # 0.97x at 16k: the loop costs 6-10%, and the count / signal / L2 copy about as much as the
+    # postprocess kernel they replace.
     fuse_post: bool = False
     post_parts: int = 1  # fuse_post: a converter warp copies its chunk in this many parts (smem)
     # fuse_post (not deterministic): the dQ warp waits for a block's bulk adds to complete this

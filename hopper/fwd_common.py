@@ -26,6 +26,19 @@ BAR_PINGPONG = 2  # named barriers 2 + consumer warpgroup index (0, 1[, 2]); 0 i
 REGS = {2: (24, 240), 3: (32, 160)}  # consumers: (producer, consumer)
 
 
+def regs_fit(split: tuple[int, int], consumers: int) -> bool:
+    """Whether a (producer, consumer) setmaxnreg split fits the registers the CTA launched with:
+    65536 / threads per thread, rounded down to a multiple of 8 (384 threads: 168, so the pool
+    is 504 per lane of a warpgroup, not 512). A consumer's setmaxnreg.inc past the pool never
+    returns: 32 / 240 / 240 hung the backward on an H100 (s13)."""
+    warpgroups = consumers + 1
+    launch = 65536 // (128 * warpgroups) // 8 * 8
+    return split[0] + consumers * split[1] <= launch * warpgroups
+
+
+assert all(regs_fit(split, n) for n, split in REGS.items())
+
+
 def make_qkv_pipes(storage, num_consumers: int, stages: int, bytes_q: int, bytes_k: int,
                    bytes_v: int, q_stages: int = 1):
     """Full/empty mbarrier rings for Q (`q_stages`), K and V (`stages` each): one producer thread,

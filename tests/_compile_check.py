@@ -1,6 +1,7 @@
 """The check the CPU compile tests share: build a config with the PTX kept, look for the
 instructions the kernel must contain, and (when ptxas is on PATH) assemble it for sm_90a and read
-its report: spills within a limit, no serialized wgmma (C7519, C7512), no ignored setmaxnreg (C7508)."""
+its report: spills within a limit, no serialized wgmma (C7519, C7512), no ignored setmaxnreg (C7508),
+and a setmaxnreg split that fits the registers the CTA launches with."""
 import glob
 import re
 import shutil
@@ -36,6 +37,24 @@ def check_ptx(ptx_path, ptx, tmp_path, needles=(), spill_limit=0):
     # 68 warpgroup waits per m block instead of 10, 0.86x)
     assert "C7512" not in rep.stderr, "ptxas serialized wgmmas (insufficient registers)"
     assert "C7508" not in rep.stderr, "setmaxnreg ignored"
+    check_register_pool(ptx, rep.stderr)
+
+
+def check_register_pool(ptx, ptxas_report):
+    """With one setmaxnreg.dec (the producer warpgroup) and one .inc (every other warpgroup), their
+    sum over the CTA's warpgroups must fit what it launched with (ptxas's register count times
+    the threads): a consumer's .inc past that never returns (s12's 32 / 240 / 240 hung)."""
+    dec = set(re.findall(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+)", ptx))
+    inc = set(re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", ptx))
+    if not dec and not inc:
+        return
+    assert len(dec) == len(inc) == 1, (dec, inc)
+    threads = re.findall(r"\.reqntid\s+(\d+)", ptx)
+    used = re.findall(r"Used (\d+) registers", ptxas_report)
+    assert len(threads) == len(used) == 1, (threads, used)
+    warpgroups = int(threads[0]) // 128
+    need = int(dec.pop()) + (warpgroups - 1) * int(inc.pop())
+    assert need <= int(used[0]) * warpgroups, (need, used[0], warpgroups)
 
 
 def check_varlen_coverage(varlen_cfgs, dense_cfgs, seqused_alone):
