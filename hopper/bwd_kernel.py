@@ -586,7 +586,7 @@ class FlashBwdSm90(DqRoles):
         # under the GEMMs instead of stalling the exp2 loop (D likewise, under the rest of dP's
         # GEMM); else each is loaded where it is used (fewer live registers)
         lse_r = None
-        if const_expr(self.cfg.stats_early or self.cfg.lse_early):
+        if const_expr(self.cfg.stats_early):
             lse_r = self.load_stats(c["tScS_mn"], c["sLSE"][None, state.index])
         c["pipe_do"].consumer_wait(state)
         acc_dP = cute.make_rmem_tensor(c["shape_S"], Float32)
@@ -611,7 +611,7 @@ class FlashBwdSm90(DqRoles):
                                     self.tile_n, self.causal, self.swap, self.cfg.local,
                                     c["window_left"], c["window_right"])
         # P = exp2(S * scale*log2e - LSE_log2); LSE rows past seqlen_q are +inf (P = 0)
-        if const_expr(not (self.cfg.stats_early or self.cfg.lse_early)):
+        if const_expr(not self.cfg.stats_early):
             lse_r = self.load_stats(coord, c["sLSE"][None, state.index])
         self.pointwise(S_mn, None, lse_r, c["scale_log2"])
         if const_expr(self.swap):

@@ -75,11 +75,10 @@ class BwdConfig:
     # Load each m block's LSE / D values into registers right after the S / dP GEMMs are issued,
     # not where the exp2 / dS loops use them (ncu, hd128 1k: short-scoreboard stalls 1.6 vs
     # FA4's 0.9 per issued instruction). Costs live registers: default_config turns it on where
-    # it measured a gain (see there).
+    # it measured a gain (see there). Causal hd128 stays off though ncu puts 5% of its stall
+    # samples on the first exp2 FFMA's LSE wait: H100, 5 rounds, 1k/4k/16k 1.00/1.00/0.98x, and
+    # LSE alone early (s13, dropped) 1.00/0.98/0.99x: the other warpgroup's GEMMs cover it.
     stats_early: bool = False
-    # LSE alone loaded early (D where it is used): the exp2 loop's wait without D's registers
-    # (ncu, H100 hd128 causal 1k: 5% of the kernel's stall samples on the first exp2 FFMA)
-    lse_early: bool = False
     # dK / dV stored by TMA from smem (Q's / dO's buffers) instead of from registers; MHA dense
     # only (GQA's fp32 partials do not fit those buffers; a TMA store cannot stop at a varlen
     # sequence's or seqused_k's end)
@@ -218,7 +217,6 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
                                                 dv=dv, post_parts=n) <= SMEM_LIMIT), 4)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
-    assert not (cfg.lse_early and cfg.stats_early), cfg  # (stats_early loads LSE early too)
     assert not (cfg.stagger and cfg.deterministic), cfg
     assert not (cfg.dkv_tma and (cfg.gqa or cfg.varlen or cfg.seqused_k)), cfg
     assert not (cfg.dq_red and (cfg.deterministic or cfg.swap)), cfg
@@ -284,7 +282,6 @@ def variants() -> Iterator:
     yield default_config(256, 256, "float16", True, True, True, pdl=True)
     yield default_config(256, 256, "bfloat16", True, False, True, lpt=True, lpt_mb=8)
     yield default_config(128, 128, "bfloat16", False, stats_early=False)
-    yield default_config(128, 128, "bfloat16", True, lse_early=True)
     for d, causal in ((64, False), (128, True), (256, False)):  # dK/dV from registers (MHA)
         yield default_config(d, d, "float16" if causal else "bfloat16", causal, dkv_tma=False)
     yield default_config(256, 256, "float16", True, stats_early=False)

@@ -63,7 +63,7 @@ def _id(cfg):
                                           ("r", cfg.stagger), ("a", cfg.dq_red),
                                           ("E", cfg.dv_early), ("K", cfg.dk_early),
                                           ("H", cfg.desc_hoist), ("L", cfg.lpt),
-                                          ("W", cfg.window_split), ("F", cfg.fuse_post), ("Y", cfg.lse_early),
+                                          ("W", cfg.window_split), ("F", cfg.fuse_post),
                                           (f"G{cfg.fuse_lag}", cfg.fuse_lag > 1),
                                           ("N", not cfg.pdl)) if on)
     hd = f"{cfg.d}" if cfg.dv == cfg.d else f"{cfg.d}_{cfg.dv}"

@@ -120,13 +120,6 @@ def test_bwd_stats_early(d, causal, sq, sk, bhs):
     check(*bhs, sq, sk, d, torch.bfloat16, causal, stats_early=True)
 
 
-@pytest.mark.parametrize("bhs", BHS, ids=lambda x: "b%dh%dhk%d" % x)
-@pytest.mark.parametrize("sq,sk", SEQLENS)
-def test_bwd_lse_early(sq, sk, bhs):
-    """LSE alone loaded under the S GEMM (BwdConfig.lse_early), causal hd128."""
-    check(*bhs, sq, sk, 128, torch.bfloat16, True, lse_early=True)
-
-
 FUSE = dict(fuse_post=True)
 
 
