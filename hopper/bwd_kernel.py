@@ -37,12 +37,7 @@ deterministic: the dQ warp adds tile m only after the CTAs of lower KV blocks ha
 per (batch, head, m) counts them), so the fp32 sums run in one order on every run. With `spt`
 (causal only) KV blocks launch and add from the last one down: a CTA then waits on one that started
 before it and is ahead in m, instead of on block 0, which reaches m last.
-fuse_post: once a tile's adds have landed the dQ warp signals warps 2-3 (a tile behind, so the
-wait overlaps the next tile's GEMMs; with dq_red the consumers signal after their red.global
-adds); each counts its chunk with an atomic, and the CTA whose count completes the tile copies
-the fp32 chunk from L2 into smem and writes dQ, so the postprocess kernel (which re-reads all of
-dQaccum) is not launched.
-(The dQ warp and the converter warps live in bwd_dq.py, inline PTX in mem_ops.py.)
+(The dQ warp lives in bwd_dq.py, inline PTX in mem_ops.py.)
 dK (times softmax_scale) and dV are stored once per CTA: by TMA from Q's / dO's smem buffers
 (BwdConfig.dkv_tma, MHA dense), else from registers; with GQA they are per query head fp32
 partials that the caller sums over the group.
@@ -65,7 +60,7 @@ from cutlass.utils.hopper_helpers import make_trivial_tiled_mma
 from fa3.hopper import mask as mask_mod
 from fa3.hopper import softmax as sm
 from fa3.hopper import tile_scheduler
-from fa3.hopper.bwd_dq import BAR_DQ_EMPTY, BAR_DQ_FULL, CONV_STAGES, DqRoles, dq_copy
+from fa3.hopper.bwd_dq import BAR_DQ_EMPTY, BAR_DQ_FULL, DqRoles, dq_copy
 from fa3.hopper.fwd_common import regs_fit
 from fa3.hopper.mem_ops import bulk_g2s, red_add_v4_f32
 from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
@@ -74,8 +69,8 @@ from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f
 # Named barriers (0 is __syncthreads)
 BAR_PDS = 1  # both consumer warpgroups: P / dS tiles complete in smem
 # setmaxnreg: producer warpgroup, consumer warpgroups. 384 threads launch with 168 registers each,
-# so 24 + 2 x 240 is the whole pool (fwd_common.regs_fit); s12's 32 for fuse_post's producer
-# warpgroup left the consumers' setmaxnreg.inc waiting forever (H100: hung)
+# so 24 + 2 x 240 is the whole pool (fwd_common.regs_fit): a 32-register producer warpgroup
+# left the consumers' setmaxnreg.inc waiting forever (H100, s13: hung)
 REGS = (24, 240)
 assert regs_fit(REGS, 2)
 
@@ -163,19 +158,15 @@ class FlashBwdSm90(DqRoles):
                  mdV: cute.Tensor, mSem: cute.Tensor, softmax_scale: Float32, window_left: Int32,
                  window_right: Int32, softcap: Float32, mCuSeqlensQ: Optional[cute.Tensor],
                  mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
-                 mSeqUsedK: Optional[cute.Tensor], max_seqlen_k: Optional[Int32],
-                 mdQ: Optional[cute.Tensor], stream):
+                 mSeqUsedK: Optional[cute.Tensor], max_seqlen_k: Optional[Int32], stream):
         """Varlen: q/k/v/dO/dK/dV come as (1, total, h, d), LSE2/D/dQaccum/semaphores in the
-        per-sequence padded row layout (see kernel); unused optional inputs are None. mdQ (b, s,
-        h, d): the output dQ (fuse_post: converted here; else None, the postprocess's job)."""
+        per-sequence padded row layout (see kernel); unused optional inputs are None."""
         dtype = mQ.element_type
         self.dtype = dtype
         # (b, s, h, d) -> (s, d, h, b): TMA/tile modes first
         mQ, mK, mV, mdO, mdK, mdV = [
             cute.make_tensor(t.iterator, cute.select(t.layout, mode=[1, 3, 2, 0]))
             for t in (mQ, mK, mV, mdO, mdK, mdV)]
-        if const_expr(self.cfg.fuse_post):
-            mdQ = cute.make_tensor(mdQ.iterator, cute.select(mdQ.layout, mode=[1, 3, 2, 0]))
         sdp, dkv, dq = tiled_mmas(dtype, self.cfg)
         tm, tn, d, st = self.tile_m, self.tile_n, self.d, self.stages
         # Q, dO (dK/dV B operands) and K (dQ's) are also read as MN-major operands in head-dim
@@ -214,7 +205,6 @@ class FlashBwdSm90(DqRoles):
         self.bytes_kv = cute.size_in_bytes(dtype, sK_layout) + cute.size_in_bytes(dtype, sV_layout)
         pds_elems = cute.cosize(sPdS_layout)
         p_elems = 0 if const_expr(self.swap) else pds_elems  # P goes through smem only unswapped
-        fuse = self.cfg.fuse_post
 
         @cute.struct
         class SharedStorage:
@@ -231,12 +221,6 @@ class FlashBwdSm90(DqRoles):
             sP: cute.struct.Align[cute.struct.MemRange[dtype, p_elems], 1024]
             sdQ: cute.struct.Align[cute.struct.MemRange[Float32, 0 if self.cfg.dq_red else tm * d],
                                    1024]
-            # fuse_post: the converter warps' copy of a finished dQaccum tile, their signal ring
-            # and the copy's two mbarriers (a chunk per converter warp)
-            sX: cute.struct.Align[cute.struct.MemRange[
-                Float32, tm * d // self.cfg.post_parts if fuse else 0], 128]
-            mbar_conv: cute.struct.MemRange[cutlass.Int64, 2 * CONV_STAGES if fuse else 0]
-            mbar_x: cute.struct.MemRange[cutlass.Int64, 2 if fuse else 0]
 
         self.shared_storage = SharedStorage
         num_n_blocks = (mK.shape[0] + (tn - 1)) // tn
@@ -248,7 +232,7 @@ class FlashBwdSm90(DqRoles):
                     tma_dK, tma_dV, sdp, dkv, dq, sQ_layout, sdO_layout, sK_layout, sV_layout,
                     sPdS_layout, sdKV_layout,
                     softmax_scale, window_left, window_right, softcap, mCuSeqlensQ, mCuSeqlensK,
-                    mSeqUsedQ, mSeqUsedK, mdQ).launch(
+                    mSeqUsedQ, mSeqUsedK).launch(
             grid=[num_n_blocks, mQ.shape[2], num_batch], block=[384, 1, 1], stream=stream,
             min_blocks_per_mp=1, use_pdl=self.cfg.pdl)
 
@@ -264,7 +248,7 @@ class FlashBwdSm90(DqRoles):
                softmax_scale: Float32, window_left: Int32,
                window_right: Int32, softcap: Float32, mCuSeqlensQ: Optional[cute.Tensor],
                mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
-               mSeqUsedK: Optional[cute.Tensor], mdQ: Optional[cute.Tensor]):
+               mSeqUsedK: Optional[cute.Tensor]):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
         if const_expr(self.cfg.pdl):  # the postprocess may launch once every CTA got here
@@ -284,21 +268,6 @@ class FlashBwdSm90(DqRoles):
         pipe_kv = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_kv.data_ptr(), num_stages=1, producer_group=producer,
             consumer_group=consumers, tx_count=self.bytes_kv, defer_sync=True)
-        fused = None  # fuse_post: (dQ, sX, the copy's mbarriers, the signal ring)
-        if const_expr(self.cfg.fuse_post):
-            # signals: from the dQ warp's lane 0, or (dq_red) every consumer thread after its adds
-            pipe_conv = pipeline.PipelineAsync.create(
-                barrier_storage=storage.mbar_conv.data_ptr(), num_stages=CONV_STAGES,
-                producer_group=pipeline.CooperativeGroup(
-                    pipeline.Agent.Thread, 256 if const_expr(self.cfg.dq_red) else 1),
-                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 64), defer_sync=True)
-            if warp_idx == 2:
-                with cute.arch.elect_one():
-                    for i in cutlass.range_constexpr(2):
-                        cute.arch.mbarrier_init(storage.mbar_x.data_ptr() + i, 1)
-            sX = storage.sX.get_tensor(cute.make_layout(
-                (self.tile_m * self.d // 2 // self.cfg.post_parts, 2)))
-            fused = (mdQ, sX, storage.mbar_x.data_ptr(), pipe_conv)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -362,7 +331,7 @@ class FlashBwdSm90(DqRoles):
         roles = (mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP, sdS, sLSE,
                  sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
                  softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
-                 bidx, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV, fused)
+                 bidx, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV)
         if const_expr(self.cfg.varlen or self.cfg.seqused_k):
             if n_block * self.tile_n < seqlen_k:  # blocks past this sequence's keys: no work
                 self.roles(*roles)
@@ -373,7 +342,7 @@ class FlashBwdSm90(DqRoles):
     def roles(self, mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP, sdS,
               sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do, pipe_kv,
               softmax_scale, window_left, window_right, softcap, warp_idx, tidx, n_block, head,
-              batch, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV, fused):
+              batch, m_min, m_max, seqlen_q, seqlen_k, tma_dK, tma_dV, sdK, sdV):
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[0])
             if warp_idx == 0:
@@ -384,18 +353,13 @@ class FlashBwdSm90(DqRoles):
             if const_expr(not self.cfg.dq_red):  # (dq_red: the consumers add dQ)
                 if warp_idx == 1:
                     self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max,
-                                   tidx % 32, seqlen_q, seqlen_k, window_left, fused)
-            if const_expr(self.cfg.fuse_post):
-                if warp_idx >= 2:
-                    self.dq_converter(mdQacc, mSem, dq, fused, softmax_scale, n_block, head,
-                                      batch, m_min, m_max, warp_idx - 2, tidx % 32, seqlen_q,
-                                      seqlen_k)
+                                   tidx % 32, seqlen_q, seqlen_k, window_left)
         else:
             cute.arch.setmaxregister_increase(REGS[1])
             self.consumer(mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
                           pipe_q, pipe_do, pipe_kv, softmax_scale, tidx - 128, n_block, head, batch,
                           m_min, m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,
-                          (tma_dK, tma_dV, sdK, sdV), fused)
+                          (tma_dK, tma_dV, sdK, sdV))
 
     # ------------------------------------------------------------------------------------------
     def m_nomask(self, seqlen_q, seqlen_k, n_block, m_min, m_max):
@@ -463,7 +427,7 @@ class FlashBwdSm90(DqRoles):
     @cute.jit
     def consumer(self, mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
                  pipe_q, pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
-                 seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out, fused):
+                 seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out):
         wg = cute.arch.make_warp_uniform(tidx // 128)
         tm, tn, d = self.tile_m, self.tile_n, self.d
         if const_expr(self.cfg.pdl):  # before any global access: dq_red adds to dQaccum, and
@@ -533,8 +497,7 @@ class FlashBwdSm90(DqRoles):
                    sP=sP, sdS=sdS_st, sLSE=sLSE, sD=sD, scale_log2=scale_log2, bf16=bf16, wg=wg,
                    sdp=sdp, dkv=dkv, dvm=dvm, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
-                   window_right=window_right, softcap_pre=softcap_pre,
-                   pipe_conv=fused[3] if const_expr(self.cfg.fuse_post) else None)
+                   window_right=window_right, softcap_pre=softcap_pre)
         if const_expr(self.cfg.desc_hoist):
             # wgmma smem descriptors taken once here, not rebuilt from the smem pointers in every
             # m block (wgmma_utils.DescFrag); registers stay DSL fragments. K's (S's A) k-block
@@ -684,13 +647,6 @@ class FlashBwdSm90(DqRoles):
             g = cute.make_tensor(c["tdQsdQ"].iterator + m * (tm * self.d), c["tdQsdQ"].layout)
             for j in cutlass.range_constexpr(cute.size(g, mode=[1])):
                 red_add_v4_f32(g[None, j, 0].iterator, *(flat[v, j, 0] for v in range(4)))
-            if const_expr(self.cfg.fuse_post):  # tell the converter warps they are issued
-                # (the ring advances once per block, as this warpgroup's Q ring count does)
-                n = state.count
-                rstate = pipeline.PipelineState(CONV_STAGES, n, n % CONV_STAGES,
-                                                ((n // CONV_STAGES) % 2) ^ 1)
-                c["pipe_conv"].producer_acquire(rstate)
-                c["pipe_conv"].producer_commit(rstate)
         else:
             # dQ -> smem chunk of this warpgroup, once the dQ warp has read the previous one
             cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + c["wg"], number_of_threads=160)

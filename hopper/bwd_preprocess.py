@@ -40,7 +40,6 @@ class PreprocessConfig:
     pad_tile: int = 0  # varlen / fill: the main kernel's tile_m (padded output rows)
     fill: bool = False  # dense: write padded rows, zero dQaccum (head_dim_v floats a row)
     sem: bool = False  # fill: zero the deterministic semaphores (one int32 per pad_tile rows)
-    sem_per_tile: int = 1  # sem: int32s per pad_tile rows (3 with BwdConfig.fuse_post)
     pdl: bool = False  # fill (sm90): let the PDL-launched main kernel start during the last wave
 
     def __post_init__(self):
@@ -75,7 +74,6 @@ def variants():
              for dt in ("bf16", "fp16") for dv in (64, 96, 128, 192, 256)]
     fills += [PreprocessConfig("bf16", 128, pad_tile=64, fill=True, sem=True),
               PreprocessConfig("fp16", 64, pad_tile=128, fill=True, sem=True, seqused=True),
-              PreprocessConfig("bf16", 128, pad_tile=64, fill=True, sem=True, sem_per_tile=3),
               PreprocessConfig("bf16", 256, pad_tile=64, fill=True, seqused=True),
               PreprocessConfig("bf16", 64, pad_tile=64, fill=True),  # hd64 softcap: tile_m 64
               PreprocessConfig("bf16", 128, pad_tile=80, fill=True)]  # hd128 80-row tiles (A/B)
@@ -92,7 +90,6 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
     log2e = math.log2(math.e)
 
     varlen, seqused, pad_tile, fill, sem = cfg.varlen, cfg.seqused, cfg.pad_tile, cfg.fill, cfg.sem
-    per_tile = cfg.sem_per_tile
     pdl = cfg.pdl
 
     @cute.kernel
@@ -150,8 +147,7 @@ def build(cfg: PreprocessConfig, extra_options: str = ""):
                     cute.autovec_copy(zero, gAcc)
                 if cutlass.const_expr(sem):
                     if lane == 0 and row % pad_tile == 0:
-                        for i in cutlass.range_constexpr(per_tile):
-                            mSem[bidx, hi, row // pad_tile * per_tile + i] = cutlass.Int32(0)
+                        mSem[bidx, hi, row // pad_tile] = cutlass.Int32(0)
 
     @cute.jit
     def launch_seqs(mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mD: cute.Tensor,

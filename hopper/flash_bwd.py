@@ -42,9 +42,6 @@ VERIFIED_FEATURES = IMPLEMENTED_FEATURES
 HEAD_DIMS = (64, 96, 128, 192, 256)
 SPLIT_HEAD_DIMS = ((192, 128),)  # (q/k, v) pairs with dv != d
 SMEM_LIMIT = 227 * 1024
-# fuse_post: int32 semaphores per dQ tile: the deterministic turn, then one count per converter
-# warp (bwd_dq.DqRoles.dq_converter)
-SEMS_PER_TILE = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,20 +109,6 @@ class BwdConfig:
     # rounds): hd64 1k -11/-10% (run 2, 8 MB groups -4%, 16 MB -6%), 4k -0.7/-1.6%; hd128 1k
     # -2/-2%, 2k 0/0, 4k +2.5/+1.5%, 16k +6/-0.3%; hd256 1k -1%, 4k +2.5/+0.3%. So off (A/B only).
     lpt: bool = False
-    # The postprocess fused into this kernel: the CTA whose count completes a dQ tile (all KV
-    # blocks' adds landed, counted per chunk by warps 2-3 of the producer warpgroup) converts it
-    # from an smem copy (bwd_dq.DqRoles.dq_converter); no postprocess kernel re-reads
-    # dQaccum from memory. dq_red: the consumers signal the converters themselves. Dense only
-    # (MHA or GQA; no window, varlen, seqused; no 80-row tile). Off: H100, 3 rounds, vs the
-    # default: acquire-only count 0.90-0.91x at hd128 1k / causal 1k / 16k, 0.84x hd256 causal
-    # 1k; fuse_lag 2 no better. With the convert loop emptied (timing only) 1.01x at 1k and
-    # 0.97x at 16k: the loop costs 6-10%, and the count / signal / L2 copy about as much as the
-    # postprocess kernel they replace.
-    fuse_post: bool = False
-    post_parts: int = 1  # fuse_post: a converter warp copies its chunk in this many parts (smem)
-    # fuse_post (not deterministic): the dQ warp waits for a block's bulk adds to complete this
-    # many blocks after issuing them (1: right after the next block's adds are issued)
-    fuse_lag: int = 1
     lpt_mb: int = 32  # megabytes of Q / dO / dQaccum one lpt group of heads may hold in L2
     # Programmatic dependent launch: the main kernel and the postprocess launch while the kernel
     # before each drains (each waits on griddepcontrol before touching that kernel's output; the
@@ -153,13 +136,10 @@ class PostConfig:
     pdl: bool = False  # launched dependent on the main kernel (BwdConfig.pdl)
 
 
-def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False, dv=None,
-               post_parts=0) -> int:
+def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False, dv=None) -> int:
     dv = d if dv is None else dv  # Q, K: d columns; dO, V: dv
     pds = tile_m * tile_n * elem * (stages if swap else 2)  # dS ring (swap) or P + dS
     dq = 0 if dq_red else tile_m * d * 4  # fp32 dQ staging
-    if post_parts:  # fuse_post: the converters' copy of 1 / post_parts of a tile, mbarriers
-        dq += tile_m * d * 4 // post_parts + 256
     return (stages * tile_m * (d + dv) * elem + tile_n * (d + dv) * elem + pds + dq
             + 2 * stages * tile_m * 4 + 1024)
 
@@ -210,11 +190,6 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # 4k +5.9%; hd256 L=1024 4k +0.1%. With softcap its unmasked loop spills (hd128: 156 B)
     tile["window_split"] = bool(overrides.get("local")) and not overrides.get("softcap")
     tile.update(overrides)
-    if tile.get("fuse_post") and "post_parts" not in overrides:  # the fewest copies that fit
-        tile["post_parts"] = next(
-            (n for n in (1, 2, 4) if smem_bytes(tile["tile_m"], tile["tile_n"], d, tile["stages"],
-                                                tile["swap"], dq_red=tile.get("dq_red", False),
-                                                dv=dv, post_parts=n) <= SMEM_LIMIT), 4)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
     assert not (cfg.stagger and cfg.deterministic), cfg
@@ -231,14 +206,8 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.window_split or (cfg.local and not cfg.softcap), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
-    assert not cfg.fuse_post or (cfg.tile_m % 64 == 0 and not (
-        cfg.local or cfg.varlen or cfg.seqused_q or cfg.seqused_k)), cfg
-    # (fuse_lag only moves the dQ warp's signal: refused where it would change nothing)
-    assert cfg.fuse_lag == 1 or (1 < cfg.fuse_lag <= 4 and cfg.fuse_post and not cfg.deterministic
-                                 and not cfg.dq_red), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
-                      dq_red=cfg.dq_red, dv=dv,
-                      post_parts=cfg.post_parts if cfg.fuse_post else 0) <= SMEM_LIMIT, cfg
+                      dq_red=cfg.dq_red, dv=dv) <= SMEM_LIMIT, cfg
     assert d == dv or (not cfg.swap and (d, dv) in SPLIT_HEAD_DIMS), cfg
     return cfg
 
@@ -354,8 +323,7 @@ def build(cfg, extra_options: str = ""):
     nb = cute.sym_int32()  # sequences (varlen) or batch
     opt = (vec() if cfg.varlen else None, vec() if cfg.varlen else None,
            vec(nb) if cfg.seqused_q else None, vec(nb) if cfg.seqused_k else None,
-           cutlass.Int32(1) if cfg.varlen else None,
-           _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.d)) if cfg.fuse_post else None)
+           cutlass.Int32(1) if cfg.varlen else None)
     return cute.compile(FlashBwdSm90(cfg), q, k, v, do, stat(), stat(), dqacc, dk, dv, sem,
                         cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(0), cutlass.Float32(0.0),
                         *opt, stream, options=opts)
@@ -485,11 +453,10 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         sem = (torch.zeros((b, h, rows // tm), device=dev, dtype=torch.int32) if deterministic
                else None)
     else:  # one workspace; the preprocess writes every element the main kernel reads
-        # (fuse_post, causal with more queries than keys: tiles that see no key get no converter)
-        dq = torch.zeros_like(q) if cfg.fuse_post and causal and sq > sk else torch.empty_like(q)
+        dq = torch.empty_like(q)
         ws = torch.empty((b, h, sum(plan.split)), device=dev, dtype=torch.float32).split(plan.split, 2)
         lse2, dsum, dqacc = ws[0], ws[1], ws[2]
-        sem = ws[3].view(torch.int32) if deterministic or cfg.fuse_post else None
+        sem = ws[3].view(torch.int32) if deterministic else None
         plan.pre(out, dout, lse, dsum, lse2, dqacc, sem, used_q)
     if sem is None:
         sem = _NO_SEM.get(dev)
@@ -506,10 +473,8 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         dk_part, dv_part = torch.empty_like(k), torch.empty_like(v)
     scale = float(softmax_scale)
     plan.main(q, k, v, dout, lse2, dsum, dqacc, dk_part, dv_part, sem, scale, plan.left,
-              plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None,
-              dq if cfg.fuse_post else None)
-    if not cfg.fuse_post:
-        plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
+              plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None)
+    plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
     if cfg.gqa:
         g = h // hk
         dk_part = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
@@ -580,16 +545,12 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None)
     else:  # the fill variant: it writes the padded rows, dQaccum and semaphores the kernel reads
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None, pad_tile=tm, fill=True,
-                               sem=bool(deterministic or cfg.fuse_post),
-                               sem_per_tile=SEMS_PER_TILE if cfg.fuse_post else 1, pdl=cfg.pdl)
+                               sem=bool(deterministic), pdl=cfg.pdl)
     # workspace pieces per (batch, head), each a multiple of 4 floats so every piece (and the
     # strides) stays 16-byte aligned: LSE2, D, dQaccum, semaphores (int32, deterministic)
-    # (fuse_post: the semaphores count each tile's adds)
-    nsem = rows // tm * (SEMS_PER_TILE if cfg.fuse_post else 1)
-    split = (rows, rows, rows * d) + ((-(-nsem // 4) * 4,) if deterministic or cfg.fuse_post else ())
+    split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,) if deterministic else ())
     empty = nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0
-    post = None if cfg.fuse_post else _compile.get_kernel(post_config(cfg), build)
-    return _Plan(cfg, _compile.get_kernel(cfg, build), post,
+    return _Plan(cfg, _compile.get_kernel(cfg, build), _compile.get_kernel(post_config(cfg), build),
                  compile_preprocess(pre), (b, sq, h, d, sk, hk), rows, split, left, right, softcap,
                  nseq, max_q, max_k, empty)
 

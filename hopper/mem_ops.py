@@ -48,16 +48,6 @@ def ld_acquire(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
 
 
 @dsl_user_op
-def atom_add(ptr: cute.Pointer, val: int, sem: str, *, loc=None, ip=None) -> Int32:
-    """atom.add.<sem>.gpu (sem: "acquire" | "acq_rel"), returning the old value. A release at gpu
-    scope costs a MEMBAR.GPU (SASS)."""
-    return Int32(llvm.inline_asm(
-        T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value(), Int32(val).ir_value()],
-        f"atom.add.{sem}.gpu.global.s32 $0, [$1], $2;", "=r,l,r", has_side_effects=True,
-        is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
-
-
-@dsl_user_op
 def red_release_add(ptr: cute.Pointer, val: int, *, loc=None, ip=None):
     llvm.inline_asm(
         None, [ptr.toint(loc=loc, ip=ip).ir_value(), Int32(val).ir_value()],

@@ -39,17 +39,10 @@ WINDOW_SPLIT = [default_config(d, d, dt, False, det, gqa, local=True, window_spl
                                                              ("float16", True, True))] \
     + [default_config(96, 96, "bfloat16", False, False, True, varlen=True, local=True,
                       window_split=False)]
-# fuse_post (the dQ conversion in the main kernel, no postprocess): an A/B switch
-FUSE = [default_config(d, d, dt, causal, det, gqa, fuse_post=True)
-        for d in (64, 96, 128, 192, 256)
-        for dt, causal, det, gqa in (("bfloat16", False, False, False), ("float16", True, True, True),
-                                     ("bfloat16", True, False, False))] \
-    + [default_config(128, 128, "bfloat16", False, fuse_post=True, fuse_lag=2),
-       default_config(64, 64, "bfloat16", True, False, True, fuse_post=True, fuse_lag=3)]
 # shipped variants (ascending query-block walk), plus the staggered walk (an A/B switch) twice
 VARIANTS = list(variants()) + [default_config(128, 128, "bfloat16", False, stagger=True),
                                default_config(256, 256, "bfloat16", True, stagger=True)] + DQ_RED \
-    + EARLY + HOIST + WINDOW_SPLIT + FUSE
+    + EARLY + HOIST + WINDOW_SPLIT
 
 
 def _id(cfg):
@@ -63,8 +56,7 @@ def _id(cfg):
                                           ("r", cfg.stagger), ("a", cfg.dq_red),
                                           ("E", cfg.dv_early), ("K", cfg.dk_early),
                                           ("H", cfg.desc_hoist), ("L", cfg.lpt),
-                                          ("W", cfg.window_split), ("F", cfg.fuse_post),
-                                          (f"G{cfg.fuse_lag}", cfg.fuse_lag > 1),
+                                          ("W", cfg.window_split),
                                           ("N", not cfg.pdl)) if on)
     hd = f"{cfg.d}" if cfg.dv == cfg.d else f"{cfg.d}_{cfg.dv}"
     return f"hd{hd}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"
@@ -77,12 +69,11 @@ def test_compile_bwd(cfg, tmp_path):
         return
     _, ptx_path, ptx = compile_ptx(build, cfg, tmp_path)
     # softcap keeps 1 - tanh^2 of the S tile in registers: hd128 spills ~100 bytes; sliding
-    # windows up to 24 bytes (hd128 GQA deterministic); fuse_post's converter warps up to 88 in
-    # the producer warpgroup's 24 registers (hd192 causal); everything else spills nothing
+    # windows up to 24 bytes (hd128 GQA deterministic); everything else spills nothing
     dq_add = "red.global.add.v4.f32" if cfg.dq_red else "cp.reduce.async.bulk"
     check_ptx(ptx_path, ptx, tmp_path, ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg",
                                         "mbarrier", dq_add),
-              spill_limit=160 if cfg.softcap else 96 if cfg.fuse_post else 32 if cfg.local else 0)
+              spill_limit=160 if cfg.softcap else 32 if cfg.local else 0)
     if cfg.dq_red:  # no smem dQ path left (its bulk add is the only cp.reduce in this kernel)
         assert "cp.reduce.async.bulk" not in ptx
     # PDL: waits on the preprocess and lets the postprocess launch early, only when switched on

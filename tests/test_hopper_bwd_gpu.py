@@ -120,47 +120,6 @@ def test_bwd_stats_early(d, causal, sq, sk, bhs):
     check(*bhs, sq, sk, d, torch.bfloat16, causal, stats_early=True)
 
 
-FUSE = dict(fuse_post=True)
-
-
-@pytest.mark.parametrize("bhs", BHS, ids=lambda x: "b%dh%dhk%d" % x)
-@pytest.mark.parametrize("sq,sk", SEQLENS + [(1100, 3)])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
-def test_bwd_fuse_post(d, causal, sq, sk, bhs):
-    """The postprocess fused into the main kernel (BwdConfig.fuse_post): the CTA whose count
-    completes a dQ tile converts it (hd256: signalled by the consumers after their red.global adds).
-    Ragged tiles, a single KV block, causal with more queries than keys (tiles that see no key
-    stay zero) and fewer."""
-    check(*bhs, sq, sk, d, torch.bfloat16, causal, **FUSE)
-
-
-@pytest.mark.parametrize("d,causal,dtype", [(128, True, torch.float16), (64, False, torch.bfloat16),
-                                             (256, True, torch.bfloat16)])
-def test_bwd_fuse_post_many_blocks(d, causal, dtype):
-    """Many KV blocks per dQ tile racing for the last add (8k keys: 64 blocks), 16 heads."""
-    check(1, 16, 16, 2048, 8192, d, dtype, causal, **FUSE)
-
-
-@pytest.mark.parametrize("sq,sk", [(100, 700), (130, 1000), (1000, 1357), (2048, 2048)])
-@pytest.mark.parametrize("d,causal,lag", [(128, False, 2), (128, True, 2), (64, True, 3)])
-def test_bwd_fuse_post_lag(d, causal, lag, sq, sk):
-    """The dQ warp signalling a block's landed adds 2-3 blocks late (BwdConfig.fuse_lag): walks
-    shorter than the lag (one or two query blocks) signal every block at the end."""
-    check(2, 4, 4, sq, sk, d, torch.bfloat16, causal, fuse_lag=lag, **FUSE)
-
-
-@pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, True), (256, True)])
-def test_bwd_fuse_post_deterministic(d, causal):
-    """Deterministic adds (semaphore order) with the fused conversion: bitwise-equal runs."""
-    q, k, v, do, first = check(2, 4, 4, 1000, 1357, d, torch.bfloat16, causal,
-                               deterministic=True, **FUSE)
-    for _ in range(20):
-        again = run_bwd(q, k, v, do, causal, deterministic=True, **FUSE)
-        for a, g in zip(first, again):
-            assert torch.equal(a, g), "deterministic backward differs between runs"
-
-
 @pytest.mark.parametrize("d,b,h,hk,sq,sk", [(64, 2, 16, 16, 4224, 4224), (128, 2, 20, 4, 2000, 2100),
                                              (256, 3, 8, 8, 1024, 1357)])
 def test_bwd_lpt_groups(d, b, h, hk, sq, sk):
