@@ -23,6 +23,7 @@ def check_ptx(ptx_path, ptx, tmp_path, needles=(), spill_limit=0):
     for needle in needles:
         assert needle in ptx, f"{needle} missing from the PTX"
     assert "ld.local" not in ptx and "st.local" not in ptx
+    check_register_pool(ptx)  # at most 64K / threads each: also where ptxas is absent (CI)
     ptxas = shutil.which("ptxas")
     if not ptxas:
         return
@@ -40,21 +41,26 @@ def check_ptx(ptx_path, ptx, tmp_path, needles=(), spill_limit=0):
     check_register_pool(ptx, rep.stderr)
 
 
-def check_register_pool(ptx, ptxas_report):
+def check_register_pool(ptx, ptxas_report=None):
     """With one setmaxnreg.dec (the producer warpgroup) and one .inc (every other warpgroup), their
-    sum over the CTA's warpgroups must fit what it launched with (ptxas's register count times
-    the threads): a consumer's .inc past that never returns (s12's 32 / 240 / 240 hung)."""
+    sum over the CTA's warpgroups must fit what it launched with: 65536 / threads registers a
+    thread at most (a multiple of 8), or ptxas's count when its report is given. A consumer's
+    .inc past that never returns (s12's 32 / 240 / 240 hung the backward on an H100)."""
     dec = set(re.findall(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+)", ptx))
     inc = set(re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", ptx))
     if not dec and not inc:
         return
     assert len(dec) == len(inc) == 1, (dec, inc)
     threads = re.findall(r"\.reqntid\s+(\d+)", ptx)
-    used = re.findall(r"Used (\d+) registers", ptxas_report)
-    assert len(threads) == len(used) == 1, (threads, used)
+    assert len(threads) == 1, threads
     warpgroups = int(threads[0]) // 128
+    launch = 65536 // int(threads[0]) // 8 * 8
+    if ptxas_report is not None:
+        used = re.findall(r"Used (\d+) registers", ptxas_report)
+        assert len(used) == 1, used
+        launch = min(launch, int(used[0]))
     need = int(dec.pop()) + (warpgroups - 1) * int(inc.pop())
-    assert need <= int(used[0]) * warpgroups, (need, used[0], warpgroups)
+    assert need <= launch * warpgroups, (need, launch, warpgroups)
 
 
 def check_varlen_coverage(varlen_cfgs, dense_cfgs, seqused_alone):
