@@ -24,8 +24,10 @@ class DqRoles:
 
     @cute.jit
     def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane, seqlen_q,
-                  seqlen_k, window_left):
-        """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum."""
+                  seqlen_k, window_left, handover: cutlass.Constexpr[bool] = False):
+        """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum.
+        handover (persistent, dK / dV staged by TMA): after the tile's last adds have read smem,
+        lend the dQ buffer to the consumers for dV (one more EMPTY / FULL round per tile)."""
         if const_expr(self.cfg.pdl):
             cute.arch.griddepcontrol_wait()  # the preprocess zeroes dQaccum (and semaphores)
         chunk = self.tile_m * self.d // 2
@@ -65,3 +67,8 @@ class DqRoles:
                 if lane == 0:
                     red_release_add(sem_row.iterator + m, 1)
         cute.arch.cp_async_bulk_wait_group(0, read=True)
+        if const_expr(handover):
+            for wg in cutlass.range_constexpr(2):
+                cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=160)
+            for wg in cutlass.range_constexpr(2):  # the consumers' dV store has read it
+                cute.arch.barrier(barrier_id=BAR_DQ_FULL + wg, number_of_threads=160)

@@ -1,8 +1,9 @@
 """The Hopper attention backward main kernel (FA3 design), traced with the CuTe DSL.
 
-One CTA per (KV block n, query head, batch); it walks the query blocks m that see block n, the
-masked ones first, then (BwdConfig.stagger) the unmasked ones rotated to start at an offset that
-depends on n, so the CTAs of a head that run together bulk-add into different dQaccum tiles (same-
+One CTA per (KV block n, query head, batch), or (BwdConfig.persistent, persistent_roles) one per
+SM walking such tiles with its pipelines carried over. A tile walks the query blocks m that see
+block n, the masked ones first, then (BwdConfig.stagger) the unmasked ones rotated to start at an
+offset that depends on n, so the CTAs of a head that run together bulk-add into different dQaccum tiles (same-
 line reductions serialise in L2); producer, consumers and dQ warp walk the same order
 (mask.m_block_nomask_bwd / walk_block). Deterministic keeps the ascending walk.
 Threads: warpgroup 0 holds the producer warp (TMA: K_n and V_n once; Q_m + LSE_m and dO_m + D_m
@@ -158,9 +159,11 @@ class FlashBwdSm90(DqRoles):
                  mdV: cute.Tensor, mSem: cute.Tensor, softmax_scale: Float32, window_left: Int32,
                  window_right: Int32, softcap: Float32, mCuSeqlensQ: Optional[cute.Tensor],
                  mCuSeqlensK: Optional[cute.Tensor], mSeqUsedQ: Optional[cute.Tensor],
-                 mSeqUsedK: Optional[cute.Tensor], max_seqlen_k: Optional[Int32], stream):
+                 mSeqUsedK: Optional[cute.Tensor], max_seqlen_k: Optional[Int32],
+                 grid_ctas: Optional[Int32], stream):
         """Varlen: q/k/v/dO/dK/dV come as (1, total, h, d), LSE2/D/dQaccum/semaphores in the
-        per-sequence padded row layout (see kernel); unused optional inputs are None."""
+        per-sequence padded row layout (see kernel); unused optional inputs are None. grid_ctas:
+        the persistent grid (one CTA per SM, at most one per KV tile), else None."""
         dtype = mQ.element_type
         self.dtype = dtype
         # (b, s, h, d) -> (s, d, h, b): TMA/tile modes first
@@ -228,12 +231,15 @@ class FlashBwdSm90(DqRoles):
         if const_expr(self.cfg.varlen):  # (KV blocks of the longest sequence, head, sequence)
             num_n_blocks = (max_seqlen_k + (tn - 1)) // tn
             num_batch = mCuSeqlensQ.shape[0] - 1
+        grid = [num_n_blocks, mQ.shape[2], num_batch]
+        if const_expr(self.cfg.persistent):
+            grid = [grid_ctas, 1, 1]
         self.kernel(tQ, tK, tV, tdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, tma_Q, tma_K, tma_V, tma_dO,
                     tma_dK, tma_dV, sdp, dkv, dq, sQ_layout, sdO_layout, sK_layout, sV_layout,
                     sPdS_layout, sdKV_layout,
                     softmax_scale, window_left, window_right, softcap, mCuSeqlensQ, mCuSeqlensK,
                     mSeqUsedQ, mSeqUsedK).launch(
-            grid=[num_n_blocks, mQ.shape[2], num_batch], block=[384, 1, 1], stream=stream,
+            grid=grid, block=[384, 1, 1], stream=stream,
             min_blocks_per_mp=1, use_pdl=self.cfg.pdl)
 
     @cute.kernel
@@ -285,11 +291,38 @@ class FlashBwdSm90(DqRoles):
         if const_expr(not self.cfg.dq_red):
             sdQ = storage.sdQ.get_tensor(cute.make_layout((self.tile_m * self.d // 2, 2)))
         sdK, sdV = sQ, sdO  # unused without dkv_tma
-        if const_expr(self.cfg.dkv_tma):
+        if const_expr(self.cfg.dkv_tma and self.cfg.persistent):
+            # the next tile's Q / dO load into their buffers during this tile's epilogue: dK / dV
+            # are staged in the dS and dQ buffers instead (free between tiles; the dQ warp hands
+            # its buffer over, see dq_writer's `handover`)
+            sdV_layout = self.sdv_layout(self.dtype, sdKV_layout)
+            assert cute.cosize(sdKV_layout) <= cute.cosize(sPdS_layout)
+            assert cute.cosize(sdV_layout) * 2 <= self.tile_m * self.d * 4
+            sdK = storage.sdS.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner)
+            sdV = storage.sdQ.get_tensor(sdV_layout.outer, swizzle=sdV_layout.inner, dtype=self.dtype)
+        elif const_expr(self.cfg.dkv_tma):
             sdK = storage.sQ.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner)
             sdV_layout = self.sdv_layout(self.dtype, sdKV_layout)
             sdV = storage.sdO.get_tensor(sdV_layout.outer, swizzle=sdV_layout.inner)
 
+        if const_expr(self.cfg.persistent):
+            self.persistent_roles(mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV,
+                                  sdO, sP, sdS, sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv,
+                                  dq, pipe_q, pipe_do, pipe_kv, softmax_scale, window_left,
+                                  window_right, softcap, warp_idx, tidx, tma_dK, tma_dV, sdK, sdV)
+        else:
+            self.one_tile(mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP,
+                          sdS, sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q,
+                          pipe_do, pipe_kv, softmax_scale, window_left, window_right, softcap,
+                          warp_idx, tidx, tma_dK, tma_dV, sdK, sdV, mCuSeqlensQ, mCuSeqlensK,
+                          mSeqUsedQ, mSeqUsedK)
+
+    @cute.jit
+    def one_tile(self, mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO, sP,
+                 sdS, sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q, pipe_do,
+                 pipe_kv, softmax_scale, window_left, window_right, softcap, warp_idx, tidx, tma_dK,
+                 tma_dV, sdK, sdV, mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK):
+        """One CTA per (KV block, head, batch): the grid's block index is the tile."""
         n_block, head, batch = cute.arch.block_idx()
         if const_expr(self.cfg.spt):
             n_block = cute.arch.grid_dim()[0] - 1 - n_block
@@ -361,6 +394,59 @@ class FlashBwdSm90(DqRoles):
                           m_min, m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,
                           (tma_dK, tma_dV, sdK, sdV))
 
+    @cute.jit
+    def persistent_roles(self, mQ, mK, mV, mdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, sQ, sK, sV, sdO,
+                         sP, sdS, sLSE, sD, sdQ, tma_Q, tma_K, tma_V, tma_dO, sdp, dkv, dq, pipe_q,
+                         pipe_do, pipe_kv, softmax_scale, window_left, window_right, softcap,
+                         warp_idx, tidx, tma_dK, tma_dV, sdK, sdV):
+        """BwdConfig.persistent: CTA i takes KV tiles i, i + grid, i + 2 grid, ... in the order
+        the one-CTA-per-tile grid runs them (n_block fastest). Every role walks the same tiles
+        and carries its pipeline states over, so the next tile's K / V (released after the last
+        m block's GEMMs) and Q / dO load while this tile stores dK / dV, and no CTA launches."""
+        seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
+        num_n = (seqlen_k + (self.tile_n - 1)) // self.tile_n
+        num_h = mQ.shape[2]
+        total = num_n * num_h * mQ.shape[3]
+        cta, grid = cute.arch.block_idx()[0], cute.arch.grid_dim()[0]
+        m_max = (seqlen_q + (self.tile_m - 1)) // self.tile_m
+        tiles = (cta, total, grid, num_n, num_h)
+        if warp_idx < 4:
+            cute.arch.setmaxregister_decrease(REGS[0])
+            if warp_idx == 0:
+                qpk = mQ.shape[2] // mK.shape[2]
+                states = (pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1),
+                          pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer,
+                                                       self.stages))
+                for t in cutlass.range(cta, total, grid, unroll=1):
+                    n_block, head, batch = self.kv_tile(t, num_n, num_h)
+                    m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m,
+                                                     self.tile_n, self.causal)
+                    states = self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD,
+                                           tma_Q, tma_K, tma_V, tma_dO, pipe_q, pipe_do, pipe_kv,
+                                           n_block, head, head // qpk, batch, m_min, m_max,
+                                           seqlen_q, seqlen_k, states)
+            if warp_idx == 1:
+                for t in cutlass.range(cta, total, grid, unroll=1):
+                    n_block, head, batch = self.kv_tile(t, num_n, num_h)
+                    m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m,
+                                                     self.tile_n, self.causal)
+                    self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max,
+                                   tidx % 32, seqlen_q, seqlen_k, window_left,
+                                   handover=self.cfg.dkv_tma)
+        else:
+            cute.arch.setmaxregister_increase(REGS[1])
+            zero = Int32(0)
+            self.consumer(mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
+                          pipe_q, pipe_do, pipe_kv, softmax_scale, tidx - 128, zero, zero, zero,
+                          zero, m_max, seqlen_q, seqlen_k, window_left, window_right, softcap,
+                          (tma_dK, tma_dV, sdK, sdV), tiles)
+
+    @cute.jit
+    def kv_tile(self, t, num_n, num_h):
+        """Persistent tile t -> (n_block, head, batch), n_block fastest."""
+        hb = t // num_n
+        return t - hb * num_n, hb % num_h, hb // num_h
+
     # ------------------------------------------------------------------------------------------
     def m_nomask(self, seqlen_q, seqlen_k, n_block, m_min, m_max):
         """Where the walk's unmasked run starts (the one computation every role uses)."""
@@ -383,7 +469,9 @@ class FlashBwdSm90(DqRoles):
     @cute.jit
     def producer(self, mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K, tma_V,
                  tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch, m_min, m_max,
-                 seqlen_q, seqlen_k):
+                 seqlen_q, seqlen_k, states=None):
+        """states: (K/V, Q/dO ring) producer states carried over from the previous tile
+        (persistent), returned advanced past this one; None: fresh ones."""
         one = cute.make_layout(1)
         gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
         gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.dv), (n_block, 0))
@@ -399,13 +487,19 @@ class FlashBwdSm90(DqRoles):
                                            cute.group_modes(gdO, 0, 2))
         lse_row = mLSE2[batch, head, None]  # padded to whole tiles by the caller
         d_row = mD[batch, head, None]
-        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        if const_expr(states is None):
+            kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        else:
+            kv_state = states[0]
         pipe_kv.producer_acquire(kv_state)
         cute.copy(tma_K, tKg, tKs, tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
         cute.copy(tma_V, tVg, tVs, tma_bar_ptr=pipe_kv.producer_get_barrier(kv_state))
         if const_expr(self.cfg.pdl):  # LSE2 and D come from the preprocess (K, V: the caller's)
             cute.arch.griddepcontrol_wait()
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        if const_expr(states is None):
+            state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        else:
+            state = states[1]
         m_nomask = self.walk_start(seqlen_q, seqlen_k, n_block, m_min, m_max)
         for p in cutlass.range(m_min, m_max, unroll=1):
             m = self.m_at(p, m_nomask, m_max, n_block)
@@ -422,12 +516,16 @@ class FlashBwdSm90(DqRoles):
                 bulk_g2s(sD[None, state.index].iterator, d_row.iterator + m * self.tile_m,
                          self.tile_m * 4, bar)
             state.advance()
+        kv_state.advance()
+        return kv_state, state
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
     def consumer(self, mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
                  pipe_q, pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
-                 seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out):
+                 seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out, tiles=None):
+        """tiles: None, or (persistent) (first tile, tiles, grid, KV blocks, heads): then
+        n_block, head, batch and m_min are per tile, not these."""
         wg = cute.arch.make_warp_uniform(tidx // 128)
         tm, tn, d = self.tile_m, self.tile_n, self.d
         if const_expr(self.cfg.pdl):  # before any global access: dq_red adds to dQaccum, and
@@ -489,7 +587,8 @@ class FlashBwdSm90(DqRoles):
         bf16 = self.dtype is cutlass.BFloat16
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
-        pipe_kv.consumer_wait(kv_state)
+        if const_expr(tiles is None):
+            pipe_kv.consumer_wait(kv_state)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         ctx = dict(tSrA=tSrA, tSrB=tSrB, tPrA=tPrA, tPrB=tPrB, tdVrP=tdVrP, tdKrdS=tdKrdS,
                    tdQrdS=tdQrdS, tdVrdO=tdVrdO, tdKrQ=tdKrQ, tdQrK=tdQrK, shape_S=shape_S,
@@ -505,6 +604,39 @@ class FlashBwdSm90(DqRoles):
             # as well spill (24 B with V's, 180 B with all three), so those add to one base
             for key in ("tSrA", "tSrB", "tPrA", "tPrB", "tdVrdO", "tdKrQ", "tdQrdS", "tdQrK"):
                 ctx["h_" + key] = DescFrag(ctx[key], fixed_k=8 if key == "tSrA" else 0)
+        if const_expr(tiles is None):
+            state = self.m_blocks(ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k,
+                                  window_left, window_right)
+            self.store_dkv(acc_dK, acc_dV, softmax_scale, mdK, mdV, dkv, dvm, dkv_out, tidx, wg,
+                           n_block, head, batch, seqlen_k)
+        else:
+            cta, total, grid, num_n, num_h = tiles
+            for t in cutlass.range(cta, total, grid, unroll=1):
+                n_block, head, batch = self.kv_tile(t, num_n, num_h)
+                m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m,
+                                                 self.tile_n, self.causal)
+                tile_ctx = dict(ctx, n_block=n_block)  # (a store into ctx would make the loop carry it)
+                acc_dV.fill(0.0)
+                acc_dK.fill(0.0)
+                pipe_kv.consumer_wait(kv_state)
+                state = self.m_blocks(tile_ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k,
+                                      window_left, window_right)
+                # every GEMM of the tile has completed (each block ends with wait_group(0)): K / V
+                # may be overwritten by the next tile's while dK / dV are stored
+                pipe_kv.consumer_release(kv_state)
+                kv_state = self.advanced(kv_state)
+                self.store_dkv(acc_dK, acc_dV, softmax_scale, mdK, mdV, dkv, dvm, dkv_out, tidx, wg,
+                               n_block, head, batch, seqlen_k)
+
+    @staticmethod
+    def advanced(state):
+        state.advance()
+        return state
+
+    @cute.jit
+    def m_blocks(self, ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k, window_left,
+                 window_right):
+        """The consumers' walk over one KV tile's query blocks; returns the ring state."""
         # unmasked blocks run no mask code: a masked loop and an unmasked one (a window with
         # window_split: three); the walk's masked part is in order (m_at(p) = p there), its
         # unmasked part goes through m_at like the producer's and dQ's
@@ -526,11 +658,23 @@ class FlashBwdSm90(DqRoles):
                 state = self.one_m_block(ctx, state, m, True)
             for p in cutlass.range(m_nomask, m_max, unroll=1):
                 state = self.one_m_block(ctx, state, self.m_at(p, m_nomask, m_max, n_block), False)
+        return state
+
+    @cute.jit
+    def store_dkv(self, acc_dK, acc_dV, softmax_scale, mdK, mdV, dkv, dvm, dkv_out, tidx, wg,
+                  n_block, head, batch, seqlen_k):
+        """The tile's dK (times the softmax scale) and dV to global memory."""
         acc_dK.store(acc_dK.load() * softmax_scale)
         if const_expr(self.cfg.dkv_tma):
             tma_dK, tma_dV, sdK, sdV = dkv_out
+            if const_expr(self.cfg.persistent):  # dV goes to the dQ buffer: the dQ warp's last
+                cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=160)  # adds read it
             self.store_tma(acc_dK, acc_dV, sdK, sdV, mdK, mdV, tma_dK, tma_dV, dkv, dvm, tidx, n_block,
                            head, batch)
+            if const_expr(self.cfg.persistent):
+                # warp 0 waited for the stores to read smem: the dS / dQ buffers are free again
+                cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
+                cute.arch.barrier_arrive(barrier_id=BAR_DQ_FULL + wg, number_of_threads=160)
         else:
             self.store_rows(acc_dK, mdK, dkv, tidx, n_block, head, batch, seqlen_k, self.d)
             self.store_rows(acc_dV, mdV, dvm, tidx, n_block, head, batch, seqlen_k, self.dv)

@@ -116,6 +116,14 @@ class BwdConfig:
     # shape pairs over two runs of 3 and 5 rounds, hd64/128/256 1k-16k, causal or not: geomean
     # 1.00x, each within the run's +-4% round-to-round spread.
     pdl: bool = False
+    # Persistent grid (one CTA per SM walking KV tiles, bwd_kernel.persistent_roles) instead of
+    # one CTA per tile: the next tile's K / V, Q and dO load while a tile stores dK / dV (staged
+    # in the dS / dQ buffers), and no CTA launches between tiles. Profiled on the H100 (s14,
+    # hd128 non-causal, sk 1k, sq 256-4k): the one-CTA-per-tile main kernel costs a fixed ~4 us
+    # per CTA besides ~2 us per query block, 11% of it at 1k. Swapped layouts (hd <= 128),
+    # non-causal (tiles of equal cost split statically), not deterministic / varlen / seqused.
+    # default_config turns it on where it measured a gain (see there).
+    persistent: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -189,6 +197,13 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # H100, 3 rounds, window (L, 0), vs all-masked: hd128 L=4096 8k +0.4%, 32k +6.4%; hd64 L=1024
     # 4k +5.9%; hd256 L=1024 4k +0.1%. With softcap its unmasked loop spills (hd128: 156 B)
     tile["window_split"] = bool(overrides.get("local")) and not overrides.get("softcap")
+    # Persistent grid: H100, 5 rounds, same process, whole backward vs one CTA per tile: hd64
+    # non-causal 512 / 1k / 2k / 4k / 8k / 16k +5.4 / +2.8 / +3.7 / +2.6 / +2.2 / +0.8%, hd96 1k / 4k
+    # +1.4 / +0.9%; hd128 -1.0..+1.1% (1k-16k), so off there. MHA dense only (GQA's dK / dV
+    # register stores and the features were not measured; causal needs a balanced schedule)
+    tile["persistent"] = (d <= 96 and not causal and not deterministic and not gqa
+                          and not any(overrides.get(f) for f in ("local", "softcap", "varlen",
+                                                                 "seqused_q", "seqused_k", "pdl")))
     tile.update(overrides)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
@@ -206,6 +221,9 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.window_split or (cfg.local and not cfg.softcap), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
+    assert not cfg.persistent or (cfg.swap and not (cfg.causal or cfg.local or cfg.deterministic
+                                                    or cfg.varlen or cfg.seqused_q or cfg.seqused_k
+                                                    or cfg.pdl or cfg.lpt or cfg.spt)), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
                       dq_red=cfg.dq_red, dv=dv) <= SMEM_LIMIT, cfg
     assert d == dv or (not cfg.swap and (d, dv) in SPLIT_HEAD_DIMS), cfg
@@ -251,6 +269,9 @@ def variants() -> Iterator:
     yield default_config(256, 256, "float16", True, True, True, pdl=True)
     yield default_config(256, 256, "bfloat16", True, False, True, lpt=True, lpt_mb=8)
     yield default_config(128, 128, "bfloat16", False, stats_early=False)
+    for d, gqa in ((64, False), (96, False), (128, False), (128, True)):  # persistent grid (A/B)
+        yield default_config(d, d, "float16" if gqa else "bfloat16", False, False, gqa,
+                             persistent=True)
     for d, causal in ((64, False), (128, True), (256, False)):  # dK/dV from registers (MHA)
         yield default_config(d, d, "float16" if causal else "bfloat16", causal, dkv_tma=False)
     yield default_config(256, 256, "float16", True, stats_early=False)
@@ -323,7 +344,7 @@ def build(cfg, extra_options: str = ""):
     nb = cute.sym_int32()  # sequences (varlen) or batch
     opt = (vec() if cfg.varlen else None, vec() if cfg.varlen else None,
            vec(nb) if cfg.seqused_q else None, vec(nb) if cfg.seqused_k else None,
-           cutlass.Int32(1) if cfg.varlen else None)
+           cutlass.Int32(1) if cfg.varlen else None, cutlass.Int32(1) if cfg.persistent else None)
     return cute.compile(FlashBwdSm90(cfg), q, k, v, do, stat(), stat(), dqacc, dk, dv, sem,
                         cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(0), cutlass.Float32(0.0),
                         *opt, stream, options=opts)
@@ -384,6 +405,7 @@ class _Plan:
     max_q: int
     max_k: int
     empty: bool  # nothing to compute: zero gradients
+    grid: int | None  # persistent: CTAs (one per SM, at most one per KV tile)
 
 
 def _freeze(x):
@@ -473,7 +495,8 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         dk_part, dv_part = torch.empty_like(k), torch.empty_like(v)
     scale = float(softmax_scale)
     plan.main(q, k, v, dout, lse2, dsum, dqacc, dk_part, dv_part, sem, scale, plan.left,
-              plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None)
+              plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None,
+              plan.grid)
     plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
     if cfg.gqa:
         g = h // hk
@@ -550,9 +573,13 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
     # strides) stays 16-byte aligned: LSE2, D, dQaccum, semaphores (int32, deterministic)
     split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,) if deterministic else ())
     empty = nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0
+    grid = None
+    if cfg.persistent:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        grid = max(1, min(-(-sk // cfg.tile_n) * h * b, sms))
     return _Plan(cfg, _compile.get_kernel(cfg, build), _compile.get_kernel(post_config(cfg), build),
                  compile_preprocess(pre), (b, sq, h, d, sk, hk), rows, split, left, right, softcap,
-                 nseq, max_q, max_k, empty)
+                 nseq, max_q, max_k, empty, grid)
 
 
 def sink_grad(sink, lse2, dsum):
