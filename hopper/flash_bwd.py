@@ -120,9 +120,11 @@ class BwdConfig:
     # one CTA per tile: the next tile's K / V, Q and dO load while a tile stores dK / dV (staged
     # in the dS / dQ buffers), and no CTA launches between tiles. Profiled on the H100 (s14,
     # hd128 non-causal, sk 1k, sq 256-4k): the one-CTA-per-tile main kernel costs a fixed ~4 us
-    # per CTA besides ~2 us per query block, 11% of it at 1k. Swapped layouts (hd <= 128),
-    # non-causal (tiles of equal cost split statically), not deterministic / varlen / seqused.
-    # default_config turns it on where it measured a gain (see there).
+    # per CTA besides ~2 us per query block, 11% of it at 1k. Swapped layouts (hd <= 128), not
+    # deterministic / varlen / seqused / window. Non-causal tiles (equal cost) are split
+    # statically; causal ones are handed out by a global counter as CTAs free up. default_config
+    # turns it on where it measured a gain (see there); causal, H100, 5 rounds vs one CTA per
+    # tile: hd64 1k / 4k / 16k +2.9 / -1.7 / -0.7%, hd128 -0.9 / +0.2 / +0.5%, so off there.
     persistent: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
@@ -199,8 +201,8 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     tile["window_split"] = bool(overrides.get("local")) and not overrides.get("softcap")
     # Persistent grid: H100, 5 rounds, same process, whole backward vs one CTA per tile: hd64
     # non-causal 512 / 1k / 2k / 4k / 8k / 16k +5.4 / +2.8 / +3.7 / +2.6 / +2.2 / +0.8%, hd96 1k / 4k
-    # +1.4 / +0.9%; hd128 -1.0..+1.1% (1k-16k), so off there. MHA dense only (GQA's dK / dV
-    # register stores and the features were not measured; causal needs a balanced schedule)
+    # +1.4 / +0.9%; hd128 -1.0..+1.1% (1k-16k), so off there; causal: see BwdConfig. MHA dense
+    # only (GQA's dK / dV register stores and the features were not measured)
     tile["persistent"] = (d <= 96 and not causal and not deterministic and not gqa
                           and not any(overrides.get(f) for f in ("local", "softcap", "varlen",
                                                                  "seqused_q", "seqused_k", "pdl")))
@@ -221,7 +223,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not cfg.window_split or (cfg.local and not cfg.softcap), cfg
     assert not (cfg.spt and cfg.varlen), cfg  # spt reverses the grid's blocks, not a sequence's
     assert not cfg.lpt or (cfg.causal and not cfg.deterministic and not cfg.varlen), cfg
-    assert not cfg.persistent or (cfg.swap and not (cfg.causal or cfg.local or cfg.deterministic
+    assert not cfg.persistent or (cfg.swap and not (cfg.local or cfg.deterministic
                                                     or cfg.varlen or cfg.seqused_q or cfg.seqused_k
                                                     or cfg.pdl or cfg.lpt or cfg.spt)), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, cfg.stages, cfg.swap,
@@ -269,8 +271,10 @@ def variants() -> Iterator:
     yield default_config(256, 256, "float16", True, True, True, pdl=True)
     yield default_config(256, 256, "bfloat16", True, False, True, lpt=True, lpt_mb=8)
     yield default_config(128, 128, "bfloat16", False, stats_early=False)
-    for d, gqa in ((64, False), (96, False), (128, False), (128, True)):  # persistent grid (A/B)
-        yield default_config(d, d, "float16" if gqa else "bfloat16", False, False, gqa,
+    for d, causal, gqa in ((96, False, False), (128, False, False), (128, False, True),
+                           (64, True, False), (128, True, False), (128, True, True)):
+        # persistent grid (an A/B switch here; causal: tiles from the global counter)
+        yield default_config(d, d, "float16" if gqa else "bfloat16", causal, False, gqa,
                              persistent=True)
     for d, causal in ((64, False), (128, True), (256, False)):  # dK/dV from registers (MHA)
         yield default_config(d, d, "float16" if causal else "bfloat16", causal, dkv_tma=False)
@@ -478,7 +482,9 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         dq = torch.empty_like(q)
         ws = torch.empty((b, h, sum(plan.split)), device=dev, dtype=torch.float32).split(plan.split, 2)
         lse2, dsum, dqacc = ws[0], ws[1], ws[2]
-        sem = ws[3].view(torch.int32) if deterministic else None
+        # semaphores (deterministic) or the persistent causal kernel's tile counter (its first
+        # element), zeroed by the preprocess
+        sem = ws[3].view(torch.int32) if len(plan.split) > 3 else None
         plan.pre(out, dout, lse, dsum, lse2, dqacc, sem, used_q)
     if sem is None:
         sem = _NO_SEM.get(dev)
@@ -556,6 +562,8 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
     max_q = int(features["max_seqlen_q"]) if varlen else sq
     max_k = int(features["max_seqlen_k"]) if varlen else sk
     tm = cfg.tile_m
+    counter = cfg.persistent and cfg.causal  # the kernel's tile counter (bwd_kernel.dyn_tiles)
+    assert not (counter and (varlen or d != dv))
     # LSE (log2) and D padded to whole query tiles: the kernel bulk-loads tile_m values per
     # block; padded rows (and rows past seqused_q) get LSE = +inf so their P is 0. Varlen: each
     # sequence's rows start at a tile boundary, (cu_q[i] + i * tile_m) // tile_m tiles in
@@ -568,10 +576,10 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None)
     else:  # the fill variant: it writes the padded rows, dQaccum and semaphores the kernel reads
         pre = PreprocessConfig(dt, dv, seqused=used_q is not None, pad_tile=tm, fill=True,
-                               sem=bool(deterministic), pdl=cfg.pdl)
+                               sem=bool(deterministic or counter), pdl=cfg.pdl)
     # workspace pieces per (batch, head), each a multiple of 4 floats so every piece (and the
     # strides) stays 16-byte aligned: LSE2, D, dQaccum, semaphores (int32, deterministic)
-    split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,) if deterministic else ())
+    split = (rows, rows, rows * d) + ((-(-(rows // tm) // 4) * 4,) if deterministic or counter else ())
     empty = nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0
     grid = None
     if cfg.persistent:

@@ -53,3 +53,12 @@ def red_release_add(ptr: cute.Pointer, val: int, *, loc=None, ip=None):
         None, [ptr.toint(loc=loc, ip=ip).ir_value(), Int32(val).ir_value()],
         "red.release.gpu.global.add.s32 [$0], $1;", "l,r", has_side_effects=True,
         is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
+def atom_add_s32(ptr: cute.Pointer, val: int, *, loc=None, ip=None) -> Int32:
+    """atom.global.add.s32 (relaxed, gpu scope): the old value (a work counter, no data behind it)."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value(), Int32(val).ir_value()],
+        "atom.global.add.s32 $0, [$1], $2;", "=r,l,r", has_side_effects=True, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT))

@@ -122,19 +122,23 @@ def test_bwd_stats_early(d, causal, sq, sk, bhs):
 
 @pytest.mark.parametrize("bhs", BHS, ids=lambda x: "b%dh%dhk%d" % x)
 @pytest.mark.parametrize("sq,sk", SEQLENS + [(2000, 4100)])
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 96, 128])
-def test_bwd_persistent(d, sq, sk, bhs):
+def test_bwd_persistent(d, causal, sq, sk, bhs):
     """One CTA per SM walking KV tiles (BwdConfig.persistent): the next tile's K / V, Q and dO
-    load while a tile stores dK / dV (staged in the dS / dQ buffers; GQA from registers)."""
-    check(*bhs, sq, sk, d, torch.bfloat16, False, persistent=True)
+    load while a tile stores dK / dV (staged in the dS / dQ buffers; GQA from registers); causal
+    takes its tiles from the global counter (KV blocks no query sees included)."""
+    check(*bhs, sq, sk, d, torch.bfloat16, causal, persistent=True)
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
-def test_bwd_persistent_many_tiles(d):
+def test_bwd_persistent_many_tiles(d, causal):
     """Many tiles per CTA (4 x 16 heads x 33 ragged KV blocks over the SMs), fp16, run twice:
-    the pipelines' phases and the dQ buffer's handover carry across tiles and launches."""
-    q, k, v, do, first = check(4, 16, 16, 700, 4200, d, torch.float16, False, persistent=True)
-    again = run_bwd(q, k, v, do, False, persistent=True)
+    the pipelines' phases, the tile ring and the dQ buffer's handover carry across tiles, and
+    the counter restarts from the preprocess's zero."""
+    q, k, v, do, first = check(4, 16, 16, 700, 4200, d, torch.float16, causal, persistent=True)
+    again = run_bwd(q, k, v, do, causal, persistent=True)
     for a, g in zip(first, again):
         assert not torch.isnan(g).any()
         assert (a.float() - g.float()).abs().max() <= 1e-2 * a.float().abs().max() + 1e-3
