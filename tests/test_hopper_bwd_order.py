@@ -6,7 +6,8 @@ producer, consumer and dQ warp trace, here on Python ints) and of the config swi
 * KV blocks with the same bounds (the non-causal CTAs of a head, running together) never visit the
   same query block at the same step while there are no more of them than unmasked blocks;
 * stagger is an opt-in switch (measured neutral on the H100), refused when deterministic;
-* a sliding window's unmasked query blocks (window_split) are exactly the blocks inside it."""
+* a sliding window's unmasked query blocks (window_split) are exactly the blocks inside it;
+* the persistent grid is on where it measured a gain and refused where its tiles do not apply."""
 import itertools
 import random
 
@@ -99,3 +100,25 @@ def test_window_nomask_range(tm, tn):
                 whole = all(_visible(q, k, sq, sk, left, right)
                             for q in range(m * tm, (m + 1) * tm) for k in keys)
                 assert whole == (a <= m < b), (sq, sk, left, right, n, m, a, b)
+
+
+def test_persistent_default_and_refusals():
+    """The persistent grid: on by default exactly where it measured a gain (hd64 / hd96, non-causal,
+    MHA, not deterministic, no features); an A/B switch elsewhere on swapped layouts; refused where
+    a tile is not a plain (KV block, head, batch) or the walk is ordered otherwise."""
+    for d in (64, 96, 128, 192, 256):
+        for causal, det, gqa in itertools.product((False, True), repeat=3):
+            want = d <= 96 and not (causal or det or gqa)
+            assert default_config(d, d, "bfloat16", causal, det, gqa).persistent == want, (d, causal, det, gqa)
+        for feat in ("local", "softcap", "varlen", "seqused_q", "seqused_k", "pdl"):
+            assert not default_config(d, d, "bfloat16", False, **{feat: True}).persistent, (d, feat)
+    for d, causal in ((128, False), (128, True), (64, True)):
+        assert default_config(d, d, "bfloat16", causal, persistent=True).persistent
+    refused = [dict(d=256), dict(d=192), dict(deterministic=True), dict(varlen=True),
+               dict(local=True), dict(seqused_k=True), dict(pdl=True), dict(causal=True, lpt=True)]
+    for bad in refused:
+        args = dict(d=128, causal=False, deterministic=False) | bad
+        d = args.pop("d")
+        with pytest.raises(AssertionError):
+            default_config(d, d, "bfloat16", args.pop("causal"), args.pop("deterministic"),
+                           persistent=True, **args)
