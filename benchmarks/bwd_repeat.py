@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("sm90", "sm80"), default="sm90")
-    p.add_argument("--shape", action="append", required=True, help="b,s,h,d,causal (repeatable)")
+    p.add_argument("--shape", action="append", required=True,
+                   help="b,s,h,d,causal[,h_kv] (repeatable; h_kv < h: GQA)")
     p.add_argument("--override", action="append", default=[], help="k=v[,k=v] config overrides (repeatable)")
     p.add_argument("--peers", default="", help="comma list of peers timed in each round (e.g. fa4,cudnn)")
     p.add_argument("--rounds", type=int, default=3)
@@ -43,12 +44,14 @@ def main(argv=None):
     impls = peers.load_available(a.peers)
     results = []
     for text in a.shape:
-        b, s, h, d, causal = (int(x) for x in text.split(","))
-        sh = U.Shape(b, s, s, h, h, d, bool(causal))
+        b, s, h, d, causal, *rest = (int(x) for x in text.split(","))
+        hk = rest[0] if rest else h
+        sh = U.Shape(b, s, s, h, hk, d, bool(causal))
         scale = 1 / math.sqrt(d)
         sets = []
         for _ in range(2):
-            q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            q, k, v, do = (torch.randn(b, s, hh, d, device="cuda", dtype=torch.bfloat16)
+                           for hh in (h, hk, hk, h))
             out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
             fwd(q, k, v, out, lse, scale, sh.causal)
             sets.append((do, q, k, v, out, lse))
@@ -77,7 +80,8 @@ def main(argv=None):
                 cells[impl.name] = cycling([lambda g=g, f=grad: f(g) for g in graphs])
         times, tf, line = time_rounds(cells, a.rounds, sh.label(), U.attn_flops(b, s, s, h, d, sh.causal, "bwd"))
         print(f"{a.backend} {sh.label():40} {line}", flush=True)
-        results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "d": d, "causal": bool(causal),
+        results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "h_kv": hk, "d": d,
+                        "causal": bool(causal),
                         "tflops_median": tf, "rounds_ms": times})
     if a.out:
         Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "backend": a.backend,
