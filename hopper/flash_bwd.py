@@ -292,6 +292,7 @@ def variants() -> Iterator:
         posts.add(post_config(cfg))
     # 80 query rows, dQ transposed (an A/B switch; its postprocess maps dQ^T back)
     for cfg in (default_config(128, 128, "bfloat16", False, tile_m=80),
+                default_config(128, 128, "bfloat16", False, tile_m=80, persistent=True),
                 default_config(128, 128, "float16", True, True, True, tile_m=80),
                 default_config(128, 128, "bfloat16", False, False, True, tile_m=80, varlen=True)):
         yield cfg

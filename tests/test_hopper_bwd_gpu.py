@@ -131,6 +131,16 @@ def test_bwd_persistent(d, causal, sq, sk, bhs):
     check(*bhs, sq, sk, d, torch.bfloat16, causal, persistent=True)
 
 
+@pytest.mark.parametrize("bhs", BHS, ids=lambda x: "b%dh%dhk%d" % x)
+@pytest.mark.parametrize("sq,sk", SEQLENS + [(2000, 4100)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bwd_persistent_tile80(causal, sq, sk, bhs):
+    """The persistent grid with 80-query tiles at hd128 (FA4's non-causal tile; dQ transposed):
+    dK / dV staged in the 80 x 128 dS ring and the 80-row dQ buffer. (Written in s14, not yet
+    run on a GPU.)"""
+    check(*bhs, sq, sk, 128, torch.bfloat16, causal, persistent=True, **TILE80)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
 def test_bwd_persistent_many_tiles(d, causal):
