@@ -3,8 +3,8 @@
 One CTA per (KV block n, query head, batch), or (BwdConfig.persistent, persistent_roles) one per
 SM walking such tiles with its pipelines carried over. A tile walks the query blocks m that see
 block n, the masked ones first, then (BwdConfig.stagger) the unmasked ones rotated to start at an
-offset that depends on n, so the CTAs of a head that run together bulk-add into different dQaccum tiles (same-
-line reductions serialise in L2); producer, consumers and dQ warp walk the same order
+offset that depends on n, so the CTAs of a head that run together bulk-add into different dQaccum
+tiles (same-line reductions serialise in L2); producer, consumers and dQ warp walk the same order
 (mask.m_block_nomask_bwd / walk_block). Deterministic keeps the ascending walk.
 Threads: warpgroup 0 holds the producer warp (TMA: K_n and V_n once; Q_m + LSE_m and dO_m + D_m
 into a `stages`-deep ring with full/empty mbarriers) and the dQ warp (adds each dQ_m tile to the
@@ -488,8 +488,8 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
     def consumer(self, mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
                  pipe_q, pipe_do, pipe_kv, softmax_scale, tidx, n_block, head, batch, m_min, m_max,
                  seqlen_q, seqlen_k, window_left, window_right, softcap, dkv_out, tiles=None):
-        """tiles: None, or (persistent) (first tile, tiles, grid, KV blocks, heads): then
-        n_block, head, batch and m_min are per tile, not these."""
+        """tiles: None, or (persistent) (first tile, tiles, grid, KV blocks, heads, tile ring):
+        then n_block, head, batch and m_min are per tile, not these."""
         wg = cute.arch.make_warp_uniform(tidx // 128)
         tm, tn, d = self.tile_m, self.tile_n, self.d
         if const_expr(self.cfg.pdl):  # before any global access: dq_red adds to dQaccum, and
@@ -612,8 +612,9 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         acc_dK.store(acc_dK.load() * softmax_scale)
         if const_expr(self.cfg.dkv_tma):
             tma_dK, tma_dV, sdK, sdV = dkv_out
-            if const_expr(self.cfg.persistent):  # dV goes to the dQ buffer: the dQ warp's last
-                cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=160)  # adds read it
+            if const_expr(self.cfg.persistent):
+                # dV is staged in the dQ buffer: wait until the dQ warp's last adds have read it
+                cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=160)
             self.store_tma(acc_dK, acc_dV, sdK, sdV, mdK, mdV, tma_dK, tma_dV, dkv, dvm, tidx, n_block,
                            head, batch)
             if const_expr(self.cfg.persistent):
