@@ -141,7 +141,9 @@ class PersistentRoles:
 
     @cute.jit
     def kv_tile(self, t, num_n, num_h):
-        """Persistent tile t -> (n_block, head, batch), n_block fastest."""
+        """Persistent tile t -> (n_block, head, batch), n_block fastest: tile_scheduler.decode_tile's
+        non-causal order, written with one division less (its `t % num_n` made hd128's persistent
+        dv_early build spill, checked in s14)."""
         hb = t // num_n
         return t - hb * num_n, hb % num_h, hb // num_h
 
