@@ -24,12 +24,31 @@ class DqRoles:
 
     @cute.jit
     def dq_writer(self, mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, lane, seqlen_q,
-                  seqlen_k, window_left, handover: cutlass.Constexpr[bool] = False):
+                  seqlen_k, window_left, handover: cutlass.Constexpr[bool] = False, qpk=None):
         """Warp 1: bulk-add each m block's dQ chunks (one per consumer warpgroup) to dQaccum.
         handover (persistent, dK / dV staged by TMA): after the tile's last adds have read smem,
-        lend the dQ buffer to the consumers for dV (one more EMPTY / FULL round per tile)."""
+        lend the dQ buffer to the consumers for dV (one more EMPTY / FULL round per tile).
+        group_loop: head is the KV head; the walk runs for each of its qpk query heads."""
         if const_expr(self.cfg.pdl):
             cute.arch.griddepcontrol_wait()  # the preprocess zeroes dQaccum (and semaphores)
+        walk = (mdQacc, mSem, sdQ, n_block, batch, m_min, m_max, lane, seqlen_q, seqlen_k,
+                window_left)
+        if const_expr(self.cfg.group_loop):
+            for hg in cutlass.range(qpk, unroll=1):
+                self.dq_adds(head * qpk + hg, *walk)
+        else:
+            self.dq_adds(head, *walk)
+        cute.arch.cp_async_bulk_wait_group(0, read=True)
+        if const_expr(handover):
+            for wg in cutlass.range_constexpr(2):
+                cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=160)
+            for wg in cutlass.range_constexpr(2):  # the consumers' dV store has read it
+                cute.arch.barrier(barrier_id=BAR_DQ_FULL + wg, number_of_threads=160)
+
+    @cute.jit
+    def dq_adds(self, head, mdQacc, mSem, sdQ, n_block, batch, m_min, m_max, lane, seqlen_q,
+                seqlen_k, window_left):
+        """One query head's walk of dq_writer."""
         chunk = self.tile_m * self.d // 2
         acc_row = mdQacc[batch, head, None]
         sem_row = mSem[batch, head, None]
@@ -66,9 +85,3 @@ class DqRoles:
                 cute.arch.cp_async_bulk_wait_group(0, read=False)  # the adds are done in L2
                 if lane == 0:
                     red_release_add(sem_row.iterator + m, 1)
-        cute.arch.cp_async_bulk_wait_group(0, read=True)
-        if const_expr(handover):
-            for wg in cutlass.range_constexpr(2):
-                cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=160)
-            for wg in cutlass.range_constexpr(2):  # the consumers' dV store has read it
-                cute.arch.barrier(barrier_id=BAR_DQ_FULL + wg, number_of_threads=160)

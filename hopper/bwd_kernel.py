@@ -241,7 +241,9 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         if const_expr(self.cfg.varlen):  # (KV blocks of the longest sequence, head, sequence)
             num_n_blocks = (max_seqlen_k + (tn - 1)) // tn
             num_batch = mCuSeqlensQ.shape[0] - 1
-        grid = [num_n_blocks, mQ.shape[2], num_batch]
+        # group_loop: a CTA per KV head, walking its group's query heads
+        grid = [num_n_blocks, mK.shape[2] if const_expr(self.cfg.group_loop) else mQ.shape[2],
+                num_batch]
         if const_expr(self.cfg.persistent):
             grid = [grid_ctas, 1, 1]
         self.kernel(tQ, tK, tV, tdO, mLSE2, mD, mdQacc, mdK, mdV, mSem, tma_Q, tma_K, tma_V, tma_dO,
@@ -396,14 +398,17 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(REGS[0])
             if warp_idx == 0:
-                head_kv = head // (mQ.shape[2] // mK.shape[2])
+                head_kv = head  # group_loop: the tile's head is the KV head
+                if const_expr(not self.cfg.group_loop):
+                    head_kv = head // (mQ.shape[2] // mK.shape[2])
                 self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K,
                               tma_V, tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch,
                               m_min, m_max, seqlen_q, seqlen_k)
             if const_expr(not self.cfg.dq_red):  # (dq_red: the consumers add dQ)
                 if warp_idx == 1:
                     self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max,
-                                   tidx % 32, seqlen_q, seqlen_k, window_left)
+                                   tidx % 32, seqlen_q, seqlen_k, window_left,
+                                   qpk=mQ.shape[2] // mK.shape[2])
         else:
             cute.arch.setmaxregister_increase(REGS[1])
             self.consumer(mdQacc, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sLSE, sD, sdQ, sdp, dkv, dq,
@@ -435,22 +440,15 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
                  tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv, batch, m_min, m_max,
                  seqlen_q, seqlen_k, states=None):
         """states: (K/V, Q/dO ring) producer states carried over from the previous tile
-        (persistent), returned advanced past this one; None: fresh ones."""
+        (persistent), returned advanced past this one; None: fresh ones. group_loop: head is
+        the KV head, and the Q / dO walk runs once per query head of its group."""
         one = cute.make_layout(1)
         gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
         gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.dv), (n_block, 0))
-        gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (None, 0))
-        gdO = cute.local_tile(mdO[None, None, head, batch], (self.tile_m, self.dv), (None, 0))
         tKs, tKg = cpasync.tma_partition(tma_K, 0, one, cute.group_modes(sK, 0, 2),
                                          cute.group_modes(gK, 0, 2))
         tVs, tVg = cpasync.tma_partition(tma_V, 0, one, cute.group_modes(sV, 0, 2),
                                          cute.group_modes(gV, 0, 2))
-        tQs, tQg = cpasync.tma_partition(tma_Q, 0, one, cute.group_modes(sQ, 0, 2),
-                                         cute.group_modes(gQ, 0, 2))
-        tdOs, tdOg = cpasync.tma_partition(tma_dO, 0, one, cute.group_modes(sdO, 0, 2),
-                                           cute.group_modes(gdO, 0, 2))
-        lse_row = mLSE2[batch, head, None]  # padded to whole tiles by the caller
-        d_row = mD[batch, head, None]
         if const_expr(states is None):
             kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         else:
@@ -464,6 +462,30 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         else:
             state = states[1]
+        q_walk = (mQ, mdO, mLSE2, mD, sQ, sdO, sLSE, sD, tma_Q, tma_dO, pipe_q, pipe_do, n_block,
+                  batch, m_min, m_max, seqlen_q, seqlen_k)
+        if const_expr(self.cfg.group_loop):
+            qpk = mQ.shape[2] // mK.shape[2]
+            for hg in cutlass.range(qpk, unroll=1):
+                state = self.produce_q(state, head * qpk + hg, *q_walk)
+        else:
+            state = self.produce_q(state, head, *q_walk)
+        kv_state.advance()
+        return kv_state, state
+
+    @cute.jit
+    def produce_q(self, state, head, mQ, mdO, mLSE2, mD, sQ, sdO, sLSE, sD, tma_Q, tma_dO, pipe_q,
+                  pipe_do, n_block, batch, m_min, m_max, seqlen_q, seqlen_k):
+        """One query head's walk: Q_m + LSE_m and dO_m + D_m into the ring."""
+        one = cute.make_layout(1)
+        gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (None, 0))
+        gdO = cute.local_tile(mdO[None, None, head, batch], (self.tile_m, self.dv), (None, 0))
+        tQs, tQg = cpasync.tma_partition(tma_Q, 0, one, cute.group_modes(sQ, 0, 2),
+                                         cute.group_modes(gQ, 0, 2))
+        tdOs, tdOg = cpasync.tma_partition(tma_dO, 0, one, cute.group_modes(sdO, 0, 2),
+                                           cute.group_modes(gdO, 0, 2))
+        lse_row = mLSE2[batch, head, None]  # padded to whole tiles by the caller
+        d_row = mD[batch, head, None]
         m_nomask = self.walk_start(seqlen_q, seqlen_k, n_block, m_min, m_max)
         for p in cutlass.range(m_min, m_max, unroll=1):
             m = self.m_at(p, m_nomask, m_max, n_block)
@@ -480,8 +502,7 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
                 bulk_g2s(sD[None, state.index].iterator, d_row.iterator + m * self.tile_m,
                          self.tile_m * 4, bar)
             state.advance()
-        kv_state.advance()
-        return kv_state, state
+        return state
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
@@ -561,6 +582,8 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
                    sdp=sdp, dkv=dkv, dvm=dvm, dq=dq, pipe_q=pipe_q, pipe_do=pipe_do, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k, n_block=n_block, window_left=window_left,
                    window_right=window_right, softcap_pre=softcap_pre)
+        if const_expr(self.cfg.group_loop):  # query heads per KV head (dQaccum: every query head)
+            ctx["qpk"] = mdQacc.shape[1] // mdK.shape[2]
         if const_expr(self.cfg.desc_hoist):
             # wgmma smem descriptors taken once here, not rebuilt from the smem pointers in every
             # m block (wgmma_utils.DescFrag); registers stay DSL fragments. K's (S's A) k-block
@@ -569,14 +592,26 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
             for key in ("tSrA", "tSrB", "tPrA", "tPrB", "tdVrdO", "tdKrQ", "tdQrdS", "tdQrK"):
                 ctx["h_" + key] = DescFrag(ctx[key], fixed_k=8 if key == "tSrA" else 0)
         if const_expr(tiles is None):
-            state = self.m_blocks(ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k,
-                                  window_left, window_right)
+            state = self.m_blocks_group(ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k,
+                                        window_left, window_right)
             self.store_dkv(acc_dK, acc_dV, softmax_scale, mdK, mdV, dkv, dvm, dkv_out, tidx, wg,
                            n_block, head, batch, seqlen_k)
         else:
             tile = (ctx, acc_dK, acc_dV, pipe_kv, m_max, seqlen_q, seqlen_k, window_left,
                     window_right, softmax_scale, mdK, mdV, dkv, dvm, dkv_out, tidx, wg)
             self.consumer_tiles(tiles, state, kv_state, tile)
+
+    @cute.jit
+    def m_blocks_group(self, ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k, window_left,
+                       window_right):
+        """m_blocks, once per query head of the group (group_loop; dK / dV keep summing)."""
+        walk = (n_block, m_min, m_max, seqlen_q, seqlen_k, window_left, window_right)
+        if const_expr(self.cfg.group_loop):
+            for _ in cutlass.range(ctx["qpk"], unroll=1):
+                state = self.m_blocks(ctx, state, *walk)
+        else:
+            state = self.m_blocks(ctx, state, *walk)
+        return state
 
     @cute.jit
     def m_blocks(self, ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k, window_left,

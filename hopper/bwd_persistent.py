@@ -38,7 +38,7 @@ class PersistentRoles:
         block's GEMMs) and Q / dO load while this tile stores dK / dV, and no CTA launches."""
         seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
         num_n = (seqlen_k + (self.tile_n - 1)) // self.tile_n
-        num_h = mQ.shape[2]
+        num_h = mK.shape[2] if const_expr(self.cfg.group_loop) else mQ.shape[2]  # tiles' heads
         total = num_n * num_h * mQ.shape[3]
         cta, grid = cute.arch.block_idx()[0], cute.arch.grid_dim()[0]
         m_max = (seqlen_q + (self.tile_m - 1)) // self.tile_m
@@ -94,8 +94,9 @@ class PersistentRoles:
         seqlen_q, seqlen_k = mQ.shape[0], mK.shape[0]
         m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m, self.tile_n,
                                          self.causal)
+        head_kv = head if const_expr(self.cfg.group_loop) else head // qpk
         return self.producer(mQ, mK, mV, mdO, mLSE2, mD, sQ, sK, sV, sdO, sLSE, sD, tma_Q, tma_K,
-                             tma_V, tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head // qpk,
+                             tma_V, tma_dO, pipe_q, pipe_do, pipe_kv, n_block, head, head_kv,
                              batch, m_min, m_max, seqlen_q, seqlen_k, states)
 
     @cute.jit
@@ -105,7 +106,8 @@ class PersistentRoles:
         m_min = mask_mod.m_block_min_bwd(seqlen_q, seqlen_k, n_block, self.tile_m, self.tile_n,
                                          self.causal)
         self.dq_writer(mdQacc, mSem, sdQ, n_block, head, batch, m_min, m_max, tidx % 32, seqlen_q,
-                       seqlen_k, window_left, handover=self.cfg.dkv_tma)
+                       seqlen_k, window_left, handover=self.cfg.dkv_tma,
+                       qpk=mdQacc.shape[1] // num_h)
 
     @cute.jit
     def counter_next(self, ptr):
@@ -173,8 +175,8 @@ class PersistentRoles:
         acc_dV.fill(0.0)
         acc_dK.fill(0.0)
         pipe_kv.consumer_wait(kv_state)
-        state = self.m_blocks(tile_ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k,
-                              window_left, window_right)
+        state = self.m_blocks_group(tile_ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k,
+                                    window_left, window_right)
         # every GEMM of the tile has completed (each block ends with wait_group(0)): K / V may be
         # overwritten by the next tile's while dK / dV are stored
         pipe_kv.consumer_release(kv_state)

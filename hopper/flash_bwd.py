@@ -51,7 +51,7 @@ class BwdConfig:
     dtype: str  # "bfloat16" | "float16"
     causal: bool
     deterministic: bool
-    gqa: bool  # dK/dV outputs are per-query-head fp32 partials
+    gqa: bool  # dK/dV outputs are per-query-head fp32 partials (GQA without group_loop)
     # query rows a block (64 or 128; 80 at hd128, swapped: FA3's non-causal tile, an A/B switch
     # here, with dQ computed transposed, dQ^T = K^T dS^T, and dS stored keys-contiguous; the
     # H100 measured 0.86-0.95x of 64 with every wgmma serialized, C7512, before default_config
@@ -126,6 +126,11 @@ class BwdConfig:
     # turns it on where it measured a gain (see there); causal, H100, 5 rounds vs one CTA per
     # tile: hd64 1k / 4k / 16k +2.9 / -1.7 / -0.7%, hd128 -0.9 / +0.2 / +0.5%, so off there.
     persistent: bool = False
+    # GQA: one CTA per (KV block, KV head, batch) walks the query blocks of every query head of
+    # its group in turn, so dK / dV sum over the group in registers and are stored once in the
+    # input dtype (dkv_tma applies), instead of one CTA per query head writing fp32 partials
+    # that the caller sums (gqa). g times fewer, g times longer CTAs.
+    group_loop: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -155,7 +160,11 @@ def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False, dv=None) -
 
 
 def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overrides) -> BwdConfig:
+    """gqa: the call has fewer KV heads than query heads (then dK / dV are fp32 partials per
+    query head unless group_loop)."""
     dtype = _dtype_name(dtype)
+    group_loop = bool(gqa and overrides.get("group_loop", False))
+    gqa = bool(gqa and not group_loop)  # from here: the kernel writes fp32 partials
     if d <= 64:
         tile = dict(tile_m=128, tile_n=128, stages=2, swap=True)
     elif d <= 128:  # hd96 too (FA3's bwd tile for it is 64 x 128 as well)
@@ -167,7 +176,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
         # registers (dq_red: no dQ staging) lets two Q/dO stages fit (210 KB): H100 same run,
         # 1k-16k causal or not, +17..34% (1.14..1.29x FA4). Deterministic keeps the ordered
         # smem path, and one stage.
-        dq_red = overrides.get("dq_red", not deterministic)
+        dq_red = overrides.get("dq_red", not deterministic and not group_loop)
         tile = dict(tile_m=64, tile_n=64, stages=2 if dq_red else 1, swap=False, dq_red=dq_red)
     if d <= 64 and overrides.get("softcap"):
         tile["tile_m"] = 64  # 1 - tanh^2 of a 128-query S^T tile would not fit in registers
@@ -212,6 +221,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not (cfg.stagger and cfg.deterministic), cfg
     assert not (cfg.dkv_tma and (cfg.gqa or cfg.varlen or cfg.seqused_k)), cfg
     assert not (cfg.dq_red and (cfg.deterministic or cfg.swap)), cfg
+    assert not (cfg.group_loop and (cfg.gqa or cfg.dq_red)), cfg  # (dq_red: per-head dQ addresses)
     # unswapped, P and dS reach dV / dK through smem; a 128-query S^T tile (hd64) runs out of
     # registers with dV in flight during dS (ptxas serializes the wgmmas, 96 B spill)
     assert not cfg.dv_early or (cfg.swap and cfg.tile_m == 64), cfg
@@ -295,6 +305,21 @@ def variants() -> Iterator:
                 default_config(128, 128, "bfloat16", False, tile_m=80, persistent=True),
                 default_config(128, 128, "float16", True, True, True, tile_m=80),
                 default_config(128, 128, "bfloat16", False, False, True, tile_m=80, varlen=True)):
+        yield cfg
+        posts.add(post_config(cfg))
+    # GQA with the group's query heads walked in one CTA (an A/B switch): dense, causal,
+    # deterministic, persistent, hd64 / hd256 (dQ through the dQ warp), varlen
+    for cfg in (default_config(128, 128, "bfloat16", False, False, True, group_loop=True),
+                default_config(128, 128, "float16", True, False, True, group_loop=True),
+                default_config(128, 128, "bfloat16", True, True, True, group_loop=True),
+                default_config(128, 128, "bfloat16", False, False, True, group_loop=True,
+                               persistent=True),
+                default_config(64, 64, "bfloat16", True, False, True, group_loop=True,
+                               persistent=True),
+                default_config(64, 64, "float16", False, False, True, group_loop=True),
+                default_config(256, 256, "bfloat16", True, False, True, group_loop=True),
+                default_config(128, 128, "bfloat16", True, False, True, group_loop=True,
+                               varlen=True)):
         yield cfg
         posts.add(post_config(cfg))
     yield from sorted(posts, key=repr)
@@ -585,7 +610,7 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
     grid = None
     if cfg.persistent:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        grid = max(1, min(-(-sk // cfg.tile_n) * h * b, sms))
+        grid = max(1, min(-(-sk // cfg.tile_n) * (hk if cfg.group_loop else h) * b, sms))
     return _Plan(cfg, _compile.get_kernel(cfg, build), _compile.get_kernel(post_config(cfg), build),
                  compile_preprocess(pre), (b, sq, h, d, sk, hk), rows, split, left, right, softcap,
                  nseq, max_q, max_k, empty, grid)

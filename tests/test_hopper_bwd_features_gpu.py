@@ -107,6 +107,14 @@ def test_varlen_tile80(causal):
                  cfg=dict(tile_m=80))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen_group_loop(d, causal):
+    """GQA's group of query heads walked in one CTA (BwdConfig.group_loop) over packed
+    sequences: dK / dV in the input dtype, keys outside every sequence zero."""
+    _varlen_case(MIX_Q, MIX_K, 8, 2, d, torch.bfloat16, causal, cfg=dict(group_loop=True))
+
+
 def test_varlen_window_tile80():
     _varlen_case(MIX_Q, MIX_K, 4, 2, 128, torch.bfloat16, False, sink=True, window=(100, 30),
                  cfg=dict(tile_m=80))

@@ -141,6 +141,39 @@ def test_bwd_persistent_tile80(causal, sq, sk, bhs):
     check(*bhs, sq, sk, 128, torch.bfloat16, causal, persistent=True, **TILE80)
 
 
+GROUP_BHS = [(2, 8, 2), (1, 6, 1), (1, 4, 4)]  # (batch, heads, kv heads): 4:1, MQA 6:1, MHA
+
+
+@pytest.mark.parametrize("bhs", GROUP_BHS, ids=lambda x: "b%dh%dhk%d" % x)
+@pytest.mark.parametrize("sq,sk", SEQLENS + [(2000, 4100)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bwd_group_loop(d, causal, sq, sk, bhs):
+    """GQA with one CTA per KV head walking its group's query heads (BwdConfig.group_loop): dK / dV
+    summed over the group in registers and stored once in the input dtype; dQ per query head."""
+    check(*bhs, sq, sk, d, torch.float16 if causal else torch.bfloat16, causal, group_loop=True)
+
+
+@pytest.mark.parametrize("bhs", GROUP_BHS[:2], ids=lambda x: "b%dh%dhk%d" % x)
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1000, 1357), (2000, 4100)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_bwd_group_loop_persistent(d, causal, sq, sk, bhs):
+    """group_loop on the persistent grid: tiles over KV heads (causal: from the counter)."""
+    check(*bhs, sq, sk, d, torch.bfloat16, causal, group_loop=True, persistent=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bwd_group_loop_deterministic(causal):
+    """group_loop keeps the semaphores' order per (query head, m): bitwise equal runs."""
+    q, k, v, do, first = check(2, 8, 2, 1000, 1357, 128, torch.bfloat16, causal, deterministic=True,
+                               group_loop=True)
+    for _ in range(10):
+        again = run_bwd(q, k, v, do, causal, deterministic=True, group_loop=True)
+        for a, g in zip(first, again):
+            assert torch.equal(a, g)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
 def test_bwd_persistent_many_tiles(d, causal):
