@@ -1,6 +1,6 @@
 """The Hopper attention backward main kernel (FA3 design), traced with the CuTe DSL.
 
-One CTA per (KV block n, query head, batch), or (BwdConfig.persistent, persistent_roles) one per
+One CTA per (KV block n, query head (group_loop: KV head), batch), or (BwdConfig.persistent, persistent_roles) one per
 SM walking such tiles with its pipelines carried over. A tile walks the query blocks m that see
 block n, the masked ones first, then (BwdConfig.stagger) the unmasked ones rotated to start at an
 offset that depends on n, so the CTAs of a head that run together bulk-add into different dQaccum
@@ -42,7 +42,9 @@ before it and is ahead in m, instead of on block 0, which reaches m last.
 in mem_ops.py.)
 dK (times softmax_scale) and dV are stored once per CTA: by TMA from Q's / dO's smem buffers
 (BwdConfig.dkv_tma, MHA dense), else from registers; with GQA they are per query head fp32
-partials that the caller sums over the group.
+partials that the caller sums over the group, unless (BwdConfig.group_loop) the CTA is per KV
+head and walks each query head of its group in turn (producer, consumers and dQ warp alike):
+dK / dV then sum in registers and are stored once, as for MHA.
 Varlen / seqused (compile-time switches; the plain kernels' code is unchanged): a CTA finds its
 sequence's rows from cu_seqlens (domain offsets on the packed tensors) and valid lengths from
 seqused, and exits when its KV block starts past the sequence's keys. Rows past a sequence's end

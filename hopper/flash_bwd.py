@@ -164,7 +164,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     query head unless group_loop)."""
     dtype = _dtype_name(dtype)
     group_loop = bool(gqa and overrides.get("group_loop", False))
-    gqa = bool(gqa and not group_loop)  # from here: the kernel writes fp32 partials
+    kv_groups, gqa = bool(gqa), bool(gqa and not group_loop)  # gqa from here: fp32 partials
     if d <= 64:
         tile = dict(tile_m=128, tile_n=128, stages=2, swap=True)
     elif d <= 128:  # hd96 too (FA3's bwd tile for it is 64 x 128 as well)
@@ -211,8 +211,8 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # Persistent grid: H100, 5 rounds, same process, whole backward vs one CTA per tile: hd64
     # non-causal 512 / 1k / 2k / 4k / 8k / 16k +5.4 / +2.8 / +3.7 / +2.6 / +2.2 / +0.8%, hd96 1k / 4k
     # +1.4 / +0.9%; hd128 -1.0..+1.1% (1k-16k), so off there; causal: see BwdConfig. MHA dense
-    # only (GQA's dK / dV register stores and the features were not measured)
-    tile["persistent"] = (d <= 96 and not causal and not deterministic and not gqa
+    # only (GQA, with or without group_loop, and the features were not measured)
+    tile["persistent"] = (d <= 96 and not causal and not deterministic and not kv_groups
                           and not any(overrides.get(f) for f in ("local", "softcap", "varlen",
                                                                  "seqused_q", "seqused_k", "pdl")))
     tile.update(overrides)

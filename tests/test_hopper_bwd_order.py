@@ -122,3 +122,21 @@ def test_persistent_default_and_refusals():
         with pytest.raises(AssertionError):
             default_config(d, d, "bfloat16", args.pop("causal"), args.pop("deterministic"),
                            persistent=True, **args)
+
+
+def test_group_loop_config():
+    """group_loop (GQA, one CTA per KV head walking its group's query heads) is an A/B switch, off
+    by default; with it the kernel writes final dK / dV in the input dtype, not fp32 partials, so
+    the MHA store paths apply (dK / dV by TMA, dV issued early at hd128), and hd256 adds dQ through
+    the dQ warp (dq_red's register adds address one query head's dQaccum); refused with dq_red."""
+    for d in (64, 96, 128, 192, 256):
+        for causal, det in itertools.product((False, True), repeat=2):
+            base = default_config(d, d, "bfloat16", causal, det, True)
+            assert base.gqa and not base.group_loop and not base.dkv_tma
+            cfg = default_config(d, d, "bfloat16", causal, det, True, group_loop=True)
+            mha = default_config(d, d, "bfloat16", causal, det, False)
+            assert cfg.group_loop and not cfg.gqa and cfg.dkv_tma
+            assert not cfg.dq_red and cfg.dv_early == mha.dv_early
+            assert not cfg.persistent  # (with GQA: not measured)
+    with pytest.raises(AssertionError):
+        default_config(256, 256, "bfloat16", False, False, True, group_loop=True, dq_red=True)
