@@ -1,7 +1,7 @@
 """The Hopper attention backward main kernel (FA3 design), traced with the CuTe DSL.
 
-One CTA per (KV block n, query head (group_loop: KV head), batch), or (BwdConfig.persistent, persistent_roles) one per
-SM walking such tiles with its pipelines carried over. A tile walks the query blocks m that see
+One CTA per (KV block n, query head (group_loop: KV head), batch), or (BwdConfig.persistent,
+persistent_roles) one per SM walking such tiles with its pipelines carried over. A tile walks the query blocks m that see
 block n, the masked ones first, then (BwdConfig.stagger) the unmasked ones rotated to start at an
 offset that depends on n, so the CTAs of a head that run together bulk-add into different dQaccum
 tiles (same-line reductions serialise in L2); producer, consumers and dQ warp walk the same order

@@ -56,7 +56,9 @@ class BwdConfig:
     # here, with dQ computed transposed, dQ^T = K^T dS^T, and dS stored keys-contiguous; the
     # H100 measured 0.86-0.95x of 64 with every wgmma serialized, C7512, before default_config
     # turned stats_early / dv_early off for it; unserialized, H200 non-causal 2k-16k measured
-    # 0.98-1.02x of 64 over 3 and 5 rounds (s9), so 64 stays the default)
+    # 0.98-1.02x of 64 over 3 and 5 rounds (s9), so 64 stays the default; H100 s15, 5 rounds,
+    # 1k / 2k / 4k / 16k: 0.97 / 1.01 / 0.99 / 0.98x, with the persistent grid 0.98 / 1.00 / 1.00 /
+    # 1.04x (persistent at 64 rows: 1.01 / 1.01 / 1.00 / 1.03x; s14 measured it at 16k 1.00x))
     tile_m: int
     tile_n: int
     stages: int  # Q / dO (+ LSE / D) ring depth

@@ -137,10 +137,13 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # Causal LPT groups (tile_scheduler.lpt_group): with the static persistent split, small groups
     # (~16-64 tiles: all query blocks of a few heads run together and share their K/V in L2) beat
     # 32 MB ones (H100 hd128 causal s512/1k/2k/4k: 254/364/453/499 -> 293/433/518/573 TFLOP/s;
-    # hd64 s512/1k 214/291 -> 232/314, 2k/4k within 2%). One CTA per tile (hardware order) keeps
-    # 32 MB: its heaviest-first order is global there (hd256 causal 2k/4k: 553/633 -> 520/584 at 2 MB),
-    # except with few query blocks, where K/V reuse wins (hd256 causal s512: 263 -> 297 at 8 MB, twice;
-    # s1k 414 -> 425; s2k, 16 blocks, 553 -> 533).
+    # hd64 s512/1k 214/291 -> 232/314, 2k/4k within 2%; H100 s15, 3 rounds, vs 2 MB: 1 / 4 / 8 MB
+    # and all heads: hd128 s512 1.03 / 0.92 / 0.78 / 0.70x, hd64 s512 1.01 / 0.98 / 0.79 / 0.87x,
+    # hd64 s1k 1.00 / 0.99 / 0.75 / 0.85x; 1 MB is one run, not yet a default).
+    # One CTA per tile (hardware order) keeps 32 MB: its heaviest-first order is global there
+    # (hd256 causal 2k/4k: 553/633 -> 520/584 at 2 MB), except with few query blocks, where K/V
+    # reuse wins (hd256 causal s512: 263 -> 297 at 8 MB, twice; s1k 414 -> 425; s2k, 16 blocks,
+    # 553 -> 533).
     # Past 32 query blocks only one-CTA-per-tile kernels group (lpt_group's static_split); there
     # 16 MB groups measured best (H100, causal: hd128 16k 593 -> 625, hd256 16k 675 -> 728, 8k
     # hd128 541 -> 594, hd256 640 -> 659 vs all heads at once; 32 MB: 600 / 659 / 593 / 665).

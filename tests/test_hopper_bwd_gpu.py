@@ -136,8 +136,7 @@ def test_bwd_persistent(d, causal, sq, sk, bhs):
 @pytest.mark.parametrize("causal", [False, True])
 def test_bwd_persistent_tile80(causal, sq, sk, bhs):
     """The persistent grid with 80-query tiles at hd128 (FA4's non-causal tile; dQ transposed):
-    dK / dV staged in the 80 x 128 dS ring and the 80-row dQ buffer. (Written in s14, not yet
-    run on a GPU.)"""
+    dK / dV staged in the 80 x 128 dS ring and the 80-row dQ buffer."""
     check(*bhs, sq, sk, 128, torch.bfloat16, causal, persistent=True, **TILE80)
 
 
