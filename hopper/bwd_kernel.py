@@ -1,11 +1,12 @@
 """The Hopper attention backward main kernel (FA3 design), traced with the CuTe DSL.
 
 One CTA per (KV block n, query head (group_loop: KV head), batch), or (BwdConfig.persistent,
-persistent_roles) one per SM walking such tiles with its pipelines carried over. A tile walks the query blocks m that see
-block n, the masked ones first, then (BwdConfig.stagger) the unmasked ones rotated to start at an
-offset that depends on n, so the CTAs of a head that run together bulk-add into different dQaccum
-tiles (same-line reductions serialise in L2); producer, consumers and dQ warp walk the same order
-(mask.m_block_nomask_bwd / walk_block). Deterministic keeps the ascending walk.
+persistent_roles) one per SM walking such tiles with its pipelines carried over. A tile walks the
+query blocks m that see block n, the masked ones first, then (BwdConfig.stagger) the unmasked
+ones rotated to start at an offset that depends on n, so the CTAs of a head that run together
+bulk-add into different dQaccum tiles (same-line reductions serialise in L2); producer, consumers
+and dQ warp walk the same order (mask.m_block_nomask_bwd / walk_block). Deterministic keeps the
+ascending walk.
 Threads: warpgroup 0 holds the producer warp (TMA: K_n and V_n once; Q_m + LSE_m and dO_m + D_m
 into a `stages`-deep ring with full/empty mbarriers) and the dQ warp (adds each dQ_m tile to the
 fp32 dQaccum buffer in global memory with a bulk reduce-add, cp.reduce.async.bulk); two consumer
