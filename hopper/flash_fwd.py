@@ -11,7 +11,7 @@ import math
 from typing import Iterator
 
 from fa3 import _compile
-from fa3.hopper.tile_scheduler import grid_size, num_tiles
+from fa3.hopper.tile_scheduler import grid_size, num_sms, num_tiles
 from fa3.hopper.tile_size import SMEM_LIMIT, separate_o_fits, smem_bytes, tile_size
 
 DTYPES = ("bfloat16", "float16")
@@ -292,12 +292,6 @@ def build(cfg: FwdConfig, extra_options: str = ""):
                         options=_compile.compile_options(extra=extra_options))
 
 
-def _num_sms(device) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _window(causal: bool, window) -> tuple[bool, bool, int, int]:
     """FA's (left, right), -1 unbounded -> (causal, local, left, right) for the kernel: causal is
     (-1, 0); any other bounded window is local, with -1 sides as mask.UNBOUNDED."""
@@ -338,14 +332,14 @@ def _plan(q, k, v, out, lse, causal, window, softcap, sink, varlen, seqused_q, s
                          window=(left, right) if local else None, **(config_overrides or {}))
     fn = _compile.get_kernel(cfg, build)
     if varlen and cfg.persistent:
-        grid = _num_sms(q.device)  # the tile count is known only on the device
+        grid = num_sms(q.device)  # the tile count is known only on the device
     elif varlen:  # sum over sequences of ceil(rows / tile_m) <= total rows / tile_m + sequences;
         # the number of sequences is not part of the plan's key: the grid is a function of it
         rows_tiles, heads = q.shape[1] * cfg.pack_gqa // cfg.tile_m, h // cfg.pack_gqa
         grid = lambda nseq: max(1, (rows_tiles + nseq) * heads)  # noqa: E731
     else:
         tiles = num_tiles(sq * cfg.pack_gqa, cfg.tile_m, h // cfg.pack_gqa, b)
-        grid = grid_size(tiles, _num_sms(q.device), cfg.persistent)
+        grid = grid_size(tiles, num_sms(q.device), cfg.persistent)
     return fn, grid, local, left, right
 
 

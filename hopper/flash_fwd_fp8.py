@@ -19,7 +19,7 @@ import math
 from typing import Iterator
 
 from fa3 import _compile
-from fa3.hopper.tile_scheduler import grid_size, num_tiles
+from fa3.hopper.tile_scheduler import grid_size, num_sms, num_tiles
 
 HEAD_DIMS = (64, 128, 256)
 OUT_DTYPES = ("bfloat16",)
@@ -175,12 +175,6 @@ def vt_layout(v8, out=None):
     return out
 
 
-def _num_sms(device) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def flash_fwd_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, out, lse, softmax_scale: float,
                   causal: bool, cfg: Fp8FwdConfig) -> None:
     """out (b, sq, h, dv) bf16 and lse (b, h, sq) fp32 written in place.
@@ -203,5 +197,5 @@ def flash_fwd_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, out, lse, softmax_scal
         lse.fill_(-math.inf)
         return
     tiles = num_tiles(sq, cfg.tile_m, h, b)
-    grid = grid_size(tiles, _num_sms(q8.device), cfg.persistent)
+    grid = grid_size(tiles, num_sms(q8.device), cfg.persistent)
     fn(q8, k8, vt8, out, lse, q_scale, k_scale, v_scale, float(softmax_scale), grid)

@@ -418,18 +418,6 @@ def build(cfg: HadamardQuantConfig, extra_options: str = ""):
                         options=_compile.compile_options(extra=extra_options))
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device) -> int:
-    import torch
-
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, out_scales=None, lanes=0,
                    values=0):
     """x (b, s, h, d) bf16/fp16, last dim contiguous -> (x_fp8 (b, s, h, d) e4m3, scales (b, h, nblk) fp32).
@@ -439,6 +427,8 @@ def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, 
     place: contiguous e4m3 (b, s, h, d) and contiguous fp32 (b, h, ceil(s / block_rows)).
     """
     import torch
+
+    from fa3.hopper.tile_scheduler import num_sms
 
     assert x.is_cuda and x.dim() == 4, "x must be a 4-D CUDA tensor (batch, seqlen, heads, head_dim)"
     bsz, seqlen, nheads, d = x.shape
@@ -463,6 +453,6 @@ def hadamard_quant(x, signs, block_rows: int, rotate: bool = True, *, out=None, 
     assert out_scales.is_contiguous() and out_scales.device == x.device
     if out.numel() == 0:
         return out, out_scales
-    grid = min(bsz * nheads * nblk, _sm_count(x.device) * cfg.ctas_per_sm)  # persistent CTAs
+    grid = min(bsz * nheads * nblk, num_sms(x.device) * cfg.ctas_per_sm)  # persistent CTAs
     _compile.get_kernel(cfg, build)(x, signs, out, out_scales, grid)
     return out, out_scales

@@ -25,6 +25,19 @@ import cutlass.cute as cute
 from cutlass import Int32
 
 
+_SMS = {}
+
+
+def num_sms(device) -> int:
+    """The device's SM count (cached: the property query costs microseconds every call)."""
+    import torch
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 def num_tiles(seqlen_q: int, tile_m: int, heads: int, batch: int) -> int:
     return -(-seqlen_q // tile_m) * heads * batch
 
