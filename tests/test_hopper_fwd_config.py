@@ -46,6 +46,15 @@ def test_causal_l2_groups_small_only_for_the_static_split(d):
     assert long.l2_group_mb == (2 if long.persistent else 32)
 
 
+def test_short_causal_hd128_uses_1mb_groups():
+    """4 query blocks or fewer at hd128 causal (persistent): 1 MB groups; hd64 keeps 2 MB."""
+    for s, mb in ((512, 1), (256, 1), (640, 2)):
+        cfg = default_config(128, 128, "bfloat16", True, seqlen_q=s, seqlen_k=s)
+        assert cfg.persistent and cfg.l2_group_mb == mb, (s, cfg)
+    assert default_config(64, 64, "bfloat16", True, seqlen_q=512, seqlen_k=512).l2_group_mb == 2
+    assert default_config(128, 128, "bfloat16", False, seqlen_q=512, seqlen_k=512).l2_group_mb == 2
+
+
 @pytest.mark.parametrize("d, seqlen", [(64, 8192), (64, 32768), (128, 8192), (128, 16384), (256, 8192), (256, 16384)])
 def test_long_causal_one_cta_per_tile_uses_16mb_groups(d, seqlen):
     cfg = default_config(d, d, "bfloat16", True, seqlen_q=seqlen, seqlen_k=seqlen)
