@@ -161,11 +161,36 @@ def smem_bytes(tile_m, tile_n, d, stages, swap, elem=2, dq_red=False, dv=None) -
             + 2 * stages * tile_m * 4 + 1024)
 
 
+def group_loop_wins(d, dv, causal, deterministic, seqlen_k, kv_heads, sms) -> bool:
+    """Whether GQA's backward walks each KV head's group in one CTA (BwdConfig.group_loop) rather
+    than writing fp32 dK / dV partials per query head: with enough KV-head CTAs (128-key blocks x
+    KV heads x batch) to fill the SMs, more than half of them, and for causal (uneven tiles, g
+    times longer CTAs: a longer tail) at least 3 waves' worth. H100, s17, 3 rounds, same process,
+    32/8 heads unless noted, vs partials: hd128 b1 1k (64 CTAs) 0.94x / 0.95x (two runs), b1 1.5k
+    (96) 1.13x, b1 2k (128) 1.25x / 1.24x, b8 2k 1.17x, b2 8k 1.03x, 64/8 b2 8k 1.14x / 1.06x;
+    hd96 b2 4k 1.09x; hd64 b1 1k (64) 0.96x, b4 4k 1.10x / 1.11x; causal: hd128 b2 2k (256 CTAs)
+    0.95x / 0.96x, b4 4k (1024) 1.08x, b2 8k 1.02x / 1.04x, hd64 b4 2k (512) 1.13x / 1.13x.
+    hd256 loses (0.73-0.81x: it gives up dq_red's second Q/dO stage), as does deterministic
+    causal (0.81x; non-causal 1.06x, one shape, so not taken either); hd192, split head dims and
+    the features were not measured."""
+    kv_ctas = -(-seqlen_k // 128) * kv_heads  # (tile_n is 128 at hd <= 128)
+    enough = kv_ctas >= 3 * sms if causal else 2 * kv_ctas > sms
+    return d == dv and d <= 128 and not deterministic and enough
+
+
+def short_causal_persistent(d, dv, causal, deterministic, seqlen_k) -> bool:
+    """The persistent grid for causal hd64 MHA up to 2k keys (the counter hands out the uneven
+    tiles). H100, 5 rounds, same process, vs one CTA per tile: 1k +2.9% (s14), +2.8% (s17), 2k
+    +1.1% (s17); 4k -1.7%, 16k -0.7% (s15), so not past 2k."""
+    return causal and not deterministic and d == dv and d <= 64 and seqlen_k <= 2048
+
+
 def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overrides) -> BwdConfig:
     """gqa: the call has fewer KV heads than query heads (then dK / dV are fp32 partials per
     query head unless group_loop)."""
     dtype = _dtype_name(dtype)
-    group_loop = bool(gqa and overrides.get("group_loop", False))
+    overrides = dict(overrides)
+    group_loop = bool(gqa and overrides.pop("group_loop", False))  # (MHA: nothing to walk)
     kv_groups, gqa = bool(gqa), bool(gqa and not group_loop)  # gqa from here: fp32 partials
     if d <= 64:
         tile = dict(tile_m=128, tile_n=128, stages=2, swap=True)
@@ -217,7 +242,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     tile["persistent"] = (d <= 96 and not causal and not deterministic and not kv_groups
                           and not any(overrides.get(f) for f in ("local", "softcap", "varlen",
                                                                  "seqused_q", "seqused_k", "pdl")))
-    tile.update(overrides)
+    tile.update(overrides, group_loop=group_loop)
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
     assert not (cfg.stagger and cfg.deterministic), cfg
@@ -319,6 +344,7 @@ def variants() -> Iterator:
                 default_config(64, 64, "bfloat16", True, False, True, group_loop=True,
                                persistent=True),
                 default_config(64, 64, "float16", False, False, True, group_loop=True),
+                default_config(96, 96, "bfloat16", False, False, True, group_loop=True),
                 default_config(256, 256, "bfloat16", True, False, True, group_loop=True),
                 default_config(128, 128, "bfloat16", True, False, True, group_loop=True,
                                varlen=True)):
@@ -547,6 +573,8 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
     """flash_bwd's checks and launch decisions for one call signature (a plan-cache miss)."""
     import torch
 
+    from fa3.hopper.tile_scheduler import num_sms  # (imports cutlass: not at fa3's import)
+
     from fa3.hopper.bwd_preprocess import PreprocessConfig, compile_preprocess
     from fa3.hopper.flash_fwd import _window
 
@@ -583,9 +611,18 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
         assert t.stride(-1) == 1
         assert all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
     softcap = float(features.get("softcap", 0.0))
+    overrides = dict(cfg_overrides or {})
+    # size-dependent defaults (default_config sees no sizes); measured without the features
+    plain = not (varlen or local or softcap or used_q is not None or used_k is not None)
+    if h != hk and "group_loop" not in overrides:
+        overrides["group_loop"] = plain and group_loop_wins(d, dv, causal, deterministic, sk,
+                                                            hk * b, num_sms(q.device))
+    if h == hk and plain and not {"persistent", "pdl", "lpt", "swap"} & overrides.keys() \
+            and short_causal_persistent(d, dv, causal, deterministic, sk):  # (those refuse it)
+        overrides["persistent"] = True
     cfg = default_config(d, dv, q.dtype, causal, deterministic, h != hk, local=local,
                          softcap=softcap > 0, varlen=varlen, seqused_q=used_q is not None,
-                         seqused_k=used_k is not None, **(cfg_overrides or {}))
+                         seqused_k=used_k is not None, **overrides)
     nseq = cu_q.shape[0] - 1 if varlen else b
     max_q = int(features["max_seqlen_q"]) if varlen else sq
     max_k = int(features["max_seqlen_k"]) if varlen else sk
@@ -611,8 +648,8 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
     empty = nseq == 0 or h == 0 or sq == 0 or sk == 0 or max_q == 0 or max_k == 0
     grid = None
     if cfg.persistent:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        grid = max(1, min(-(-sk // cfg.tile_n) * (hk if cfg.group_loop else h) * b, sms))
+        grid = max(1, min(-(-sk // cfg.tile_n) * (hk if cfg.group_loop else h) * b,
+                          num_sms(q.device)))
     return _Plan(cfg, _compile.get_kernel(cfg, build), _compile.get_kernel(post_config(cfg), build),
                  compile_preprocess(pre), (b, sq, h, d, sk, hk), rows, split, left, right, softcap,
                  nseq, max_q, max_k, empty, grid)

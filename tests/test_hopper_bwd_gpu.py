@@ -146,11 +146,27 @@ GROUP_BHS = [(2, 8, 2), (1, 6, 1), (1, 4, 4)]  # (batch, heads, kv heads): 4:1, 
 @pytest.mark.parametrize("bhs", GROUP_BHS, ids=lambda x: "b%dh%dhk%d" % x)
 @pytest.mark.parametrize("sq,sk", SEQLENS + [(2000, 4100)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
 def test_bwd_group_loop(d, causal, sq, sk, bhs):
     """GQA with one CTA per KV head walking its group's query heads (BwdConfig.group_loop): dK / dV
     summed over the group in registers and stored once in the input dtype; dQ per query head."""
     check(*bhs, sq, sk, d, torch.float16 if causal else torch.bfloat16, causal, group_loop=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_bwd_group_loop_default(d, causal):
+    """GQA with enough KV-head CTAs for an H100's / H200's 132 SMs (16 x 8 = 128 non-causal, 32 x
+    8 x 2 = 512 causal) takes group_loop with no override (flash_bwd.group_loop_wins); the ragged
+    last KV block included."""
+    from fa3.hopper import flash_bwd as fb
+
+    fb._PLANS.clear()
+    if causal:
+        check(2, 16, 8, 4096, 4000, d, torch.bfloat16, causal)
+    else:
+        check(1, 16, 8, 2048, 2000, d, torch.bfloat16, causal)
+    assert [p.cfg.group_loop for p in fb._PLANS.values()] == [True]
 
 
 @pytest.mark.parametrize("bhs", GROUP_BHS[:2], ids=lambda x: "b%dh%dhk%d" % x)

@@ -125,10 +125,11 @@ def test_persistent_default_and_refusals():
 
 
 def test_group_loop_config():
-    """group_loop (GQA, one CTA per KV head walking its group's query heads) is an A/B switch, off
-    by default; with it the kernel writes final dK / dV in the input dtype, not fp32 partials, so
-    the MHA store paths apply (dK / dV by TMA, dV issued early at hd128), and hd256 adds dQ through
-    the dQ warp (dq_red's register adds address one query head's dQaccum); refused with dq_red."""
+    """group_loop (GQA, one CTA per KV head walking its group's query heads) is chosen per call
+    (flash_bwd.group_loop_wins), never by default_config alone; with it the kernel writes final
+    dK / dV in the input dtype, not fp32 partials, so the MHA store paths apply (dK / dV by TMA,
+    dV issued early at hd128), and hd256 adds dQ through the dQ warp (dq_red's register adds
+    address one query head's dQaccum); refused with dq_red; MHA has no group to walk."""
     for d in (64, 96, 128, 192, 256):
         for causal, det in itertools.product((False, True), repeat=2):
             base = default_config(d, d, "bfloat16", causal, det, True)
@@ -138,5 +139,37 @@ def test_group_loop_config():
             assert cfg.group_loop and not cfg.gqa and cfg.dkv_tma
             assert not cfg.dq_red and cfg.dv_early == mha.dv_early
             assert not cfg.persistent  # (with GQA: not measured)
+            assert default_config(d, d, "bfloat16", causal, det, False, group_loop=True) == mha
     with pytest.raises(AssertionError):
         default_config(256, 256, "bfloat16", False, False, True, group_loop=True, dq_red=True)
+
+
+def test_group_loop_default():
+    """group_loop by default where it measured a gain: hd <= 128 (q/k = v), not deterministic,
+    with more than half the SMs' worth of KV-head CTAs (128-key blocks x KV heads x batch), 3
+    waves' worth if causal."""
+    from fa3.hopper.flash_bwd import group_loop_wins
+
+    for d in (64, 96, 128):
+        assert group_loop_wins(d, d, False, False, 2048, 8, 132)  # 16 x 8 = 128 CTAs
+        assert group_loop_wins(d, d, False, False, 1536, 8, 132)  # 96: measured 1.13x at hd128
+        assert group_loop_wins(d, d, False, False, 1025, 8, 132)  # 9 x 8 = 72 (a ragged block)
+        assert not group_loop_wins(d, d, False, False, 1024, 8, 132)  # 64: measured 0.95x
+        assert not group_loop_wins(d, d, True, False, 2048, 16, 132)  # causal 256: 0.95x
+        assert group_loop_wins(d, d, True, False, 2048, 32, 132)  # causal 512: hd64 1.13x
+        assert not group_loop_wins(d, d, False, True, 8192, 16, 132)  # deterministic
+    for d, dv in ((192, 192), (256, 256), (192, 128)):
+        assert not group_loop_wins(d, dv, False, False, 8192, 16, 132), (d, dv)
+
+
+def test_short_causal_persistent():
+    """The persistent grid for causal hd64 MHA up to 2k keys, where it measured a gain."""
+    from fa3.hopper.flash_bwd import short_causal_persistent
+
+    assert short_causal_persistent(64, 64, True, False, 1024)
+    assert short_causal_persistent(64, 64, True, False, 2048)
+    assert not short_causal_persistent(64, 64, True, False, 2049)  # 4k: -1.7%
+    assert not short_causal_persistent(64, 64, False, False, 1024)  # (non-causal: default_config)
+    assert not short_causal_persistent(64, 64, True, True, 1024)  # deterministic: refused
+    assert not short_causal_persistent(128, 128, True, False, 1024)  # hd128 causal: -0.9%
+    assert default_config(64, 64, "bfloat16", True, persistent=True).persistent  # builds
