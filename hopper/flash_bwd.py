@@ -180,8 +180,8 @@ def group_loop_wins(d, dv, causal, deterministic, seqlen_k, kv_heads, sms) -> bo
 
 def short_causal_persistent(d, dv, causal, deterministic, seqlen_k) -> bool:
     """The persistent grid for causal hd64 MHA up to 2k keys (the counter hands out the uneven
-    tiles). H100, 5 rounds, same process, vs one CTA per tile: 1k +2.9% (s14), +2.8% (s17), 2k
-    +1.1% (s17); 4k -1.7%, 16k -0.7% (s15), so not past 2k."""
+    tiles). H100, same process, vs one CTA per tile: 1k +2.9% (s14), +2.8% and +4.2% (s17, 5 and
+    3 rounds), 2k +1.1% and +2.1% (s17); 4k -1.7% (s15), -0.4% (s17), 16k -0.7% (s15)."""
     return causal and not deterministic and d == dv and d <= 64 and seqlen_k <= 2048
 
 
