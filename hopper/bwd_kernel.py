@@ -43,9 +43,10 @@ before it and is ahead in m, instead of on block 0, which reaches m last.
 in mem_ops.py.)
 dK (times softmax_scale) and dV are stored once per CTA: by TMA from Q's / dO's smem buffers
 (BwdConfig.dkv_tma, MHA dense), else from registers; with GQA they are per query head fp32
-partials that the caller sums over the group, unless (BwdConfig.group_loop) the CTA is per KV
-head and walks each query head of its group in turn (producer, consumers and dQ warp alike):
-dK / dV then sum in registers and are stored once, as for MHA.
+partials that the caller sums over the group (or, BwdConfig.dkv_red, adds to its KV head's
+fp32 accumulator), unless (BwdConfig.group_loop) the CTA is per KV head and walks each query
+head of its group in turn (producer, consumers and dQ warp alike): dK / dV then sum in
+registers and are stored once, as for MHA.
 Varlen / seqused (compile-time switches; the plain kernels' code is unchanged): a CTA finds its
 sequence's rows from cu_seqlens (domain offsets on the packed tensors) and valid lengths from
 seqused, and exits when its KV block starts past the sequence's keys. Rows past a sequence's end
@@ -68,7 +69,7 @@ from fa3.hopper import tile_scheduler
 from fa3.hopper.bwd_dq import BAR_DQ_EMPTY, BAR_DQ_FULL, DqRoles, dq_copy
 from fa3.hopper.bwd_persistent import PersistentRoles
 from fa3.hopper.fwd_common import regs_fit
-from fa3.hopper.mem_ops import bulk_g2s, red_add_v4_f32
+from fa3.hopper.mem_ops import bulk_g2s, red_add_v2_f32, red_add_v4_f32
 from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
                                     stmatrix_copy, transpose_view)
 
@@ -597,8 +598,11 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         if const_expr(tiles is None):
             state = self.m_blocks_group(ctx, state, n_block, m_min, m_max, seqlen_q, seqlen_k,
                                         window_left, window_right)
+            head_out = head  # dkv_red: dK / dV add into their KV head's fp32 accumulator
+            if const_expr(self.cfg.dkv_red):
+                head_out = head // (mdQacc.shape[1] // mdK.shape[2])
             self.store_dkv(acc_dK, acc_dV, softmax_scale, mdK, mdV, dkv, dvm, dkv_out, tidx, wg,
-                           n_block, head, batch, seqlen_k)
+                           n_block, head_out, batch, seqlen_k)
         else:
             tile = (ctx, acc_dK, acc_dV, pipe_kv, m_max, seqlen_q, seqlen_k, window_left,
                     window_right, softmax_scale, mdK, mdV, dkv, dvm, dkv_out, tidx, wg)
@@ -858,7 +862,7 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
     def store_rows(self, acc, mOut, tiled_mma, tidx, n_block, head, batch, seqlen_k,
                    cols: cutlass.Constexpr[int]):
         """dK / dV tile (cols: d or dv) from registers to global memory (rows past seqlen_k
-        skipped)."""
+        skipped); dkv_red: added to it instead, two columns (8 bytes) a reduction."""
         r = cute.make_rmem_tensor_like(acc, mOut.element_type)
         r.store(acc.load().to(mOut.element_type))
         gO = cute.local_tile(mOut[None, None, head, batch], (self.tile_n, cols), (n_block, 0))
@@ -868,5 +872,10 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         r_mn = acc_to_mn(r)
         for i in cutlass.range_constexpr(cute.size(r_mn, mode=[0])):
             if n_block * self.tile_n + tc_mn[i, 0][0] < seqlen_k:
-                for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
-                    tg_mn[i, j] = r_mn[i, j]
+                if const_expr(self.cfg.dkv_red):  # (j, j + 1): one thread's adjacent columns
+                    for j in cutlass.range_constexpr(0, cute.size(r_mn, mode=[1]), 2):
+                        red_add_v2_f32(tg_mn.iterator + cute.crd2idx((i, j), tg_mn.layout),
+                                       r_mn[i, j], r_mn[i, j + 1])
+                else:
+                    for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
+                        tg_mn[i, j] = r_mn[i, j]

@@ -133,6 +133,11 @@ class BwdConfig:
     # input dtype (dkv_tma applies), instead of one CTA per query head writing fp32 partials
     # that the caller sums (gqa). g times fewer, g times longer CTAs.
     group_loop: bool = False
+    # GQA without group_loop: each query head's CTA adds its fp32 dK / dV into its KV head's
+    # accumulator (red.global.add.v2.f32; zeroed before, converted after) instead of writing
+    # per-query-head partials that a sum reads back: g times less fp32 traffic to DRAM, in
+    # nondeterministic order (so not with deterministic; not with the persistent grid)
+    dkv_red: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -249,6 +254,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not (cfg.dkv_tma and (cfg.gqa or cfg.varlen or cfg.seqused_k)), cfg
     assert not (cfg.dq_red and (cfg.deterministic or cfg.swap)), cfg
     assert not (cfg.group_loop and (cfg.gqa or cfg.dq_red)), cfg  # (dq_red: per-head dQ addresses)
+    assert not cfg.dkv_red or (cfg.gqa and not cfg.deterministic and not cfg.persistent), cfg
     # unswapped, P and dS reach dV / dK through smem; a 128-query S^T tile (hd64) runs out of
     # registers with dV in flight during dS (ptxas serializes the wgmmas, 96 B spill)
     assert not cfg.dv_early or (cfg.swap and cfg.tile_m == 64), cfg
@@ -334,8 +340,9 @@ def variants() -> Iterator:
                 default_config(128, 128, "bfloat16", False, False, True, tile_m=80, varlen=True)):
         yield cfg
         posts.add(post_config(cfg))
-    # GQA with the group's query heads walked in one CTA (an A/B switch): dense, causal,
-    # deterministic, persistent, hd64 / hd256 (dQ through the dQ warp), varlen
+    # GQA with the group's query heads walked in one CTA (by default where group_loop_wins):
+    # dense, causal, deterministic, persistent, hd64 / hd96 / hd256 (dQ through the dQ warp),
+    # varlen; and dK / dV added into per-KV-head accumulators (dkv_red, an A/B switch)
     for cfg in (default_config(128, 128, "bfloat16", False, False, True, group_loop=True),
                 default_config(128, 128, "float16", True, False, True, group_loop=True),
                 default_config(128, 128, "bfloat16", True, True, True, group_loop=True),
@@ -347,7 +354,10 @@ def variants() -> Iterator:
                 default_config(96, 96, "bfloat16", False, False, True, group_loop=True),
                 default_config(256, 256, "bfloat16", True, False, True, group_loop=True),
                 default_config(128, 128, "bfloat16", True, False, True, group_loop=True,
-                               varlen=True)):
+                               varlen=True),
+                default_config(128, 128, "bfloat16", True, False, True, dkv_red=True),
+                default_config(64, 64, "float16", False, False, True, dkv_red=True),
+                default_config(256, 256, "bfloat16", False, False, True, dkv_red=True)):
         yield cfg
         posts.add(post_config(cfg))
     yield from sorted(posts, key=repr)
@@ -389,9 +399,9 @@ def build(cfg, extra_options: str = ""):
     do = _compile.fake_attn_tensor(cfg.dtype, (b, sq, h, cfg.dv))
     stat = lambda: make_fake_tensor(cutlass.Float32, (b, h, lq), stride=(
         cute.sym_int64(divisibility=4), cute.sym_int64(divisibility=4), 1), assumed_align=16)
-    if cfg.gqa:
-        dk = _compile.fake_attn_tensor("float32", (b, sk, h, cfg.d))
-        dv = _compile.fake_attn_tensor("float32", (b, sk, h, cfg.dv))
+    if cfg.gqa:  # per query head, or (dkv_red) per KV head
+        dk = _compile.fake_attn_tensor("float32", (b, sk, hk if cfg.dkv_red else h, cfg.d))
+        dv = _compile.fake_attn_tensor("float32", (b, sk, hk if cfg.dkv_red else h, cfg.dv))
     else:
         dk = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.d))
         dv = _compile.fake_attn_tensor(cfg.dtype, (b, sk, hk, cfg.dv))
@@ -544,7 +554,10 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         sem = _NO_SEM.get(dev)
         if sem is None:
             sem = _NO_SEM[dev] = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
-    if cfg.gqa:  # per-query-head fp32 partials, summed over each group below
+    if cfg.dkv_red:  # per-KV-head fp32 accumulators the kernel adds into
+        dk_part = torch.zeros((b, sk, hk, d), device=dev, dtype=torch.float32)
+        dv_part = torch.zeros((b, sk, hk, dv), device=dev, dtype=torch.float32)
+    elif cfg.gqa:  # per-query-head fp32 partials, summed over each group below
         # (keys past seqused_k or outside every sequence are not written)
         alloc = torch.zeros if (used_k is not None or varlen) else torch.empty
         dk_part = alloc((b, sk, h, d), device=dev, dtype=torch.float32)
@@ -558,7 +571,9 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
               plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None,
               plan.grid)
     plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
-    if cfg.gqa:
+    if cfg.dkv_red:
+        dk_part, dv_part = dk_part.to(q.dtype), dv_part.to(q.dtype)
+    elif cfg.gqa:
         g = h // hk
         dk_part = dk_part.view(b, sk, hk, g, d).sum(3).to(q.dtype)
         dv_part = dv_part.view(b, sk, hk, g, dv).sum(3).to(q.dtype)

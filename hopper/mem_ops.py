@@ -41,6 +41,16 @@ def red_add_v4_f32(gmem_ptr: cute.Pointer, v0: Float32, v1: Float32, v2: Float32
 
 
 @dsl_user_op
+def red_add_v2_f32(gmem_ptr: cute.Pointer, v0: Float32, v1: Float32, *, loc=None, ip=None):
+    """red.global.add.v2.f32: two fp32 adds into 8 aligned bytes of global memory (sm_90+)."""
+    llvm.inline_asm(
+        None, [gmem_ptr.toint(loc=loc, ip=ip).ir_value()]
+        + [Float32(v).ir_value(loc=loc, ip=ip) for v in (v0, v1)],
+        "red.global.add.v2.f32 [$0], {$1, $2};", "l,f,f", has_side_effects=True,
+        is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
 def ld_acquire(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
     return Int32(llvm.inline_asm(
         T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value()], "ld.global.acquire.gpu.b32 $0, [$1];",

@@ -57,7 +57,7 @@ def _id(cfg):
                                           ("E", cfg.dv_early), ("K", cfg.dk_early),
                                           ("H", cfg.desc_hoist), ("L", cfg.lpt),
                                           ("W", cfg.window_split), ("P", cfg.persistent),
-                                          ("G", cfg.group_loop),
+                                          ("G", cfg.group_loop), ("R", cfg.dkv_red),
                                           ("N", not cfg.pdl)) if on)
     hd = f"{cfg.d}" if cfg.dv == cfg.d else f"{cfg.d}_{cfg.dv}"
     return f"hd{hd}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"

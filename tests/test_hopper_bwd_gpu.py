@@ -178,6 +178,17 @@ def test_bwd_group_loop_persistent(d, causal, sq, sk, bhs):
     check(*bhs, sq, sk, d, torch.bfloat16, causal, group_loop=True, persistent=True)
 
 
+@pytest.mark.parametrize("bhs", GROUP_BHS[:2], ids=lambda x: "b%dh%dhk%d" % x)
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (799, 3), (1000, 1357), (2000, 4100)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bwd_dkv_red(d, causal, sq, sk, bhs):
+    """GQA's dK / dV added from every query head's CTA into per-KV-head fp32 accumulators
+    (BwdConfig.dkv_red, red.global.add.v2.f32), then converted; ragged KV tails skipped."""
+    check(*bhs, sq, sk, d, torch.float16 if causal else torch.bfloat16, causal, group_loop=False,
+          dkv_red=True)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_bwd_group_loop_deterministic(causal):
     """group_loop keeps the semaphores' order per (query head, m): bitwise equal runs."""

@@ -173,3 +173,17 @@ def test_short_causal_persistent():
     assert not short_causal_persistent(64, 64, True, True, 1024)  # deterministic: refused
     assert not short_causal_persistent(128, 128, True, False, 1024)  # hd128 causal: -0.9%
     assert default_config(64, 64, "bfloat16", True, persistent=True).persistent  # builds
+
+
+def test_dkv_red_config():
+    """dkv_red (GQA's dK / dV added into per-KV-head accumulators) is an A/B switch: off by
+    default, only for fp32-partial GQA, refused where its order or tiles do not apply."""
+    for d in (64, 128, 256):
+        assert not default_config(d, d, "bfloat16", True, False, True).dkv_red
+        assert default_config(d, d, "bfloat16", True, False, True, dkv_red=True).dkv_red
+        for bad in (dict(gqa=False), dict(deterministic=True), dict(group_loop=True),
+                    dict(persistent=True)):
+            args = dict(deterministic=False, gqa=True, dkv_red=True)
+            args.update(bad)
+            with pytest.raises(AssertionError):
+                default_config(d, d, "bfloat16", False, **args)
