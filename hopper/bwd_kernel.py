@@ -68,7 +68,7 @@ from fa3.hopper import softmax as sm
 from fa3.hopper import tile_scheduler
 from fa3.hopper.bwd_dq import BAR_DQ_EMPTY, BAR_DQ_FULL, DqRoles, dq_copy
 from fa3.hopper.bwd_persistent import PersistentRoles
-from fa3.hopper.fwd_common import regs_fit
+from fa3.hopper.fwd_common import regs_fit, tma_tiles
 from fa3.hopper.mem_ops import bulk_g2s, red_add_v2_f32, red_add_v4_f32
 from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
                                     stmatrix_copy, transpose_view)
@@ -446,13 +446,10 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         """states: (K/V, Q/dO ring) producer states carried over from the previous tile
         (persistent), returned advanced past this one; None: fresh ones. group_loop: head is
         the KV head, and the Q / dO walk runs once per query head of its group."""
-        one = cute.make_layout(1)
         gK = cute.local_tile(mK[None, None, head_kv, batch], (self.tile_n, self.d), (n_block, 0))
         gV = cute.local_tile(mV[None, None, head_kv, batch], (self.tile_n, self.dv), (n_block, 0))
-        tKs, tKg = cpasync.tma_partition(tma_K, 0, one, cute.group_modes(sK, 0, 2),
-                                         cute.group_modes(gK, 0, 2))
-        tVs, tVg = cpasync.tma_partition(tma_V, 0, one, cute.group_modes(sV, 0, 2),
-                                         cute.group_modes(gV, 0, 2))
+        tKs, tKg = tma_tiles(tma_K, sK, gK)
+        tVs, tVg = tma_tiles(tma_V, sV, gV)
         if const_expr(states is None):
             kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         else:
@@ -481,13 +478,10 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
     def produce_q(self, state, head, mQ, mdO, mLSE2, mD, sQ, sdO, sLSE, sD, tma_Q, tma_dO, pipe_q,
                   pipe_do, n_block, batch, m_min, m_max, seqlen_q, seqlen_k):
         """One query head's walk: Q_m + LSE_m and dO_m + D_m into the ring."""
-        one = cute.make_layout(1)
         gQ = cute.local_tile(mQ[None, None, head, batch], (self.tile_m, self.d), (None, 0))
         gdO = cute.local_tile(mdO[None, None, head, batch], (self.tile_m, self.dv), (None, 0))
-        tQs, tQg = cpasync.tma_partition(tma_Q, 0, one, cute.group_modes(sQ, 0, 2),
-                                         cute.group_modes(gQ, 0, 2))
-        tdOs, tdOg = cpasync.tma_partition(tma_dO, 0, one, cute.group_modes(sdO, 0, 2),
-                                           cute.group_modes(gdO, 0, 2))
+        tQs, tQg = tma_tiles(tma_Q, sQ, gQ)
+        tdOs, tdOg = tma_tiles(tma_dO, sdO, gdO)
         lse_row = mLSE2[batch, head, None]  # padded to whole tiles by the caller
         d_row = mD[batch, head, None]
         m_nomask = self.walk_start(seqlen_q, seqlen_k, n_block, m_min, m_max)
@@ -852,8 +846,7 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         if tidx < 32:
             for atom, s, m, cols in ((tma_dK, sdK, mdK, self.d), (tma_dV, sdV, mdV, self.dv)):
                 g = cute.local_tile(m[None, None, head, batch], (self.tile_n, cols), (n_block, 0))
-                ts, tg = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(s, 0, 2),
-                                               cute.group_modes(g, 0, 2))
+                ts, tg = tma_tiles(atom, s, g)
                 cute.copy(atom, ts, tg)
             cute.arch.cp_async_bulk_commit_group()
             cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the stores' reads

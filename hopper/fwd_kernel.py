@@ -584,8 +584,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=self.num_consumers * 128)
             if tidx < 32:
                 gO = cute.local_tile(mO[None, None, head, batch], self.rows_tiler(self.dv), (m_block, 0))
-                tOs, tOg = cpasync.tma_partition(tma_O, 0, cute.make_layout(1),
-                                                 cute.group_modes(sO, 0, 2), cute.group_modes(gO, 0, 2))
+                tOs, tOg = tma_tiles(tma_O, sO, gO)
                 cute.copy(tma_O, tOs, tOg)  # rows past seqlen_q are clipped by the TMA unit
                 cute.arch.cp_async_bulk_commit_group()
         else:
@@ -622,7 +621,6 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         if wtid < 32:
             gO = cute.local_tile(mO[None, None, head, batch], self.rows_tiler(self.dv, 64),
                                  (m_block * self.num_consumers + wg, 0))
-            tOs, tOg = cpasync.tma_partition(tma_O, 0, cute.make_layout(1),
-                                             cute.group_modes(sO_wg, 0, 2), cute.group_modes(gO, 0, 2))
+            tOs, tOg = tma_tiles(tma_O, sO_wg, gO)
             cute.copy(tma_O, tOs, tOg)  # rows past seqlen_q are clipped by the TMA unit
             cute.arch.cp_async_bulk_commit_group()
