@@ -588,10 +588,9 @@ def _plan(dout, q, k, v, out, lse, causal, deterministic, cfg_overrides, allow_u
     """flash_bwd's checks and launch decisions for one call signature (a plan-cache miss)."""
     import torch
 
-    from fa3.hopper.tile_scheduler import num_sms  # (imports cutlass: not at fa3's import)
-
     from fa3.hopper.bwd_preprocess import PreprocessConfig, compile_preprocess
     from fa3.hopper.flash_fwd import _window
+    from fa3.hopper.tile_scheduler import num_sms  # (imports cutlass: not at fa3's import)
 
     names = {_FEATURE_NAMES.get(f, f) for f in features}
     if f"hd{q.shape[-1]}" in IMPLEMENTED_FEATURES:
