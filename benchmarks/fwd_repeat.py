@@ -26,8 +26,10 @@ def parse_override(text: str) -> dict:
 
 def time_rounds(cells: dict, rounds: int, label: str, flops: float) -> tuple[dict, dict, str]:
     """Call every cell once (a cell that fails to build or run is reported and dropped), then time
-    them round robin `rounds` times. -> (ms per cell per round, median TFLOP/s per cell, a table
-    line with each cell's ratio to "default")."""
+    them round robin `rounds` times, each round starting one cell later (on long shapes the
+    clocks drift within a round: s17, H100, the first cell of every round drifted 17.8 -> 20.3 ms
+    while the same config in another cell held 17.7-17.8). -> (ms per cell per round, median
+    TFLOP/s per cell, a table line with each cell's ratio to "default")."""
     import torch
 
     from timing import bench_ms
@@ -40,8 +42,9 @@ def time_rounds(cells: dict, rounds: int, label: str, flops: float) -> tuple[dic
             print(f"  {label} [{k}] failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             del cells[k]
     times = {k: [] for k in cells}
-    for _ in range(rounds):
-        for k, fn in cells.items():
+    order = list(cells.items())
+    for r in range(rounds if order else 0):
+        for k, fn in order[r % len(order):] + order[:r % len(order)]:
             times[k].append(bench_ms(fn))
     tf = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
     base = tf.get("default")
