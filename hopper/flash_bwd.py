@@ -135,8 +135,9 @@ class BwdConfig:
     group_loop: bool = False
     # GQA without group_loop: each query head's CTA adds its fp32 dK / dV into its KV head's
     # accumulator (red.global.add.v2.f32; zeroed before, converted after) instead of writing
-    # per-query-head partials that a sum reads back: g times less fp32 traffic to DRAM, in
-    # nondeterministic order (so not with deterministic; not with the persistent grid)
+    # per-query-head partials that a sum reads back (no h-sized fp32 buffers, no sum pass; its
+    # speed is not measured yet). Adds land in any order, so not with deterministic; not with
+    # the persistent grid
     dkv_red: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
