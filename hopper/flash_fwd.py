@@ -140,8 +140,8 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     # hd64 s512/1k 214/291 -> 232/314, 2k/4k within 2%; H100 s15, 3 rounds, vs 2 MB: 1 / 4 / 8 MB
     # and all heads: hd128 s512 1.03 / 0.92 / 0.78 / 0.70x, hd64 s512 1.01 / 0.98 / 0.79 / 0.87x,
     # hd64 s1k 1.00 / 0.99 / 0.75 / 0.85x). 1 MB (4 heads at s512) for hd128 causal with at most
-    # 4 query blocks: H100, 5 rounds, s512 +3.2% and +3.0% (s17; +3.3% in s15's 3), every round faster;
-    # hd64 s512 +0.5%, so 2 MB there; longer hd128 not measured.
+    # 4 query blocks: H100, 5 rounds, s512 +3.2% and +3.0% (s17; +3.3% in s15's 3), every round
+    # faster; hd64 s512 +0.5%, so 2 MB there; longer hd128 not measured.
     # One CTA per tile (hardware order) keeps 32 MB: its heaviest-first order is global there
     # (hd256 causal 2k/4k: 553/633 -> 520/584 at 2 MB), except with few query blocks, where K/V
     # reuse wins (hd256 causal s512: 263 -> 297 at 8 MB, twice; s1k 414 -> 425; s2k, 16 blocks,
