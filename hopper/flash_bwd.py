@@ -51,7 +51,7 @@ class BwdConfig:
     dtype: str  # "bfloat16" | "float16"
     causal: bool
     deterministic: bool
-    gqa: bool  # dK/dV outputs are per-query-head fp32 partials (GQA without group_loop)
+    gqa: bool  # dK/dV are fp32: per KV head (dkv_red) or per query head (GQA without group_loop)
     # query rows a block (64 or 128; 80 at hd128, swapped: FA3's non-causal tile, an A/B switch
     # here, with dQ computed transposed, dQ^T = K^T dS^T, and dS stored keys-contiguous; the
     # H100 measured 0.86-0.95x of 64 with every wgmma serialized, C7512, before default_config
@@ -135,9 +135,9 @@ class BwdConfig:
     group_loop: bool = False
     # GQA without group_loop: each query head's CTA adds its fp32 dK / dV into its KV head's
     # accumulator (red.global.add.v2.f32; zeroed before, converted after) instead of writing
-    # per-query-head partials that a sum reads back (no h-sized fp32 buffers, no sum pass; its
-    # speed is not measured yet). Adds land in any order, so not with deterministic; not with
-    # the persistent grid
+    # per-query-head partials that a sum reads back (no h-sized fp32 buffers, no sum pass).
+    # Adds land in any order, so not with deterministic; not with the persistent grid.
+    # default_config's choice for dense non-deterministic GQA (see there)
     dkv_red: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
@@ -192,8 +192,8 @@ def short_causal_persistent(d, dv, causal, deterministic, seqlen_k) -> bool:
 
 
 def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overrides) -> BwdConfig:
-    """gqa: the call has fewer KV heads than query heads (then dK / dV are fp32 partials per
-    query head unless group_loop)."""
+    """gqa: the call has fewer KV heads than query heads (then dK / dV are fp32: added per KV
+    head (dkv_red) or partials per query head, unless group_loop)."""
     dtype = _dtype_name(dtype)
     overrides = dict(overrides)
     group_loop = bool(gqa and overrides.pop("group_loop", False))  # (MHA: nothing to walk)
@@ -249,6 +249,16 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
                           and not any(overrides.get(f) for f in ("local", "softcap", "varlen",
                                                                  "seqused_q", "seqused_k", "pdl")))
     tile.update(overrides, group_loop=group_loop)
+    # GQA's dK / dV added into per-KV-head fp32 accumulators rather than per-query-head partials
+    # summed after: H100, s19, 3 rounds, same process, vs partials: causal hd128 32/8 b2 2k
+    # 1.07x, hd128 b1 1k 1.06x, hd64 causal b2 2k 1.07x, hd256 16/4 b2 4k 1.01x (causal 1.03x).
+    # Dense hd64/128/256 only (GPU-tested there); the features (window, softcap, varlen,
+    # seqused) and hd96/192 keep partials until they are
+    if "dkv_red" not in overrides:
+        tile["dkv_red"] = bool(gqa and not deterministic and not tile.get("persistent")
+                               and d == dv and d in (64, 128, 256)
+                               and not any(overrides.get(f) for f in (
+                                   "local", "softcap", "varlen", "seqused_q", "seqused_k")))
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
     assert not cfg.spt or (cfg.causal and cfg.deterministic), cfg
     assert not (cfg.stagger and cfg.deterministic), cfg
@@ -331,7 +341,8 @@ def variants() -> Iterator:
     # q/k 192 with v 128: MHA and GQA, causal, deterministic
     for cfg in (default_config(192, 128, "bfloat16", False),
                 default_config(192, 128, "float16", True, True, True),
-                default_config(192, 128, "bfloat16", True, False, True, varlen=True)):
+                default_config(192, 128, "bfloat16", True, False, True, varlen=True),
+                default_config(192, 128, "bfloat16", False, False, True, dkv_red=True)):
         yield cfg
         posts.add(post_config(cfg))
     # 80 query rows, dQ transposed (an A/B switch; its postprocess maps dQ^T back)
@@ -343,7 +354,8 @@ def variants() -> Iterator:
         posts.add(post_config(cfg))
     # GQA with the group's query heads walked in one CTA (by default where group_loop_wins):
     # dense, causal, deterministic, persistent, hd64 / hd96 / hd256 (dQ through the dQ warp),
-    # varlen; and dK / dV added into per-KV-head accumulators (dkv_red, an A/B switch)
+    # varlen; and (dkv_red off) per-query-head fp32 partials where dkv_red is the default, and
+    # dkv_red at hd96 / hd192 / 192-128 (on request)
     for cfg in (default_config(128, 128, "bfloat16", False, False, True, group_loop=True),
                 default_config(128, 128, "float16", True, False, True, group_loop=True),
                 default_config(128, 128, "bfloat16", True, True, True, group_loop=True),
@@ -356,9 +368,11 @@ def variants() -> Iterator:
                 default_config(256, 256, "bfloat16", True, False, True, group_loop=True),
                 default_config(128, 128, "bfloat16", True, False, True, group_loop=True,
                                varlen=True),
-                default_config(128, 128, "bfloat16", True, False, True, dkv_red=True),
-                default_config(64, 64, "float16", False, False, True, dkv_red=True),
-                default_config(256, 256, "bfloat16", False, False, True, dkv_red=True)):
+                default_config(128, 128, "bfloat16", True, False, True, dkv_red=False),
+                default_config(64, 64, "float16", False, False, True, dkv_red=False),
+                default_config(256, 256, "bfloat16", False, False, True, dkv_red=False),
+                default_config(96, 96, "float16", True, False, True, dkv_red=True),
+                default_config(192, 192, "bfloat16", False, False, True, dkv_red=True)):
         yield cfg
         posts.add(post_config(cfg))
     yield from sorted(posts, key=repr)
@@ -555,7 +569,10 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         sem = _NO_SEM.get(dev)
         if sem is None:
             sem = _NO_SEM[dev] = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
-    if cfg.dkv_red:  # per-KV-head fp32 accumulators the kernel adds into
+    if cfg.dkv_red and d == dv:  # per-KV-head fp32 accumulators the kernel adds into (one
+        # buffer: one zero fill)
+        dk_part, dv_part = torch.zeros((2, b, sk, hk, d), device=dev, dtype=torch.float32)
+    elif cfg.dkv_red:
         dk_part = torch.zeros((b, sk, hk, d), device=dev, dtype=torch.float32)
         dv_part = torch.zeros((b, sk, hk, dv), device=dev, dtype=torch.float32)
     elif cfg.gqa:  # per-query-head fp32 partials, summed over each group below
@@ -572,7 +589,7 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
               plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None,
               plan.grid)
     plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
-    if cfg.dkv_red:
+    if cfg.dkv_red:  # (separate tensors: a custom op's outputs may not share storage)
         dk_part, dv_part = dk_part.to(q.dtype), dv_part.to(q.dtype)
     elif cfg.gqa:
         g = h // hk

@@ -218,6 +218,25 @@ def test_hd96_192(d, dv, causal, sq, sk, bhs):
            ("dq", "dk", "dv"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1000, 1357)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d,dv", [(96, 96), (192, 192), (192, 128)])
+def test_hd96_192_dkv_red(d, dv, causal, sq, sk):
+    """GQA's dK / dV added into per-KV-head fp32 accumulators (BwdConfig.dkv_red, on request at
+    these head dims)."""
+    q, k, v = random_qkv(2, 8, 2, sq, sk, d, torch.bfloat16)
+    v = v[..., :dv].contiguous()
+    do = torch.randn(2, sq, 8, dv, device="cuda", dtype=torch.bfloat16)
+
+    def fn(upcast):
+        return lambda q, k, v: attention_ref(q, k, v, causal=causal, upcast=upcast)
+
+    out, lse = fn(True)(q, k, v)
+    got = _flash_bwd(do, q, k, v, out, lse, causal, cfg_overrides=dict(dkv_red=True))
+    _check(got, _grads(fn(True), (q, k, v), do), _grads(fn(False), (q, k, v), do),
+           ("dq", "dk", "dv"), torch.bfloat16)
+
+
 @pytest.mark.parametrize("d", [96, 192])
 def test_hd96_192_deterministic(d):
     q, k, v = random_qkv(1, 6, 2, 1000, 1357, d, torch.float16)

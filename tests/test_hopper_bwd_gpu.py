@@ -189,6 +189,15 @@ def test_bwd_dkv_red(d, causal, sq, sk, bhs):
           dkv_red=True)
 
 
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1000, 1357)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_bwd_gqa_partials(d, causal, sq, sk):
+    """GQA's per-query-head fp32 partials summed over the group (dkv_red off: what deterministic
+    and the features use)."""
+    check(2, 8, 2, sq, sk, d, torch.bfloat16, causal, group_loop=False, dkv_red=False)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_bwd_group_loop_deterministic(causal):
     """group_loop keeps the semaphores' order per (query head, m): bitwise equal runs."""

@@ -176,11 +176,26 @@ def test_short_causal_persistent():
 
 
 def test_dkv_red_config():
-    """dkv_red (GQA's dK / dV added into per-KV-head accumulators) is an A/B switch: off by
-    default, only for fp32-partial GQA, refused where its order or tiles do not apply."""
+    """dkv_red (GQA's dK / dV added into per-KV-head accumulators) is the default for dense,
+    non-deterministic GQA without group_loop at hd64/128/256; partials where order matters, for
+    the features and other head dims (not GPU-tested) and on request; refused where its order or
+    tiles do not apply."""
+    for d, dv in ((96, 96), (192, 192), (192, 128)):
+        assert not default_config(d, dv, "bfloat16", False, False, True).dkv_red
+        assert default_config(d, dv, "bfloat16", False, False, True, dkv_red=True).dkv_red
+    for d, dv in ((64, 64), (128, 128), (256, 256)):
+        for causal in (False, True):
+            assert default_config(d, dv, "bfloat16", causal, False, True).dkv_red
+            assert not default_config(d, dv, "bfloat16", causal, False, False).dkv_red  # MHA
+            assert not default_config(d, dv, "bfloat16", causal, True, True).dkv_red  # det
+            assert not default_config(d, dv, "bfloat16", causal, False, True, group_loop=True).dkv_red
+            assert not default_config(d, dv, "bfloat16", causal, False, True, dkv_red=False).dkv_red
+            for feat in ("softcap", "varlen", "seqused_q", "seqused_k"):
+                assert not default_config(d, dv, "bfloat16", causal, False, True, **{feat: True}).dkv_red
+        assert not default_config(d, dv, "bfloat16", False, False, True, local=True).dkv_red
+        if d <= 96:  # (persistent GQA on request: partials, as dkv_red refuses the grid)
+            assert not default_config(d, dv, "bfloat16", False, False, True, persistent=True).dkv_red
     for d in (64, 128, 256):
-        assert not default_config(d, d, "bfloat16", True, False, True).dkv_red
-        assert default_config(d, d, "bfloat16", True, False, True, dkv_red=True).dkv_red
         for bad in (dict(gqa=False), dict(deterministic=True), dict(group_loop=True),
                     dict(persistent=True)):
             args = dict(deterministic=False, gqa=True, dkv_red=True)
