@@ -569,10 +569,7 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         sem = _NO_SEM.get(dev)
         if sem is None:
             sem = _NO_SEM[dev] = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
-    if cfg.dkv_red and d == dv:  # per-KV-head fp32 accumulators the kernel adds into (one
-        # buffer: one zero fill)
-        dk_part, dv_part = torch.zeros((2, b, sk, hk, d), device=dev, dtype=torch.float32)
-    elif cfg.dkv_red:
+    if cfg.dkv_red:  # per-KV-head fp32 accumulators the kernel adds into
         dk_part = torch.zeros((b, sk, hk, d), device=dev, dtype=torch.float32)
         dv_part = torch.zeros((b, sk, hk, dv), device=dev, dtype=torch.float32)
     elif cfg.gqa:  # per-query-head fp32 partials, summed over each group below
