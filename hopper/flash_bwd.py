@@ -586,7 +586,7 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
               plan.right, plan.softcap, cu_q, cu_k, used_q, used_k, plan.max_k if varlen else None,
               plan.grid)
     plan.post(dqacc, dq, scale, cu_q, plan.max_q if varlen else None)
-    if cfg.dkv_red:  # (separate tensors: a custom op's outputs may not share storage)
+    if cfg.dkv_red:
         dk_part, dv_part = dk_part.to(q.dtype), dv_part.to(q.dtype)
     elif cfg.gqa:
         g = h // hk
