@@ -22,7 +22,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("sm90", "sm80"), default="sm90")
     p.add_argument("--shape", action="append", required=True,
-                   help="b,s,h,d,causal[,h_kv] (repeatable; h_kv < h: GQA)")
+                   help="b,s,h,d,causal[,h_kv[,dv]] (repeatable; h_kv < h: GQA; dv: V's head dim, "
+                        "192,...,128: DeepSeek's)")
     p.add_argument("--override", action="append", default=[], help="k=v[,k=v] config overrides (repeatable)")
     p.add_argument("--peers", default="", help="comma list of peers timed in each round (e.g. fa4,cudnn)")
     p.add_argument("--rounds", type=int, default=3)
@@ -46,13 +47,14 @@ def main(argv=None):
     for text in a.shape:
         b, s, h, d, causal, *rest = (int(x) for x in text.split(","))
         hk = rest[0] if rest else h
+        dv = rest[1] if len(rest) > 1 else d
         sh = U.Shape(b, s, s, h, hk, d, bool(causal))
         scale = 1 / math.sqrt(d)
         sets = []
         for _ in range(2):
-            q, k, v, do = (torch.randn(b, s, hh, d, device="cuda", dtype=torch.bfloat16)
-                           for hh in (h, hk, hk, h))
-            out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+            q, k, v, do = (torch.randn(b, s, hh, dd, device="cuda", dtype=torch.bfloat16)
+                           for hh, dd in ((h, d), (hk, d), (hk, dv), (h, dv)))
+            out, lse = torch.empty_like(do), torch.empty(b, h, s, device="cuda")
             fwd(q, k, v, out, lse, scale, sh.causal)
             sets.append((do, q, k, v, out, lse))
         cells = {}
@@ -78,9 +80,12 @@ def main(argv=None):
                     with impl.context():
                         return torch.autograd.grad(g[0], g[1], g[2], retain_graph=True)
                 cells[impl.name] = cycling([lambda g=g, f=grad: f(g) for g in graphs])
-        times, tf, line = time_rounds(cells, a.rounds, sh.label(), U.attn_flops(b, s, s, h, d, sh.causal, "bwd"))
-        print(f"{a.backend} {sh.label():40} {line}", flush=True)
-        results.append({"shape": sh.label(), "b": b, "s": s, "h": h, "h_kv": hk, "d": d,
+        # (dv != d: QK^T-side GEMMs count d, PV-side ones dv: the mean head dim)
+        flops = U.attn_flops(b, s, s, h, d, sh.causal, "bwd") * (d + dv) / (2 * d)
+        label = sh.label() + ("" if dv == d else f" dv={dv}")
+        times, tf, line = time_rounds(cells, a.rounds, label, flops)
+        print(f"{a.backend} {label:40} {line}", flush=True)
+        results.append({"shape": label, "b": b, "s": s, "h": h, "h_kv": hk, "d": d, "dv": dv,
                         "causal": bool(causal),
                         "tflops_median": tf, "rounds_ms": times})
     if a.out:

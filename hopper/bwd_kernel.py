@@ -21,6 +21,9 @@ Two layouts (BwdConfig.swap):
   goes through smem (for dQ, whose reduction runs over all keys of the tile).
 * not swap (hd256: dK and dV are too large to keep 64 full rows per warpgroup): S = Q K^T split by
   key columns, P and dS through smem, dV/dK/dQ split by head-dim columns (wgmma SS).
+  dkv_swap (hd192, 96-key tiles: 48 keys a warpgroup are no whole wgmma M block): dK^T = Q^T dS
+  and dV^T = dO^T P instead, the head dim in M and each warpgroup's 48 keys in N (FA3's
+  dKV_swapAB); the accumulators hold dK^T / dV^T, stored transposed.
 80 query rows (swapped, hd128; tile_m not whole 64-row wgmma M blocks): dQ^T = K^T dS^T puts the
 head dim in M (FA3's dQ_swapAB); dS is then stored keys-contiguous (stmatrix.trans) so its 80-wide
 tile keeps the 128-byte swizzle, and the postprocess maps dQ^T's register order back.
@@ -69,7 +72,7 @@ from fa3.hopper import tile_scheduler
 from fa3.hopper.bwd_dq import BAR_DQ_EMPTY, BAR_DQ_FULL, DqRoles, dq_copy
 from fa3.hopper.bwd_persistent import PersistentRoles
 from fa3.hopper.fwd_common import regs_fit, tma_tiles
-from fa3.hopper.mem_ops import bulk_g2s, red_add_v2_f32, red_add_v4_f32
+from fa3.hopper.mem_ops import bulk_g2s, red_add_f32
 from fa3.hopper.wgmma_utils import (DescFrag, acc_to_mn, gemm, gemm_desc, pack_f16x2, smem_layout,
                                     stmatrix_copy, transpose_view)
 
@@ -91,11 +94,18 @@ def dq_transposed(cfg) -> bool:
     return cfg.swap and cfg.tile_m % 64 != 0
 
 
+def dkv_swapped(cfg) -> bool:
+    """BwdConfig.dkv_swap (a PostConfig, which only uses dQ's tiled MMA, has none)."""
+    return getattr(cfg, "dkv_swap", False)
+
+
 def n_split(cfg, gemm: str) -> int:
     """Head-dim columns per warpgroup of the dK/dV ("dkv"), dV ("dv": differs where dv != d) or
     dQ ("dq") GEMM."""
     if gemm in ("dkv", "dv"):
         cols = cfg.dv if gemm == "dv" else cfg.d
+        if dkv_swapped(cfg):  # Q^T / dO^T are A operands, read in 64-row M blocks of the head dim
+            return 64
         return cols if cfg.swap else cols // 2
     if dq_transposed(cfg):
         return cfg.d // 2  # rows of dQ^T
@@ -112,7 +122,9 @@ def tiled_mmas(dtype, cfg):
                                      warpgroup.OperandSource.RMEM)
     else:  # S (tile_m x tile_n) split by key columns; dK/dV split by head-dim columns
         sdp = make_trivial_tiled_mma(dtype, dtype, MK, MK, Float32, (1, 2, 1), (64, tn // 2))
-        dkv = make_trivial_tiled_mma(dtype, dtype, MN, MN, Float32, (1, 2, 1), (64, n_split(cfg, "dkv")))
+        # (dkv_swap: dK^T / dV^T (head dim x tile_n), split by key columns as S is)
+        dkv_n = tn // 2 if dkv_swapped(cfg) else n_split(cfg, "dkv")
+        dkv = make_trivial_tiled_mma(dtype, dtype, MN, MN, Float32, (1, 2, 1), (64, dkv_n))
     if dq_transposed(cfg):  # dQ^T (d x tile_m): A = K^T (MN-major), B = dS^T (K-major) in smem
         return sdp, dkv, make_trivial_tiled_mma(dtype, dtype, MN, MK, Float32, (2, 1, 1), (64, tm))
     wg_m = tm // 64  # dQ (tile_m x d): split by rows when there are two 64-row halves
@@ -122,8 +134,9 @@ def tiled_mmas(dtype, cfg):
 
 
 def dv_mma(dtype, cfg, dkv):
-    """The dV GEMM's tiled MMA: dK's (dkv) unless dv != d (then split over dv's columns)."""
-    if cfg.dv == cfg.d:
+    """The dV GEMM's tiled MMA: dK's (dkv) unless dv != d (then split over dv's columns;
+    dkv_swap: dK's too, dv only changes its M extent)."""
+    if cfg.dv == cfg.d or cfg.dkv_swap:
         return dkv
     return make_trivial_tiled_mma(dtype, dtype, MN, MN, Float32, (1, 2, 1), (64, n_split(cfg, "dv")))
 
@@ -153,6 +166,9 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
             assert not dq_transposed(cfg) or cfg.d == 128  # dQ^T's M: 64 head dims a warpgroup
         else:
             assert self.tile_m == 64 and self.tile_n % 32 == 0
+            # 48 keys a warpgroup: dK / dV need the head dim in M (dkv_swap)
+            assert cfg.dkv_swap or self.tile_n % 128 == 64 or self.tile_n % 128 == 0
+        assert not cfg.dkv_swap or (not cfg.swap and not cfg.persistent)
 
     def sw_do(self) -> int:
         """dO's swizzle columns: its atoms divide dV's N split (as Q's divide dK's)."""
@@ -163,6 +179,10 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         if self.dv == self.d:
             return sdk_layout
         return smem_layout(dtype, self.tile_n, self.dv, swizzle_cols=self.sw_do())
+
+    def dkv_shape(self, cols: int) -> tuple[int, int]:
+        """dK's / dV's accumulator tile: (tile_n, cols), or (cols, tile_n) transposed (dkv_swap)."""
+        return (cols, self.tile_n) if self.cfg.dkv_swap else (self.tile_n, cols)
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
@@ -196,7 +216,10 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         # (dQ transposed: dS keys-contiguous (tile_m x tile_n), so 80 query rows keep the 128-byte
         # swizzle; dQ^T's B operand is then K-major and stmatrix stores S^T transposed)
         pds_shape = (tn, tm) if const_expr(self.swap and not dq_transposed(self.cfg)) else (tm, tn)
-        sPdS_layout = smem_layout(dtype, *pds_shape, self.pds_stages)
+        # (dkv_swap: dS^T / P^T are B operands read in each warpgroup's tile_n / 2 key columns,
+        # MN-major: the swizzle atom must divide them, 16 columns at 96 keys)
+        pds_sw = math.gcd(tn, tn // 2) if const_expr(self.cfg.dkv_swap) else None
+        sPdS_layout = smem_layout(dtype, *pds_shape, self.pds_stages, pds_sw)
         # dkv_tma: dK / dV staged in Q's / dO's buffers (free after the last m block)
         sdKV_layout = smem_layout(dtype, tn, d, swizzle_cols=sw_qdo)  # its atoms divide dK's N split
         sdV_layout = self.sdv_layout(dtype, sdKV_layout)
@@ -536,16 +559,24 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
                 wg_sdp.partition_B(sK))
             tPrA, tPrB = wg_sdp.make_fragment_A(wg_sdp.partition_A(sdO)), wg_sdp.make_fragment_B(
                 wg_sdp.partition_B(sV))
-            tdVrP = wg_dvm.make_fragment_A(wg_dvm.partition_A(transpose_view(sP)))
-            tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sdS)))
             tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(sdS))
             tdQrK = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
-        tdVrdO = wg_dvm.make_fragment_B(wg_dvm.partition_B(transpose_view(sdO)))
-        tdKrQ = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
+            if const_expr(self.cfg.dkv_swap):  # dV^T = dO^T P, dK^T = Q^T dS: A, B trade places
+                tdVrP = wg_dvm.make_fragment_B(wg_dvm.partition_B(transpose_view(sP)))
+                tdKrdS = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sdS)))
+            else:
+                tdVrP = wg_dvm.make_fragment_A(wg_dvm.partition_A(transpose_view(sP)))
+                tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sdS)))
+        if const_expr(self.cfg.dkv_swap):
+            tdVrdO = wg_dvm.make_fragment_A(wg_dvm.partition_A(transpose_view(sdO)))
+            tdKrQ = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sQ)))
+        else:
+            tdVrdO = wg_dvm.make_fragment_B(wg_dvm.partition_B(transpose_view(sdO)))
+            tdKrQ = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
         pds_shape = (tn, tm) if const_expr(self.swap) else (tm, tn)
         shape_S = wg_sdp.partition_shape_C(pds_shape)
-        acc_dV = cute.make_rmem_tensor(wg_dvm.partition_shape_C((tn, self.dv)), Float32)
-        acc_dK = cute.make_rmem_tensor(wg_dkv.partition_shape_C((tn, d)), Float32)
+        acc_dV = cute.make_rmem_tensor(wg_dvm.partition_shape_C(self.dkv_shape(self.dv)), Float32)
+        acc_dK = cute.make_rmem_tensor(wg_dkv.partition_shape_C(self.dkv_shape(d)), Float32)
         acc_dV.fill(0.0)
         acc_dK.fill(0.0)
         tScS_mn = acc_to_mn(thr_sdp.partition_C(cute.make_identity_tensor(pds_shape)))
@@ -747,7 +778,10 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
             self.mm(c, "dkv", c["acc_dK"], "tdKrdS", "tdKrQ", state.index, False, -1)
         cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> wgmma (async proxy)
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
-        if const_expr(not self.swap):
+        if const_expr(self.cfg.dkv_swap):  # dV^T += dO^T P
+            gemm(c["dvm"], c["acc_dV"], c["tdVrdO"][None, None, None, state.index],
+                 c["tdVrP"][None, None, None, 0], False, -1)
+        elif const_expr(not self.swap):
             gemm(c["dvm"], c["acc_dV"], c["tdVrP"][None, None, None, 0],
                  c["tdVrdO"][None, None, None, state.index], False, -1)
         # dQ = dS K (or dQ^T = K^T dS^T)
@@ -764,6 +798,9 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
             warpgroup.wait_group(0)
         elif const_expr(self.swap):
             self.mm(c, "dkv", c["acc_dK"], "tdKrdS", "tdKrQ", state.index, False, 1)
+        elif const_expr(self.cfg.dkv_swap):  # dK^T += Q^T dS
+            gemm(c["dkv"], c["acc_dK"], c["tdKrQ"][None, None, None, state.index],
+                 c["tdKrdS"][None, None, None, 0], False, 1)
         else:
             gemm(c["dkv"], c["acc_dK"], c["tdKrdS"][None, None, None, 0],
                  c["tdKrQ"][None, None, None, state.index], False, 1)
@@ -772,7 +809,7 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
             # dQ -> dQaccum from registers, one 16-byte reduction per vector (under dK's GEMM)
             g = cute.make_tensor(c["tdQsdQ"].iterator + m * (tm * self.d), c["tdQsdQ"].layout)
             for j in cutlass.range_constexpr(cute.size(g, mode=[1])):
-                red_add_v4_f32(g[None, j, 0].iterator, *(flat[v, j, 0] for v in range(4)))
+                red_add_f32(g[None, j, 0].iterator, *(flat[v, j, 0] for v in range(4)))
         else:
             # dQ -> smem chunk of this warpgroup, once the dQ warp has read the previous one
             cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + c["wg"], number_of_threads=160)
@@ -837,10 +874,12 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         lg-throttle stalls 0.9 per instruction; FA4 stores these tiles by TMA too)."""
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)  # last wgmma reads of Q / dO
         for acc, s, mma in ((acc_dK, sdK, mma_dk), (acc_dV, sdV, mma_dv)):
-            st_atom, thr = stmatrix_copy(self.dtype, mma, tidx)
+            # (dkv_swap: dK^T / dV^T, stored transposed into the row-major tiles)
+            st_atom, thr = stmatrix_copy(self.dtype, mma, tidx, transpose=self.cfg.dkv_swap)
             r = cute.make_rmem_tensor_like(acc, self.dtype)
             r.store(acc.load().to(self.dtype))
-            cute.copy(st_atom, thr.retile(r), thr.partition_D(s))
+            dst = transpose_view(s) if const_expr(self.cfg.dkv_swap) else s
+            cute.copy(st_atom, thr.retile(r), thr.partition_D(dst))
         cute.arch.fence_view_async_shared()  # generic-proxy smem writes -> TMA (async proxy)
         cute.arch.barrier(barrier_id=BAR_PDS, number_of_threads=256)
         if tidx < 32:
@@ -860,6 +899,11 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
         r.store(acc.load().to(mOut.element_type))
         gO = cute.local_tile(mOut[None, None, head, batch], (self.tile_n, cols), (n_block, 0))
         thr = tiled_mma.get_slice(tidx)
+        if const_expr(self.cfg.dkv_swap):  # dK^T / dV^T: keys are the accumulator's columns
+            self.store_cols(r, thr.partition_C(transpose_view(gO)),
+                            thr.partition_C(cute.make_identity_tensor((cols, self.tile_n))),
+                            n_block, seqlen_k)
+            return
         tg_mn = acc_to_mn(thr.partition_C(gO))
         tc_mn = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, cols))))
         r_mn = acc_to_mn(r)
@@ -867,8 +911,19 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
             if n_block * self.tile_n + tc_mn[i, 0][0] < seqlen_k:
                 if const_expr(self.cfg.dkv_red):  # (j, j + 1): one thread's adjacent columns
                     for j in cutlass.range_constexpr(0, cute.size(r_mn, mode=[1]), 2):
-                        red_add_v2_f32(tg_mn.iterator + cute.crd2idx((i, j), tg_mn.layout),
+                        red_add_f32(tg_mn.iterator + cute.crd2idx((i, j), tg_mn.layout),
                                        r_mn[i, j], r_mn[i, j + 1])
                 else:
                     for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
                         tg_mn[i, j] = r_mn[i, j]
+
+    @cute.jit
+    def store_cols(self, r, tg, tc, n_block, seqlen_k):
+        """store_rows for a transposed tile (dkv_swap): one element a store (or, dkv_red, a 4-byte
+        reduction), keys past seqlen_k skipped."""
+        for i in cutlass.range_constexpr(cute.size(r)):
+            if n_block * self.tile_n + tc[i][1] < seqlen_k:
+                if const_expr(self.cfg.dkv_red):
+                    red_add_f32(tg.iterator + cute.crd2idx(i, tg.layout), r[i])
+                else:
+                    tg[i] = r[i]

@@ -139,6 +139,11 @@ class BwdConfig:
     # Adds land in any order, so not with deterministic; not with the persistent grid.
     # default_config's choice for dense non-deterministic GQA (see there)
     dkv_red: bool = False
+    # Unswapped layout: dK^T = Q^T dS and dV^T = dO^T P (head dim in M, each warpgroup's
+    # tile_n / 2 keys in N; FA3's dKV_swapAB) instead of dK = dS^T Q split by head-dim columns.
+    # Lets hd192 take 96-key tiles (48 keys a warpgroup are no whole 64-row M block): 1.5x the
+    # keys per loaded Q / dO block and per dQ add. An A/B switch at hd192 (not yet GPU-run)
+    dkv_swap: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
     varlen: bool = False  # cu_seqlens_q/k: packed sequences, padded per-sequence dQ/LSE rows
@@ -178,7 +183,9 @@ def group_loop_wins(d, dv, causal, deterministic, seqlen_k, kv_heads, sms) -> bo
     0.95x / 0.96x, b4 4k (1024) 1.08x, b2 8k 1.02x / 1.04x, hd64 b4 2k (512) 1.13x / 1.13x.
     hd256 loses (0.73-0.81x: it gives up dq_red's second Q/dO stage), as does deterministic
     causal (0.81x; non-causal 1.06x, one shape, so not taken either); hd192, split head dims and
-    the features were not measured."""
+    the features were not measured. Against dkv_red (the GQA default since s19; H100, s20, 3
+    rounds): hd128 b2 8k 1.05x, b1 1.5k 1.08x, causal b4 4k 1.02x, b2 8k 0.98x, hd64 causal b4 2k
+    1.06x, so the rule stands."""
     kv_ctas = -(-seqlen_k // 128) * kv_heads  # (tile_n is 128 at hd <= 128)
     enough = kv_ctas >= 3 * sms if causal else 2 * kv_ctas > sms
     return d == dv and d <= 128 and not deterministic and enough
@@ -202,9 +209,14 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
         tile = dict(tile_m=128, tile_n=128, stages=2, swap=True)
     elif d <= 128:  # hd96 too (FA3's bwd tile for it is 64 x 128 as well)
         tile = dict(tile_m=64, tile_n=128, stages=2, swap=True)
-    elif d <= 192:  # as hd256 (dK/dV's M is 64 keys a warpgroup: 128 would not fit in
-        # registers), but two Q/dO stages fit in smem (210 KB)
+    elif d <= 192:  # unswapped as hd256 (dK/dV's M is 64 keys a warpgroup: 128 would not fit in
+        # registers); two Q/dO stages fit in smem (210 KB). dkv_swap (on request until its GPU
+        # tests run): 96-key tiles with dK^T / dV^T (144 accumulator registers) and dQ added
+        # from registers (its smem staging would not fit beside two stages; FA4's sm90 tile for
+        # hd192 is 64 x 96, and FA4 measured 1.28x our 64 x 64 on the H100, s20)
         tile = dict(tile_m=64, tile_n=64, stages=2, swap=False)
+        if overrides.get("dkv_swap", False):
+            tile.update(tile_n=96, dkv_swap=True, dq_red=True)
     else:  # 64 x 64 tiles: dK + dV + dQ accumulators fill the registers. dQ added from
         # registers (dq_red: no dQ staging) lets two Q/dO stages fit (210 KB): H100 same run,
         # 1k-16k causal or not, +17..34% (1.14..1.29x FA4). Deterministic keeps the ordered
@@ -266,6 +278,8 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     assert not (cfg.dq_red and (cfg.deterministic or cfg.swap)), cfg
     assert not (cfg.group_loop and (cfg.gqa or cfg.dq_red)), cfg  # (dq_red: per-head dQ addresses)
     assert not cfg.dkv_red or (cfg.gqa and not cfg.deterministic and not cfg.persistent), cfg
+    assert not cfg.dkv_swap or not (cfg.swap or cfg.persistent), cfg
+    assert cfg.swap or cfg.dkv_swap or cfg.tile_n % 64 == 0, cfg  # dK / dV's M: 64 keys a block
     # unswapped, P and dS reach dV / dK through smem; a 128-query S^T tile (hd64) runs out of
     # registers with dV in flight during dS (ptxas serializes the wgmmas, 96 B spill)
     assert not cfg.dv_early or (cfg.swap and cfg.tile_m == 64), cfg
@@ -307,6 +321,19 @@ def variants() -> Iterator:
                     default_config(d, d, "float16", True, True, True)):
             yield cfg
             posts.add(post_config(cfg))
+    # hd192's 96-key tiles (dkv_swap, an A/B switch: dK^T / dV^T, stored by TMA transposed or
+    # from registers): MHA, causal GQA partials, dkv_red, softcap, a window, varlen, 192 / 128
+    for cfg in (default_config(192, 192, "bfloat16", False, dkv_swap=True),
+                default_config(192, 192, "float16", True, False, True, dkv_swap=True),
+                default_config(192, 192, "bfloat16", False, False, True, dkv_swap=True,
+                               dkv_red=True),
+                default_config(192, 192, "bfloat16", True, dkv_swap=True, softcap=True),
+                default_config(192, 192, "bfloat16", False, False, True, dkv_swap=True, local=True),
+                default_config(192, 192, "bfloat16", True, False, True, dkv_swap=True, varlen=True),
+                default_config(192, 128, "bfloat16", True, dkv_swap=True),
+                default_config(192, 128, "float16", False, False, True, dkv_swap=True)):
+        yield cfg
+        posts.add(post_config(cfg))
     for cfg in (  # varlen / seqused (a few corners; the switches touch offsets and exits only)
             default_config(128, 128, "bfloat16", True, varlen=True),
             default_config(64, 64, "float16", False, True, True, varlen=True, seqused_q=True,

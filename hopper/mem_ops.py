@@ -29,24 +29,17 @@ def bulk_reduce_add_f32(gmem_ptr: cute.Pointer, smem_ptr: cute.Pointer, nbytes: 
 
 
 @dsl_user_op
-def red_add_v4_f32(gmem_ptr: cute.Pointer, v0: Float32, v1: Float32, v2: Float32, v3: Float32, *,
-                   loc=None, ip=None):
-    """red.global.add.v4.f32: four fp32 adds into 16 aligned bytes of global memory (sm_90+), no
-    return value, so the thread does not wait for it."""
+def red_add_f32(gmem_ptr: cute.Pointer, *vals: Float32, loc=None, ip=None):
+    """red.global.add{,.v2,.v4}.f32: one, two or four fp32 adds into that many aligned fp32 words
+    of global memory (the vector forms sm_90+), no return value."""
+    n = len(vals)
+    assert n in (1, 2, 4), n
+    regs = ", ".join(f"${i + 1}" for i in range(n))
+    op = "red.global.add.f32 [$0], $1;" if n == 1 else f"red.global.add.v{n}.f32 [$0], {{{regs}}};"
     llvm.inline_asm(
         None, [gmem_ptr.toint(loc=loc, ip=ip).ir_value()]
-        + [Float32(v).ir_value(loc=loc, ip=ip) for v in (v0, v1, v2, v3)],
-        "red.global.add.v4.f32 [$0], {$1, $2, $3, $4};", "l,f,f,f,f", has_side_effects=True,
-        is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
-
-
-@dsl_user_op
-def red_add_v2_f32(gmem_ptr: cute.Pointer, v0: Float32, v1: Float32, *, loc=None, ip=None):
-    """red.global.add.v2.f32: two fp32 adds into 8 aligned bytes of global memory (sm_90+)."""
-    llvm.inline_asm(
-        None, [gmem_ptr.toint(loc=loc, ip=ip).ir_value()]
-        + [Float32(v).ir_value(loc=loc, ip=ip) for v in (v0, v1)],
-        "red.global.add.v2.f32 [$0], {$1, $2};", "l,f,f", has_side_effects=True,
+        + [Float32(v).ir_value(loc=loc, ip=ip) for v in vals],
+        op, "l" + ",f" * n, has_side_effects=True,
         is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
 
 

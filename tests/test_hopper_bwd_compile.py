@@ -10,7 +10,7 @@ pytestmark = pytest.mark.compile
 
 # dq_red (dQ added from registers, a second Q / dO stage): the hd256 default unless deterministic
 # (variants() covers those); here the one-stage smem path it replaced (an A/B switch) and hd192,
-# where it is an A/B switch too
+# where it is an A/B switch too (and part of dkv_swap, covered by variants())
 DQ_RED = [default_config(256, 256, "bfloat16", False, dq_red=False),
           default_config(256, 256, "bfloat16", False, stagger=True, dq_red=True),
           default_config(192, 192, "bfloat16", False, dq_red=True),
@@ -58,6 +58,7 @@ def _id(cfg):
                                           ("H", cfg.desc_hoist), ("L", cfg.lpt),
                                           ("W", cfg.window_split), ("P", cfg.persistent),
                                           ("G", cfg.group_loop), ("R", cfg.dkv_red),
+                                          ("X", cfg.dkv_swap),
                                           ("N", not cfg.pdl)) if on)
     hd = f"{cfg.d}" if cfg.dv == cfg.d else f"{cfg.d}_{cfg.dv}"
     return f"hd{hd}-{cfg.dtype}-{cfg.tile_m}x{cfg.tile_n}x{cfg.stages}-{flags or 'plain'}"
@@ -173,6 +174,32 @@ def test_hd192_128_config_and_gate():
     assert "!=" in fb.bwd_missing(req(128, 64))
     with pytest.raises(AssertionError):
         default_config(128, 64, "bfloat16", False)  # swapped layout: d == dv only
+
+
+def test_dkv_swap_config():
+    """dkv_swap (dK^T / dV^T, 96-key tiles at hd192 and 192 / 128) on request: it brings dQ added
+    from registers (its smem staging does not fit beside two Q / dO stages) and composes with the
+    features; refused where deterministic (dq_red's unordered adds), on the swapped layout and the
+    persistent grid; 96 keys unswapped need it. Off by default until its GPU tests run."""
+    for dv in (192, 128):
+        assert not default_config(192, dv, "bfloat16", False).dkv_swap
+        for causal, gqa in ((False, False), (True, True)):
+            for feat in ({}, dict(local=True), dict(softcap=True), dict(varlen=True)):
+                if causal and "local" in feat:
+                    continue
+                cfg = default_config(192, dv, "bfloat16", causal, False, gqa, dkv_swap=True, **feat)
+                assert (cfg.tile_n, cfg.dkv_swap, cfg.dq_red, cfg.stages) == (96, True, True, 2)
+                assert smem_bytes(64, 96, 192, 2, False, dq_red=True, dv=dv) <= SMEM_LIMIT
+    assert smem_bytes(64, 96, 192, 2, False) > SMEM_LIMIT  # (the dQ warp's staging)
+    for d in (64, 128, 256):
+        assert not default_config(d, d, "bfloat16", False).dkv_swap
+    for bad in (dict(d=128, dkv_swap=True), dict(d=192, dkv_swap=True, persistent=True),
+                dict(d=192, dkv_swap=True, deterministic=True),
+                dict(d=192, tile_n=96, dq_red=True)):
+        d = bad.pop("d")
+        det = bad.pop("deterministic", False)
+        with pytest.raises(AssertionError):
+            default_config(d, d, "bfloat16", False, det, **bad)
 
 
 def test_register_splits_fit_launch_pool():

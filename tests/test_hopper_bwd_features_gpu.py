@@ -218,6 +218,42 @@ def test_hd96_192(d, dv, causal, sq, sk, bhs):
            ("dq", "dk", "dv"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("feat", [{}, dict(dkv_red=True), dict(window=(100, 50)),
+                                  dict(softcap=20.0)], ids=["plain", "dkv_red", "window", "softcap"])
+@pytest.mark.parametrize("bhs", [(2, 4, 4), (1, 6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (799, 3), (1000, 1357), (1024, 1024)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d,dv", [(192, 192), (192, 128)])
+def test_hd192_dkv_swap(d, dv, causal, sq, sk, bhs, feat):
+    """BwdConfig.dkv_swap: 96-key tiles, dK^T / dV^T stored transposed (by TMA for MHA, from
+    registers for GQA's partials, added for dkv_red), dQ added from registers."""
+    b, h, hk = bhs
+    if "dkv_red" in feat and hk == h or causal and "window" in feat:
+        pytest.skip("dkv_red is GQA's; a window replaces causal")
+    q, k, v = random_qkv(b, h, hk, sq, sk, d, torch.bfloat16)
+    v = v[..., :dv].contiguous()
+    do = torch.randn(b, sq, h, dv, device="cuda", dtype=torch.bfloat16)
+    feat = dict(feat)
+    cfg = dict(dkv_swap=True, **({"dkv_red": feat.pop("dkv_red")} if "dkv_red" in feat else {}))
+    window, cap = feat.get("window", (-1, -1)), feat.get("softcap", 0.0)
+
+    def fn(upcast):
+        return lambda q, k, v: attention_ref(q, k, v, causal=causal, upcast=upcast,
+                                             window_size=window, softcap=cap)
+
+    out, lse = fn(True)(q, k, v)
+    got = _flash_bwd(do, q, k, v, out, lse, causal, cfg_overrides=cfg, **feat)
+    _check(got, _grads(fn(True), (q, k, v), do), _grads(fn(False), (q, k, v), do),
+           ("dq", "dk", "dv"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dv", [192, 128])
+def test_varlen_hd192_dkv_swap(dv, causal):
+    """dkv_swap over packed sequences (dK^T / dV^T from registers, keys past a sequence skipped)."""
+    _varlen_case(MIX_Q, MIX_K, 6, 2, 192, torch.bfloat16, causal, cfg=dict(dkv_swap=True), dv=dv)
+
+
 @pytest.mark.parametrize("sq,sk", [(113, 203), (1000, 1357)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d,dv", [(96, 96), (192, 192), (192, 128)])
