@@ -142,7 +142,7 @@ class BwdConfig:
     # Unswapped layout: dK^T = Q^T dS and dV^T = dO^T P (head dim in M, each warpgroup's
     # tile_n / 2 keys in N; FA3's dKV_swapAB) instead of dK = dS^T Q split by head-dim columns.
     # Lets hd192 take 96-key tiles (48 keys a warpgroup are no whole 64-row M block): 1.5x the
-    # keys per loaded Q / dO block and per dQ add. An A/B switch at hd192 (not yet GPU-run)
+    # keys per loaded Q / dO block and per dQ add. default_config: hd192 not deterministic
     dkv_swap: bool = False
     local: bool = False  # sliding window given at run time (causal is then False)
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
@@ -210,12 +210,14 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     elif d <= 128:  # hd96 too (FA3's bwd tile for it is 64 x 128 as well)
         tile = dict(tile_m=64, tile_n=128, stages=2, swap=True)
     elif d <= 192:  # unswapped as hd256 (dK/dV's M is 64 keys a warpgroup: 128 would not fit in
-        # registers); two Q/dO stages fit in smem (210 KB). dkv_swap (on request until its GPU
-        # tests run): 96-key tiles with dK^T / dV^T (144 accumulator registers) and dQ added
-        # from registers (its smem staging would not fit beside two stages; FA4's sm90 tile for
-        # hd192 is 64 x 96, and FA4 measured 1.28x our 64 x 64 on the H100, s20)
+        # registers); two Q/dO stages fit in smem (210 KB). Not deterministic: 96-key tiles with
+        # dK^T / dV^T (dkv_swap, 144 accumulator registers) and dQ added from registers (its
+        # smem staging would not fit beside two stages). H100, s20, 3 rounds, vs 64 x 64: 16 heads
+        # b2 4k 1.17 / 1.18x, causal 1.13x, b1 16k causal 1.20x, 192/128 1.20x (causal 1.11x),
+        # GQA 16/4 1.14x (causal 1.10x; 1.17x / 1.14x with dkv_red). FA4 (64 x 96 too) stays
+        # 1.08-1.13x ahead. Deterministic keeps 64 x 64 and the ordered dQ warp
         tile = dict(tile_m=64, tile_n=64, stages=2, swap=False)
-        if overrides.get("dkv_swap", False):
+        if overrides.get("dkv_swap", not deterministic and not group_loop):
             tile.update(tile_n=96, dkv_swap=True, dq_red=True)
     else:  # 64 x 64 tiles: dK + dV + dQ accumulators fill the registers. dQ added from
         # registers (dq_red: no dQ staging) lets two Q/dO stages fit (210 KB): H100 same run,
@@ -263,12 +265,12 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     tile.update(overrides, group_loop=group_loop)
     # GQA's dK / dV added into per-KV-head fp32 accumulators rather than per-query-head partials
     # summed after: H100, s19, 3 rounds, same process, vs partials: causal hd128 32/8 b2 2k
-    # 1.07x, hd128 b1 1k 1.06x, hd64 causal b2 2k 1.07x, hd256 16/4 b2 4k 1.01x (causal 1.03x).
-    # Dense hd64/128/256 only (GPU-tested there); the features (window, softcap, varlen,
-    # seqused) and hd96/192 keep partials until they are
+    # 1.07x, hd128 b1 1k 1.06x, hd64 causal b2 2k 1.07x, hd256 16/4 b2 4k 1.01x (causal 1.03x);
+    # hd192 with dkv_swap (s20): 1.03x (causal 1.03x). Dense only; the features (window,
+    # softcap, varlen, seqused) and hd96 keep partials until GPU-tested with it
     if "dkv_red" not in overrides:
         tile["dkv_red"] = bool(gqa and not deterministic and not tile.get("persistent")
-                               and d == dv and d in (64, 128, 256)
+                               and (d == dv and d in (64, 128, 256) or tile.get("dkv_swap"))
                                and not any(overrides.get(f) for f in (
                                    "local", "softcap", "varlen", "seqused_q", "seqused_k")))
     cfg = BwdConfig(d, dv, dtype, bool(causal), bool(deterministic), bool(gqa), **tile)
@@ -321,10 +323,11 @@ def variants() -> Iterator:
                     default_config(d, d, "float16", True, True, True)):
             yield cfg
             posts.add(post_config(cfg))
-    # hd192's 96-key tiles (dkv_swap, an A/B switch: dK^T / dV^T, stored by TMA transposed or
-    # from registers): MHA, causal GQA partials, dkv_red, softcap, a window, varlen, 192 / 128
+    # hd192's 96-key tiles (dkv_swap: dK^T / dV^T, stored by TMA transposed or from registers):
+    # MHA, causal GQA partials, dkv_red, softcap, a window, varlen, 192 / 128
     for cfg in (default_config(192, 192, "bfloat16", False, dkv_swap=True),
-                default_config(192, 192, "float16", True, False, True, dkv_swap=True),
+                default_config(192, 192, "float16", True, False, True, dkv_swap=True,
+                               dkv_red=False),
                 default_config(192, 192, "bfloat16", False, False, True, dkv_swap=True,
                                dkv_red=True),
                 default_config(192, 192, "bfloat16", True, dkv_swap=True, softcap=True),
@@ -382,7 +385,7 @@ def variants() -> Iterator:
     # GQA with the group's query heads walked in one CTA (by default where group_loop_wins):
     # dense, causal, deterministic, persistent, hd64 / hd96 / hd256 (dQ through the dQ warp),
     # varlen; and (dkv_red off) per-query-head fp32 partials where dkv_red is the default, and
-    # dkv_red at hd96 / hd192 / 192-128 (on request)
+    # dkv_red at hd96 and at hd192's 64-key tiles (on request)
     for cfg in (default_config(128, 128, "bfloat16", False, False, True, group_loop=True),
                 default_config(128, 128, "float16", True, False, True, group_loop=True),
                 default_config(128, 128, "bfloat16", True, True, True, group_loop=True),
@@ -399,7 +402,8 @@ def variants() -> Iterator:
                 default_config(64, 64, "float16", False, False, True, dkv_red=False),
                 default_config(256, 256, "bfloat16", False, False, True, dkv_red=False),
                 default_config(96, 96, "float16", True, False, True, dkv_red=True),
-                default_config(192, 192, "bfloat16", False, False, True, dkv_red=True)):
+                default_config(192, 192, "bfloat16", False, False, True, dkv_swap=False,
+                               dkv_red=True)):
         yield cfg
         posts.add(post_config(cfg))
     yield from sorted(posts, key=repr)

@@ -8,14 +8,14 @@ from fa3.hopper.flash_bwd import SMEM_LIMIT, BwdConfig, build, default_config, s
 
 pytestmark = pytest.mark.compile
 
-# dq_red (dQ added from registers, a second Q / dO stage): the hd256 default unless deterministic
-# (variants() covers those); here the one-stage smem path it replaced (an A/B switch) and hd192,
-# where it is an A/B switch too (and part of dkv_swap, covered by variants())
+# dq_red (dQ added from registers, a second Q / dO stage): the hd256 default unless deterministic,
+# and part of hd192's 96-key tiles (dkv_swap) (variants() covers those); here the one-stage smem
+# path it replaced (an A/B switch) and hd192's 64-key tiles with it (A/B)
 DQ_RED = [default_config(256, 256, "bfloat16", False, dq_red=False),
           default_config(256, 256, "bfloat16", False, stagger=True, dq_red=True),
-          default_config(192, 192, "bfloat16", False, dq_red=True),
-          default_config(192, 192, "float16", True, False, True, dq_red=True),
-          default_config(192, 192, "bfloat16", False, stages=3, dq_red=True)]
+          default_config(192, 192, "bfloat16", False, dkv_swap=False, dq_red=True),
+          default_config(192, 192, "float16", True, False, True, dkv_swap=False, dq_red=True),
+          default_config(192, 192, "bfloat16", False, stages=3, dkv_swap=False, dq_red=True)]
 # dv_early / dk_early (GEMM issue order, swapped layout): A/B switches; dv_early only at 64-query
 # tiles (hd64's 128-query S^T tile serializes the wgmmas)
 EARLY = [default_config(128, 128, "bfloat16", False, dv_early=True),
@@ -92,10 +92,10 @@ def test_dq_red_config():
         cfg = default_config(256, 256, "float16", True, True, gqa)
         assert not cfg.dq_red and cfg.stages == 1
     assert default_config(256, 256, "bfloat16", False, dq_red=False).stages == 1
-    assert not default_config(192, 192, "bfloat16", False).dq_red
+    assert not default_config(192, 192, "bfloat16", False, dkv_swap=False).dq_red
     assert smem_bytes(64, 64, 256, 2, False) > SMEM_LIMIT
     assert smem_bytes(64, 64, 256, 2, False, dq_red=True) <= SMEM_LIMIT
-    assert default_config(192, 192, "bfloat16", False, dq_red=True).stages == 2
+    assert default_config(192, 192, "bfloat16", False, dkv_swap=False, dq_red=True).stages == 2
     for bad in (dict(d=256, deterministic=True), dict(d=128)):
         d = bad.pop("d")
         with pytest.raises(AssertionError):
@@ -164,7 +164,7 @@ def test_hd192_128_config_and_gate():
     from fa3.hopper import flash_bwd as fb
 
     cfg = default_config(192, 128, "bfloat16", False)
-    assert (cfg.d, cfg.dv, cfg.swap, cfg.tile_m, cfg.tile_n) == (192, 128, False, 64, 64)
+    assert (cfg.d, cfg.dv, cfg.swap, cfg.tile_m, cfg.tile_n) == (192, 128, False, 64, 96)
     assert fb.smem_bytes(64, 64, 192, 2, False, dv=128) < fb.smem_bytes(64, 64, 192, 2, False)
     assert cfg in list(fb.variants())
     req = lambda d, dv: FwdRequest(torch.bfloat16, d, dv, False, (-1, -1), 0.0, False, False,
@@ -177,25 +177,31 @@ def test_hd192_128_config_and_gate():
 
 
 def test_dkv_swap_config():
-    """dkv_swap (dK^T / dV^T, 96-key tiles at hd192 and 192 / 128) on request: it brings dQ added
-    from registers (its smem staging does not fit beside two Q / dO stages) and composes with the
-    features; refused where deterministic (dq_red's unordered adds), on the swapped layout and the
-    persistent grid; 96 keys unswapped need it. Off by default until its GPU tests run."""
+    """hd192 (and 192 / 128) not deterministic: 96-key tiles with dK^T / dV^T (dkv_swap) and dQ
+    added from registers (its smem staging does not fit beside two Q / dO stages), features
+    included; deterministic and group_loop keep 64-key tiles and the dQ warp; refused where
+    deterministic (dq_red's unordered adds), on the swapped layout and the persistent grid; 96
+    keys unswapped need it."""
     for dv in (192, 128):
-        assert not default_config(192, dv, "bfloat16", False).dkv_swap
         for causal, gqa in ((False, False), (True, True)):
             for feat in ({}, dict(local=True), dict(softcap=True), dict(varlen=True)):
                 if causal and "local" in feat:
                     continue
-                cfg = default_config(192, dv, "bfloat16", causal, False, gqa, dkv_swap=True, **feat)
+                cfg = default_config(192, dv, "bfloat16", causal, False, gqa, **feat)
                 assert (cfg.tile_n, cfg.dkv_swap, cfg.dq_red, cfg.stages) == (96, True, True, 2)
                 assert smem_bytes(64, 96, 192, 2, False, dq_red=True, dv=dv) <= SMEM_LIMIT
+            det = default_config(192, dv, "bfloat16", causal, True, gqa)
+            assert (det.tile_n, det.dkv_swap, det.dq_red) == (64, False, False)
+        gl = default_config(192, dv, "bfloat16", False, False, True, group_loop=True)
+        assert (gl.tile_n, gl.dkv_swap, gl.dq_red) == (64, False, False)
+        off = default_config(192, dv, "bfloat16", False, dkv_swap=False)
+        assert (off.tile_n, off.dkv_swap, off.dq_red) == (64, False, False)
     assert smem_bytes(64, 96, 192, 2, False) > SMEM_LIMIT  # (the dQ warp's staging)
-    for d in (64, 128, 256):
+    for d in (64, 96, 128, 256):
         assert not default_config(d, d, "bfloat16", False).dkv_swap
     for bad in (dict(d=128, dkv_swap=True), dict(d=192, dkv_swap=True, persistent=True),
                 dict(d=192, dkv_swap=True, deterministic=True),
-                dict(d=192, tile_n=96, dq_red=True)):
+                dict(d=192, tile_n=96, dkv_swap=False, dq_red=True)):
         d = bad.pop("d")
         det = bad.pop("deterministic", False)
         with pytest.raises(AssertionError):

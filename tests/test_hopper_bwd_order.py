@@ -177,13 +177,14 @@ def test_short_causal_persistent():
 
 def test_dkv_red_config():
     """dkv_red (GQA's dK / dV added into per-KV-head accumulators) is the default for dense,
-    non-deterministic GQA without group_loop at hd64/128/256; partials where order matters, for
-    the features and other head dims (not GPU-tested) and on request; refused where its order or
-    tiles do not apply."""
-    for d, dv in ((96, 96), (192, 192), (192, 128)):
-        assert not default_config(d, dv, "bfloat16", False, False, True).dkv_red
-        assert default_config(d, dv, "bfloat16", False, False, True, dkv_red=True).dkv_red
-    for d, dv in ((64, 64), (128, 128), (256, 256)):
+    non-deterministic GQA without group_loop at hd64/128/256 and hd192's 96-key tiles (192/192,
+    192/128); partials where order matters, for the features, hd96 and hd192's 64-key tiles (not
+    GPU-tested with it) and on request; refused where its order or tiles do not apply."""
+    for d, dv, extra in ((96, 96, {}), (192, 192, dict(dkv_swap=False)),
+                         (192, 128, dict(dkv_swap=False))):  # (hd192's 64-key tiles)
+        assert not default_config(d, dv, "bfloat16", False, False, True, **extra).dkv_red
+        assert default_config(d, dv, "bfloat16", False, False, True, dkv_red=True, **extra).dkv_red
+    for d, dv in ((64, 64), (128, 128), (256, 256), (192, 192), (192, 128)):
         for causal in (False, True):
             assert default_config(d, dv, "bfloat16", causal, False, True).dkv_red
             assert not default_config(d, dv, "bfloat16", causal, False, False).dkv_red  # MHA
