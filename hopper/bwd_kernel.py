@@ -166,8 +166,8 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
             assert not dq_transposed(cfg) or cfg.d == 128  # dQ^T's M: 64 head dims a warpgroup
         else:
             assert self.tile_m == 64 and self.tile_n % 32 == 0
-            # 48 keys a warpgroup: dK / dV need the head dim in M (dkv_swap)
-            assert cfg.dkv_swap or self.tile_n % 128 == 64 or self.tile_n % 128 == 0
+            # 48 keys a warpgroup (96-key tiles): dK / dV need the head dim in M (dkv_swap)
+            assert cfg.dkv_swap or self.tile_n % 64 == 0
         assert not cfg.dkv_swap or (not cfg.swap and not cfg.persistent)
 
     def sw_do(self) -> int:
@@ -912,7 +912,7 @@ class FlashBwdSm90(DqRoles, PersistentRoles):
                 if const_expr(self.cfg.dkv_red):  # (j, j + 1): one thread's adjacent columns
                     for j in cutlass.range_constexpr(0, cute.size(r_mn, mode=[1]), 2):
                         red_add_f32(tg_mn.iterator + cute.crd2idx((i, j), tg_mn.layout),
-                                       r_mn[i, j], r_mn[i, j + 1])
+                                    r_mn[i, j], r_mn[i, j + 1])
                 else:
                     for j in cutlass.range_constexpr(cute.size(r_mn, mode=[1])):
                         tg_mn[i, j] = r_mn[i, j]

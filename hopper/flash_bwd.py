@@ -215,7 +215,7 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
         # smem staging would not fit beside two stages). H100, s20, 3 rounds, vs 64 x 64: 16 heads
         # b2 4k 1.17 / 1.18x, causal 1.13x, b1 16k causal 1.20x, 192/128 1.20x (causal 1.11x),
         # GQA 16/4 1.14x (causal 1.10x; 1.17x / 1.14x with dkv_red). FA4 (64 x 96 too) stays
-        # 1.08-1.13x ahead. Deterministic keeps 64 x 64 and the ordered dQ warp
+        # 1.08-1.14x ahead. Deterministic keeps 64 x 64 and the ordered dQ warp
         tile = dict(tile_m=64, tile_n=64, stages=2, swap=False)
         if overrides.get("dkv_swap", not deterministic and not group_loop):
             tile.update(tile_n=96, dkv_swap=True, dq_red=True)
