@@ -9,9 +9,10 @@ when deterministic) starts the unmasked ones at a block that depends on n, so co
 to different dQaccum tiles: on the H100 it measured neutral (non-causal hd64/128/256, 1k-16k: within
 -2.8%..+1.5%), unlike the sm80 kernel's fp32 atomics, where it stays on.
 
-GQA/MQA: each CTA works for one query head, so dK/dV are written per query head in fp32 and
-summed over the group here (one torch reduction; deterministic; simplest correct form: no
-cross-CTA accumulation to order). MHA writes dK/dV in the input dtype directly.
+GQA/MQA: one CTA per query head adds its fp32 dK/dV into its KV head's accumulator
+(BwdConfig.dkv_red, the dense default), or writes per-query-head fp32 partials summed here by one
+torch reduction (deterministic, and the features); with enough KV-head CTAs one CTA per KV head
+walks its group instead (group_loop_wins). MHA writes dK/dV in the input dtype directly.
 
 Varlen (cu_seqlens, packed rows) and seqused are compile-time switches: one CTA per (KV block of
 the longest sequence, head, sequence), exiting past its sequence's keys; LSE2 / D / dQaccum rows
