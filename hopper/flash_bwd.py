@@ -268,7 +268,9 @@ def default_config(d, dv, dtype, causal, deterministic=False, gqa=False, **overr
     # summed after: H100, s19, 3 rounds, same process, vs partials: causal hd128 32/8 b2 2k
     # 1.07x, hd128 b1 1k 1.06x, hd64 causal b2 2k 1.07x, hd256 16/4 b2 4k 1.01x (causal 1.03x);
     # hd192 with dkv_swap (s20): 1.03x (causal 1.03x). Dense only; the features (window,
-    # softcap, varlen, seqused) and hd96 keep partials until GPU-tested with it
+    # softcap, varlen, seqused) keep partials until GPU-tested with it; hd96 and hd192's 64-key
+    # tiles passed its GPU tests (s20) but were not measured with it (at hd96 group_loop took
+    # the measured shapes), so keep partials
     if "dkv_red" not in overrides:
         tile["dkv_red"] = bool(gqa and not deterministic and not tile.get("persistent")
                                and (d == dv and d in (64, 128, 256) or tile.get("dkv_swap"))

@@ -178,8 +178,9 @@ def test_short_causal_persistent():
 def test_dkv_red_config():
     """dkv_red (GQA's dK / dV added into per-KV-head accumulators) is the default for dense,
     non-deterministic GQA without group_loop at hd64/128/256 and hd192's 96-key tiles (192/192,
-    192/128); partials where order matters, for the features, hd96 and hd192's 64-key tiles (not
-    GPU-tested with it) and on request; refused where its order or tiles do not apply."""
+    192/128); partials where order matters, for the features, and on request; hd96 and hd192's
+    64-key tiles (GPU-tested with it, not measured) keep partials; refused where its order or
+    tiles do not apply."""
     for d, dv, extra in ((96, 96, {}), (192, 192, dict(dkv_swap=False)),
                          (192, 128, dict(dkv_swap=False))):  # (hd192's 64-key tiles)
         assert not default_config(d, dv, "bfloat16", False, False, True, **extra).dkv_red
