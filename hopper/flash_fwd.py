@@ -73,6 +73,10 @@ class FwdConfig:
     # default_config turns it off at hd128: there waiting for the PV after ~13 exp2s and packing P
     # in the MUFU gaps (what FA4's SASS does too) is faster; see default_config.
     p_after_wait: bool = True
+    # exp2 emulation (softmax.exp2_mixed): 1 column in k of each S block gets 2^x by FMA-pipe
+    # arithmetic instead of MUFU.EX2 (0: off), so the 16 EX2 lanes per SM stop bounding the
+    # softmax where the GEMMs are short (hd64).
+    exp2_emu: int = 0
     # Features, each a compile-time switch (off: the plain kernel, unchanged).
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
@@ -251,6 +255,9 @@ def variants() -> Iterator[FwdConfig]:
         yield dataclasses.replace(default_config(256, 256, "bfloat16", causal), persistent=True,
                                   o_in_q=False)
         yield default_config(64, 64, "bfloat16", causal, seqlen_q=1024)
+        # exp2 emulation: the rates the GPU tests run (hd64 3 warpgroups, hd128, fp16's polynomial)
+        yield dataclasses.replace(default_config(64, 64, "bfloat16", causal), exp2_emu=4)
+        yield dataclasses.replace(default_config(128, 128, "float16", causal), exp2_emu=2)
 
 
 def _dtype_name(dtype) -> str:

@@ -55,6 +55,9 @@ class Fp8FwdConfig:
     # hd256 +2.4% (causal +0.4%), hd128 +0.0%, hd64 +1.7%; hd256 4k +1.0%; a second run at hd256
     # 16k: +0.5%, causal -1.3% (rounds spread ~3%)
     desc_hoist: bool = True
+    # exp2 emulation, as FwdConfig.exp2_emu: fp8's GEMMs take half the cycles of bf16's, so a
+    # block's EX2s (tile_n per row) weigh twice as much against them
+    exp2_emu: int = 0
 
 
 def smem_bytes(tile_m: int, tile_n: int, d: int, dv: int, stages: int) -> int:
@@ -115,6 +118,8 @@ ABLATIONS = [
     (64, True, dict(lazy_rescale=False)), (128, False, dict(lazy_rescale=False)),
     (256, False, dict(lazy_rescale=False)), (256, True, dict(lazy_rescale=False)),
     (128, False, dict(p_after_wait=False)), (256, False, dict(p_after_wait=True)),
+    (64, False, dict(exp2_emu=4)), (128, False, dict(exp2_emu=4)), (128, True, dict(exp2_emu=2)),
+    (256, False, dict(exp2_emu=4)),
 ]
 
 

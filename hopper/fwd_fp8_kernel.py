@@ -367,7 +367,7 @@ class FlashFwdFp8Sm90(PingpongMixin, StagedGemmMixin):
                 bias = bias + log2r
             s = [Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)]
             for j in cutlass.range_constexpr(ncol):
-                p = cute.arch.exp2(acc_mn[r, j] * c + bias)  # FFMA + EX2
+                p = sm.exp2_mixed(acc_mn[r, j] * c + bias, j, self.cfg.exp2_emu)  # FFMA + EX2
                 acc_mn[r, j] = p
                 s[j % 4] = s[j % 4] + p
             total = (s[0] + s[1]) + (s[2] + s[3])

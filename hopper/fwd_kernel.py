@@ -499,7 +499,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                                 self.tile_m, self.tile_n, self.causal, self.local,
                                 ctx.feat.window_left, ctx.feat.window_right, self.qpk)
         sm.online_softmax(acc_S_mn, ctx.row_max, ctx.row_sum, ctx.row_scale, ctx.scale_log2,
-                          self.cfg.rescale_threshold)
+                          self.cfg.rescale_threshold, self.cfg.exp2_emu)
 
     @cute.jit
     def to_p(self, ctx, acc_S):

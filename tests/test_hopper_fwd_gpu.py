@@ -70,7 +70,21 @@ def test_fwd_long_kv_defaults(d, causal):
     check(1, 2, 2, 8448, 8448, d, torch.bfloat16, causal)
 
 
-@pytest.mark.parametrize("cfg", [{}, dict(rescale_threshold=None)], ids=["lazy", "every_block"])
+EXP2_EMU = [(64, torch.bfloat16, 4), (64, torch.float16, 2), (128, torch.bfloat16, 2),
+            (128, torch.float16, 4), (256, torch.bfloat16, 4)]
+
+
+@pytest.mark.parametrize("d,dtype,emu", EXP2_EMU, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1024, 1024), (799, 3)])
+def test_fwd_exp2_emu(d, dtype, emu, causal, sq, sk):
+    """1 column in `emu` of P from the FMA polynomial (softmax.exp2_poly) instead of MUFU: masked
+    keys (causal, ragged tails) must still give exactly 0 and the rest FA's error rule."""
+    check(2, 4, 2, sq, sk, d, dtype, causal, exp2_emu=emu)
+
+
+@pytest.mark.parametrize("cfg", [{}, dict(rescale_threshold=None), dict(exp2_emu=2)],
+                         ids=["lazy", "every_block", "exp2_emu2"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_fwd_rising_max(d, causal, cfg):
