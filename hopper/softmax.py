@@ -12,8 +12,7 @@ consistent); P's 16-bit rounding is relative, so no worse.
 A row that has seen only masked keys keeps m = -inf; it uses 0 in place of m'*c so exp2 gives 0
 (never inf - inf = NaN), and finalize turns l = 0 into O = 0, LSE = -inf.
 exp2 emulation (emu_every = k): one column in k gets 2^x from FMA-pipe arithmetic (exp2_poly)
-instead of MUFU.EX2, whose 16 lanes per SM are what a block's softmax waits on when the GEMMs are
-short (hd64, fp8); FA4 does the same on sm100.
+instead of MUFU.EX2 (16 lanes per SM), as FA4 does on sm100. On an H100 it loses (FwdConfig.exp2_emu).
 Softcap S <- cap * tanh(S * scale / cap) is folded into the scales: the kernel multiplies S by
 scale / cap, takes tanh, and runs the softmax above with scale = cap. A learnable sink (one logit
 per head, natural-log units) joins only the denominator, in finalize.
