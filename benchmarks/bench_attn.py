@@ -40,6 +40,7 @@ ABLATIONS = [
     ("no-l2-group", {"l2_group": False}),  # causal: heaviest-first over all heads at once
     ("shared-epilogue", {"wg_epilogue": False}),  # all consumer warpgroups store O together
     ("q-double-buffer", {"q_stages": 2}),  # the next tile's Q loads one tile ahead
+    ("exp2-emu-4", {"exp2_emu": 4}),  # 1 exp2 in 4 by FMA-pipe polynomial instead of MUFU
 ]
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
