@@ -76,8 +76,8 @@ class FwdConfig:
     # exp2 emulation (softmax.exp2_mixed): 1 column in k of each S block gets 2^x by FMA-pipe
     # arithmetic instead of MUFU.EX2 (0: off). An ablation, off: on an H100 the softmax is not
     # EX2-bound (ncu, hd64: XU pipe 62% busy, tensor 60%); emulation adds issue slots and loses.
-    # 3 rounds, k = 8 / 4 / 2: hd64 0.96 / 0.89-0.93 / 0.82-0.84x, hd128 0.97 / 0.94-0.95 / 0.90-0.92x
-    # (h100-2026-12-08-s21-exp2-emu.json).
+    # 3 rounds, 512-16k tokens, k = 8 / 4 / 2: hd64 0.94-0.97 / 0.89-0.96 / 0.82-0.94x, hd128
+    # 0.97 / 0.93-0.95 / 0.90-0.92x (h100-2026-12-08-s21-exp2-emu.json).
     exp2_emu: int = 0
     # Features, each a compile-time switch (off: the plain kernel, unchanged).
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
