@@ -1,5 +1,6 @@
-"""softmax.exp2_poly's arithmetic replayed in float32 numpy (the kernel runs it as PTX): the
-polynomial's coefficients, the floor by rounding-down addition and the exponent-field add."""
+"""softmax.exp2_poly's arithmetic replayed in float32 numpy (the kernel runs it as PTX): the clamp,
+the polynomial's coefficients and the exponent-field add; np.floor stands in for the PTX's floor by
+a rounding-down add (the GPU tests, test_fwd_exp2_emu, run the real one)."""
 import struct
 
 import numpy as np
@@ -14,7 +15,7 @@ def exp2_poly_np(x: np.ndarray) -> np.ndarray:
 
     c1, c2, c3 = (_f32(h) for h in EXP2_POLY)
     xc = np.maximum(x.astype(np.float32), np.float32(-127.0))
-    j = np.floor(xc)  # what add.rm of 1.5 * 2^23 leaves in the mantissa's low bits
+    j = np.floor(xc)  # the PTX: add.rm of 1.5 * 2^23 leaves floor(xc) in the mantissa's low bits
     f = (xc - j).astype(np.float32)
     p = (c3 * f + c2).astype(np.float32)
     p = (p * f + c1).astype(np.float32)
