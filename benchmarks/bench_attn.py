@@ -412,6 +412,9 @@ def main(argv=None) -> int:
         print(f"cuBLAS bf16 GEMM 8192^3: {gemm:.1f} TFLOP/s  ({device})")
     names = [i.name for i in impls]
     print(U.format_table(rows, sorted(names, key=lambda n: n != "fa3")))  # fa3 column first
+    targets = U.format_targets(rows, gemm_tflops=gemm)
+    if targets:
+        print(targets)
     if args.ablation:
         print_ablation(rows)
 

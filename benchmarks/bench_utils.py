@@ -213,6 +213,65 @@ def geomean_ratios(rows, base: str = "fa3") -> dict:
     return {k: geomean(v) for k, v in ratios(rows, base).items()}
 
 
+TARGET_PEERS = ("fa4", "cudnn")  # the issues' targets: fa3 >= the best of these at every row
+
+
+def _rounds_ms(row: dict) -> list:
+    return row.get("rounds_ms") or [row["ms"]]
+
+
+def target_rows(rows, base: str = "fa3", peers=TARGET_PEERS) -> dict:
+    """{mode: [(Shape, base/best-peer ratio, best peer, noise)]} over the shapes where base and at
+    least one of peers ran. noise: whether the two overlap across rounds (base's slowest round no
+    slower than the peer's fastest, or the reverse), i.e. the order is not settled by this run."""
+    by_key = {}
+    for r in rows:
+        if not r.get("ablation"):
+            by_key.setdefault((r["mode"], r["dtype"], row_shape(r)), {})[r["impl"]] = r
+    out: dict = {}
+    for (mode, _dtype, shape), by_impl in by_key.items():
+        ran = [p for p in peers if p in by_impl and by_impl[p]["tflops"] > 0]
+        if base not in by_impl or not ran:
+            continue
+        best = max(ran, key=lambda p: by_impl[p]["tflops"])
+        b_ms, p_ms = _rounds_ms(by_impl[base]), _rounds_ms(by_impl[best])
+        noise = len(b_ms) > 1 and len(p_ms) > 1 and min(b_ms) <= max(p_ms) and min(p_ms) <= max(b_ms)
+        out.setdefault(mode, []).append((shape, by_impl[base]["tflops"] / by_impl[best]["tflops"],
+                                         best, noise))
+    return out
+
+
+def format_targets(rows, base: str = "fa3", peers=TARGET_PEERS, gemm_tflops=None) -> str:
+    """The issues' forward / backward targets read off one run: per mode, base over the best peer
+    of each row (geomean, rows short of it, the worst, how many of those the rounds leave open),
+    and base at hd 128 / 256 on the longest non-causal rows over the same run's GEMM rate."""
+    lines = []
+    for mode in MODES:
+        tr = target_rows(rows, base, peers).get(mode)
+        if not tr:
+            continue
+        short = sorted((t for t in tr if t[1] < 1.0), key=lambda t: t[1])
+        line = (f"targets {mode}: {base} / best of {','.join(peers)} per row: geomean "
+                f"{geomean([t[1] for t in tr]):.3f}x over {len(tr)} rows; {len(short)} rows below")
+        if short:
+            worst = short[0]
+            line += (f" (worst {worst[1]:.3f}x vs {worst[2]}, {worst[0].label()}; "
+                     f"{sum(t[3] for t in short)} within the round-to-round spread)")
+        lines.append(line)
+        for shape, ratio, best, noise in short:
+            lines.append(f"  below: {shape.label():42} {ratio:.3f}x vs {best}" + (" (spread)" if noise else ""))
+    if gemm_tflops:
+        fwd = [r for r in rows if r["impl"] == base and r["mode"] == "fwd" and not r.get("ablation")
+               and not r["causal"] and r["d"] in (128, 256)]
+        for d in (128, 256):
+            rs = [r for r in fwd if r["d"] == d]
+            if rs:
+                r = max(rs, key=lambda r: (r["sk"], r["sq"]))
+                lines.append(f"targets fwd vs GEMM: d={d} s={r['sq']} {r['tflops']:.1f} / "
+                             f"{gemm_tflops:.1f} = {r['tflops'] / gemm_tflops:.3f}")
+    return "\n".join(lines)
+
+
 def device_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (for file names)."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

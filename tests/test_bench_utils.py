@@ -168,6 +168,66 @@ def test_merge_rounds_takes_each_impls_median_round():
     assert even[0]["ms"] == 2.0 and even[1]["ms"] == 2.25
 
 
+def _rounds(impl, shape, ms_list, mode="fwd"):
+    """One merged row per impl: the median round's time, every round kept (as merge_rounds)."""
+    return U.merge_rounds([U.make_row(impl, mode, "bf16", shape, ms) for ms in ms_list])[0]
+
+
+def test_target_rows_take_each_rows_best_peer_and_flag_open_orders():
+    a = U.Shape(2, 4096, 4096, 16, 16, 128, False)
+    b = U.Shape(4, 1024, 1024, 16, 16, 64, True)
+    c = U.Shape(1, 512, 512, 16, 16, 64, False)
+    rows = [
+        # a: fa3 2.0 ms, fa4 2.2 (best peer), cudnn 2.5; rounds well apart -> settled
+        _rounds("fa3", a, [2.0, 2.01, 1.99]), _rounds("fa4", a, [2.2, 2.21, 2.19]),
+        _rounds("cudnn", a, [2.5, 2.5, 2.5]),
+        # b: cudnn faster than fa3, but their rounds overlap -> not settled by this run
+        _rounds("fa3", b, [1.0, 1.1, 1.05]), _rounds("cudnn", b, [0.98, 1.02, 1.0]),
+        _rounds("fa4", b, [1.3, 1.3, 1.3]),
+        # c: no target peer ran (fa2 is not one) -> no target row
+        _rounds("fa3", c, [1.0]), _rounds("fa2", c, [2.0]),
+        U.make_row("fa3[x]", "fwd", "bf16", a, 0.1, ablation="x"),
+    ]
+    tr = {shape: (ratio, best, noise) for shape, ratio, best, noise in U.target_rows(rows)["fwd"]}
+    assert set(tr) == {a, b}
+    assert tr[a][1] == "fa4" and tr[a][0] == pytest.approx(2.2 / 2.0) and tr[a][2] is False
+    assert tr[b][1] == "cudnn" and tr[b][0] == pytest.approx(1.0 / 1.05) and tr[b][2] is True
+    # one round each: nothing says the order is open
+    single = U.target_rows([U.make_row("fa3", "bwd", "bf16", a, 1.1), U.make_row("fa4", "bwd", "bf16", a, 1.0)])
+    assert single["bwd"][0][3] is False and single["bwd"][0][1] == pytest.approx(1 / 1.1)
+
+
+def test_format_targets_counts_rows_below_and_reads_the_gemm_rate():
+    a = U.Shape(1, 16384, 16384, 16, 16, 128, False)
+    a_short = U.Shape(4, 4096, 4096, 16, 16, 128, False)
+    b = U.Shape(4, 4096, 4096, 16, 16, 128, True)
+    rows = [_rounds("fa3", a, [10.0, 10.0]), _rounds("fa4", a, [11.0, 11.0]),
+            _rounds("fa3", a_short, [3.0, 3.0]), _rounds("fa4", a_short, [2.0, 2.0]),
+            _rounds("fa3", b, [5.0, 5.2]), _rounds("cudnn", b, [4.9, 5.1])]
+    text = U.format_targets(rows, gemm_tflops=1000.0)
+    gm = U.geomean([1.1, 2 / 3, 5.0 / 5.1])
+    assert f"geomean {gm:.3f}x over 3 rows; 2 rows below" in text
+    assert "worst 0.667x vs fa4" in text and "1 within the round-to-round spread" in text
+    below = [l for l in text.splitlines() if l.strip().startswith("below:")]
+    assert len(below) == 2 and below[0].endswith("vs fa4") and below[1].endswith("(spread)")
+    tf = U.make_row("fa3", "fwd", "bf16", a, 10.0)["tflops"]  # the longest non-causal d=128 row
+    assert f"d=128 s=16384 {tf:.1f} / 1000.0 = {tf / 1000:.3f}" in text
+    assert "d=256" not in text and "targets bwd" not in text
+
+
+def test_summarize_script_reads_a_saved_run(tmp_path):
+    a = U.Shape(1, 1024, 1024, 16, 16, 64, False)
+    doc = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-08", "gemm_tflops": 700.0,
+           "rows": [_rounds("fa3", a, [1.0, 1.0], "bwd"), _rounds("fa4", a, [0.9, 0.9], "bwd")]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc))
+    out = subprocess.run([sys.executable, str(BENCH / "summarize.py"), str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "GEMM 700.0" in out.stdout and "fa3/fa4" in out.stdout
+    assert "targets bwd: fa3 / best of fa4,cudnn per row: geomean 0.900x over 1 rows; 1 rows below" in out.stdout
+
+
 def test_device_slug():
     assert U.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert U.device_slug("") == "unknown-device"
