@@ -12,7 +12,9 @@ Switches (FwdConfig): `overlap` issues S_{j+1} = Q K_{j+1}^T and O += P_j V_j ba
 softmax(S_{j+1}) while PV_j runs (FA3 Alg. 2); `pingpong` makes the consumer warpgroups take turns
 (round robin) issuing their GEMMs (named barriers), so one warpgroup's softmax hides under another's
 GEMMs; `rescale_early` moves O's rescale under the next S GEMM;
-`persistent` launches one CTA per SM walking tiles (tile_scheduler.py).
+`persistent` launches one CTA per SM walking tiles (tile_scheduler.py); `diag_half` gives a
+warpgroup whose rows see only the lower half of the tile's first (diagonal / tail) block an
+N = tile_n / 2 S GEMM there.
 Features (compile-time switches, so the plain path compiles as before): `local` (sliding window,
 runtime (left, right)), `softcap` (S <- tanh(S * scale / cap), scale becomes cap), `sink` (per-head
 logit in the denominator), `varlen` (cu_seqlens: per-sequence row offsets into packed tensors,
@@ -389,6 +391,8 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             row_max=row_max, row_sum=row_sum, row_scale=row_scale, scale_log2=scale_log2,
             pipe_k=pipe_k, pipe_v=pipe_v, wg=wg, feat=feat)
         self.hoist_descs(ctx)
+        if const_expr(self.cfg.diag_half):
+            self.half_fragments(ctx, sK)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         cta = cute.arch.block_idx()[0]
@@ -423,7 +427,13 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                     # first half: S of the highest block, softmax, P ready; no PV yet
                     pipe_k.consumer_wait(kv_state)
                     acc_S = cute.make_rmem_tensor(shape_S, Float32)
-                    self.gemm_qk(tctx, acc_S, kv_state.index, 0)
+                    if const_expr(self.cfg.diag_half):
+                        if self.sees_lower_half(tctx, m_block, n_max - 1):
+                            self.gemm_qk_half(tctx, acc_S, kv_state.index)
+                        else:
+                            self.gemm_qk(tctx, acc_S, kv_state.index, 0)
+                    else:
+                        self.gemm_qk(tctx, acc_S, kv_state.index, 0)
                     pipe_k.consumer_release(kv_state)
                     if const_expr(self.q_early):
                         if n_max - 1 == n_min:  # that was the tile's only S GEMM
@@ -488,6 +498,41 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                 store_warp = tidx % 128 < 32
             if store_warp:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)  # smem must outlive the last store
+
+    def half_fragments(self, ctx, sK):
+        """diag_half: an S = Q K^T wgmma of N = tile_n / 2 over the first half of each K slot."""
+        ctx.mma_half = make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
+            Float32, (self.num_consumers, 1, 1), (64, self.tile_n // 2))
+        wg_mma = ctx.mma_half.get_slice(ctx.wg * 128)
+        sK_lo = cute.local_tile(sK, (self.tile_n // 2, self.d, self.stages), (0, 0, 0))
+        ctx.tSrK_half = wg_mma.make_fragment_B(wg_mma.partition_B(sK_lo))
+        ctx.shape_S_half = wg_mma.partition_shape_C((self.tile_m, self.tile_n // 2))
+
+    @cute.jit
+    def sees_lower_half(self, ctx, m_block, n):
+        """Whether every row of this warpgroup sees only keys in the lower half of KV block n (the
+        mask's right edges of its last row: causal / window, and seqlen_k)."""
+        hi = ctx.seqlen_k - n * self.tile_n  # block columns >= hi are invisible to every row
+        if const_expr(self.causal or self.local):
+            last = (m_block * self.tile_m + ctx.wg * 64 + 63) // self.qpk  # its last query position
+            right = ctx.feat.window_right if const_expr(self.local) else 0
+            hi = cutlass.min(hi, last + ctx.seqlen_k - ctx.seqlen_q - n * self.tile_n + right + 1)
+        return hi <= self.tile_n // 2
+
+    @cute.jit
+    def gemm_qk_half(self, ctx, acc_S, stage):
+        """S = Q K^T into the first tile_n / 2 columns of acc_S (the accumulator's first registers:
+        a wgmma's registers run column block by column block), and wait for it."""
+        acc = cute.make_tensor(acc_S.iterator, cute.make_layout(ctx.shape_S_half))
+        warpgroup.fence()
+        atom = cute.make_mma_atom(ctx.mma_half.op)
+        atom.set(warpgroup.Field.ACCUMULATE, False)
+        for k in cutlass.range_constexpr(cute.size(ctx.tSrQ.shape[2])):
+            cute.gemm(atom, acc, ctx.tSrQ[None, None, k], ctx.tSrK_half[None, None, k, stage], acc)
+            atom.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
 
     @cute.jit
     def softmax_block(self, ctx, acc_S, m_block, n, masked: cutlass.Constexpr[bool]):

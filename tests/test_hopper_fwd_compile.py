@@ -40,3 +40,17 @@ DESC_OFF = [dataclasses.replace(c, desc_hoist=False) for c in (
 def test_compile_fwd_desc_off(cfg, tmp_path):
     _, ptx_path, ptx = compile_ptx(build, cfg, tmp_path)
     check_ptx(ptx_path, ptx, tmp_path, ("wgmma.mma_async",), spill_limit=8)
+
+
+@pytest.mark.parametrize("desc_hoist", [True, False])
+def test_compile_fwd_diag_half(desc_hoist, tmp_path):
+    """diag_half adds an S = Q K^T wgmma of half the key block (n64 at hd128, where every other
+    wgmma is n128) beside the full one, and ptxas keeps every wgmma unserialized (check_ptx)."""
+    cfg = dataclasses.replace(default_config(128, 128, "bfloat16", True), diag_half=True,
+                              desc_hoist=desc_hoist)
+    _, ptx_path, ptx = compile_ptx(build, cfg, tmp_path)
+    check_ptx(ptx_path, ptx, tmp_path, ("wgmma.mma_async.sync.aligned.m64n64k16",
+                                        "wgmma.mma_async.sync.aligned.m64n128k16"))
+    (tmp_path / "plain").mkdir()
+    _, _, plain = compile_ptx(build, dataclasses.replace(cfg, diag_half=False), tmp_path / "plain")
+    assert "m64n64k16" not in plain

@@ -110,7 +110,9 @@ TILES = [dict(d=256, tile_n=64), dict(d=128, tile_n=176), dict(d=64, tile_m=128)
          dict(d=64, tile_m=192), dict(d=64, persistent=False), dict(d=128, persistent=False),
          dict(d=64, tile_m=128, tile_n=192), dict(d=64, q_stages=2, wg_epilogue=True),
          dict(d=128, q_stages=2, wg_epilogue=True), dict(d=128, q_stages=2),
-         dict(d=64, wg_epilogue=False), dict(d=128, wg_epilogue=False)]
+         dict(d=64, wg_epilogue=False), dict(d=128, wg_epilogue=False),
+         dict(d=128, diag_half=True), dict(d=128, diag_half=True, pack_gqa=1),
+         dict(d=64, tile_m=128, diag_half=True)]
 
 
 @pytest.mark.parametrize("tiles", TILES, ids=lambda c: "-".join(f"{k}{int(v)}" for k, v in c.items()))
