@@ -79,12 +79,14 @@ class FwdConfig:
     # 3 rounds, 512-16k tokens, k = 8 / 4 / 2: hd64 0.94-0.97 / 0.89-0.96 / 0.82-0.94x, hd128
     # 0.97 / 0.93-0.95 / 0.90-0.92x (h100-2026-12-08-s21-exp2-emu.json).
     exp2_emu: int = 0
-    # (overlap) The tile's first KV block (the masked one at the diagonal or the seqlen_k tail): a
-    # consumer warpgroup whose rows see none of its upper half of keys computes S = Q K^T with
-    # N = tile_n / 2 (the mask then clears the other half, whose registers the wgmma left
-    # unwritten). At tile_m = tile_n = 128 causal, warpgroup 0 of every tile: 1/4 of its work on
-    # that block, and its first softmax starts sooner. Not measured yet, so off.
-    diag_half: bool = False
+    # (overlap, causal) The tile's first KV block (on the diagonal): a consumer warpgroup whose
+    # rows see none of its upper half of keys computes S = Q K^T with
+    # N = tile_n / 2 (1; the mask then clears the other half, whose registers the wgmma left
+    # unwritten), and with 2 also O += P V over the first half of the keys (P is 0 past it):
+    # the next block is peeled off the loops to issue that PV. At tile_m = tile_n = 128 causal,
+    # warpgroup 0 of every tile: 1/4 (1) or 1/2 (2) of its GEMM work on that block, and its
+    # first softmax starts sooner. Not measured yet, so 0 (off).
+    diag_half: int = 0
     # Features, each a compile-time switch (off: the plain kernel, unchanged).
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
     softcap: bool = False  # S <- cap * tanh(S * scale / cap), cap given at run time
@@ -199,10 +201,14 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     assert cfg.overlap or not cfg.rescale_early, cfg
     assert not cfg.o_in_q or d >= dv, cfg
     assert cfg.q_stages in (1, 2) and not (cfg.q_stages > 1 and cfg.o_in_q), cfg
-    # (the half GEMM's N and the PV's 16-key steps; Q single-buffered: the half GEMM reads slot 0;
-    # two warpgroups: at three (160 registers) ptxas spills 256 B and serializes the wgmmas)
-    assert not cfg.diag_half or (cfg.overlap and cfg.tile_m == 128 and cfg.tile_n % 32 == 0
-                                 and cfg.q_stages == 1), cfg
+    # (the half GEMM's N and the PV's 16-key steps; Q single-buffered: the half GEMM reads slot 0.
+    # Dense causal, two warpgroups: elsewhere ptxas spills or serializes every wgmma (C7511):
+    # three warpgroups (160 registers) 256 B; window 28-60 B; varlen 8 B; softcap, sink, non-causal
+    # pack_gqa C7511)
+    assert cfg.diag_half in (0, 1, 2), cfg
+    assert not cfg.diag_half or (cfg.overlap and cfg.causal and cfg.tile_m == 128
+                                 and cfg.tile_n % 32 == 0 and cfg.q_stages == 1 and not any(
+                                     getattr(cfg, f) for f in ("softcap", "sink", "varlen"))), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages, q_stages=cfg.q_stages) <= SMEM_LIMIT, \
         f"smem: {cfg}"
     # wg_epilogue needs O's own smem buffer: off where an override (tiles, stages) leaves none
@@ -270,14 +276,13 @@ def variants() -> Iterator[FwdConfig]:
         # exp2 emulation at rates the GPU tests run (hd64's 3 warpgroups; hd128 fp16)
         yield dataclasses.replace(default_config(64, 64, "bfloat16", causal), exp2_emu=4)
         yield dataclasses.replace(default_config(128, 128, "float16", causal), exp2_emu=2)
-        # the half S GEMM on a tile's first block: hd128 / hd64, pack_gqa, a window
-        yield dataclasses.replace(default_config(128, 128, "bfloat16", causal), diag_half=True)
-        yield dataclasses.replace(default_config(64, 64, "bfloat16", causal), tile_m=128,
-                                  diag_half=True)
-        yield dataclasses.replace(default_config(128, 128, "bfloat16", causal, qhead_per_kvhead=4),
-                                  diag_half=True)
-    yield dataclasses.replace(default_config(128, 128, "bfloat16", False, features=dict(local=True)),
-                              diag_half=True)
+    # the half-width GEMMs on a tile's first block (causal): hd128 / hd64, fp16, pack_gqa, seqused
+    for dh in (1, 2):
+        yield dataclasses.replace(default_config(128, 128, "bfloat16", True), diag_half=dh)
+    yield dataclasses.replace(default_config(64, 64, "bfloat16", True), tile_m=128, diag_half=2)
+    yield dataclasses.replace(default_config(128, 128, "float16", True, qhead_per_kvhead=4,
+                                             features=dict(seqused_q=True, seqused_k=True)),
+                              diag_half=2)
 
 
 def _dtype_name(dtype) -> str:

@@ -12,9 +12,9 @@ Switches (FwdConfig): `overlap` issues S_{j+1} = Q K_{j+1}^T and O += P_j V_j ba
 softmax(S_{j+1}) while PV_j runs (FA3 Alg. 2); `pingpong` makes the consumer warpgroups take turns
 (round robin) issuing their GEMMs (named barriers), so one warpgroup's softmax hides under another's
 GEMMs; `rescale_early` moves O's rescale under the next S GEMM;
-`persistent` launches one CTA per SM walking tiles (tile_scheduler.py); `diag_half` gives a
-warpgroup whose rows see only the lower half of the tile's first (diagonal / tail) block an
-N = tile_n / 2 S GEMM there.
+`persistent` launches one CTA per SM walking tiles (tile_scheduler.py); `diag_half` (causal)
+gives a warpgroup whose rows see only the lower half of the tile's first (diagonal) block
+half-width GEMMs there.
 Features (compile-time switches, so the plain path compiles as before): `local` (sliding window,
 runtime (left, right)), `softcap` (S <- tanh(S * scale / cap), scale becomes cap), `sink` (per-head
 logit in the denominator), `varlen` (cu_seqlens: per-sequence row offsets into packed tensors,
@@ -427,8 +427,15 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                     # first half: S of the highest block, softmax, P ready; no PV yet
                     pipe_k.consumer_wait(kv_state)
                     acc_S = cute.make_rmem_tensor(shape_S, Float32)
-                    if const_expr(self.cfg.diag_half):
+                    half = None  # diag_half: this warpgroup sees only the block's lower half
+                    if const_expr(self.cfg.diag_half == 1):
                         if self.sees_lower_half(tctx, m_block, n_max - 1):
+                            self.gemm_qk_half(tctx, acc_S, kv_state.index)
+                        else:
+                            self.gemm_qk(tctx, acc_S, kv_state.index, 0)
+                    elif const_expr(self.cfg.diag_half == 2):
+                        half = self.sees_lower_half(tctx, m_block, n_max - 1)
+                        if half:
                             self.gemm_qk_half(tctx, acc_S, kv_state.index)
                         else:
                             self.gemm_qk(tctx, acc_S, kv_state.index, 0)
@@ -440,21 +447,31 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                             pipe_q.consumer_release(q_state)
                     self.softmax_block(tctx, acc_S, m_block, n_max - 1, True)
                     self.to_p(tctx, acc_S)
-                    for i in cutlass.range(n_max - 1 - n_hi, unroll=1):
-                        kv_state = self.block_overlap(tctx, kv_state, m_block, n_max - 2 - i, True,
-                                                      pipe_q, q_state, n_min)
-                    for i in cutlass.range(n_hi - n_lo, unroll=1):
-                        kv_state = self.block_overlap(tctx, kv_state, m_block, n_hi - 1 - i, False,
-                                                      pipe_q, q_state, n_min)
-                    if const_expr(self.local):
-                        for i in cutlass.range(n_lo - n_min, unroll=1):
-                            kv_state = self.block_overlap(tctx, kv_state, m_block, n_lo - 1 - i, True,
+                    if const_expr(self.cfg.diag_half < 2):
+                        for i in cutlass.range(n_max - 1 - n_hi, unroll=1):
+                            kv_state = self.block_overlap(tctx, kv_state, m_block, n_max - 2 - i, True,
                                                           pipe_q, q_state, n_min)
+                        for i in cutlass.range(n_hi - n_lo, unroll=1):
+                            kv_state = self.block_overlap(tctx, kv_state, m_block, n_hi - 1 - i, False,
+                                                          pipe_q, q_state, n_min)
+                        if const_expr(self.local):
+                            for i in cutlass.range(n_lo - n_min, unroll=1):
+                                kv_state = self.block_overlap(tctx, kv_state, m_block, n_lo - 1 - i,
+                                                              True, pipe_q, q_state, n_min)
+                    else:
+                        kv_state = self.walk_peeled(tctx, kv_state, m_block, n_min, n_max, n_hi, n_lo,
+                                                    pipe_q, q_state, half)
                     # last half: PV of the lowest block
                     if const_expr(self.cfg.rescale_early):
                         sm.rescale_o(acc_O_mn, row_scale, self.lazy)
                     pipe_v.consumer_wait(kv_state)
-                    self.gemm_pv(tctx, kv_state.index, 0)
+                    if const_expr(self.cfg.diag_half > 1):
+                        if half & (n_max - 1 == n_min):  # the lowest block is the first one
+                            self.gemm_pv_half(tctx, kv_state.index, 0)
+                        else:
+                            self.gemm_pv(tctx, kv_state.index, 0)
+                    else:
+                        self.gemm_pv(tctx, kv_state.index, 0)
                     pipe_v.consumer_release(kv_state)
                     kv_state.advance()
 
@@ -505,19 +522,18 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
             Float32, (self.num_consumers, 1, 1), (64, self.tile_n // 2))
         wg_mma = ctx.mma_half.get_slice(ctx.wg * 128)
-        sK_lo = cute.local_tile(sK, (self.tile_n // 2, self.d, self.stages), (0, 0, 0))
-        ctx.tSrK_half = wg_mma.make_fragment_B(wg_mma.partition_B(sK_lo))
+        if const_expr(not self.cfg.desc_hoist):  # (desc_hoist: K's descriptors, see gemm_qk_half)
+            sK_lo = cute.local_tile(sK, (self.tile_n // 2, self.d, self.stages), (0, 0, 0))
+            ctx.tSrK_half = wg_mma.make_fragment_B(wg_mma.partition_B(sK_lo))
         ctx.shape_S_half = wg_mma.partition_shape_C((self.tile_m, self.tile_n // 2))
 
     @cute.jit
     def sees_lower_half(self, ctx, m_block, n):
-        """Whether every row of this warpgroup sees only keys in the lower half of KV block n (the
-        mask's right edges of its last row: causal / window, and seqlen_k)."""
+        """(causal) Whether every row of this warpgroup sees only keys in the lower half of KV block
+        n: the mask's right edge (diagonal or seqlen_k) of its last row, as apply_mask has it."""
         hi = ctx.seqlen_k - n * self.tile_n  # block columns >= hi are invisible to every row
-        if const_expr(self.causal or self.local):
-            last = (m_block * self.tile_m + ctx.wg * 64 + 63) // self.qpk  # its last query position
-            right = ctx.feat.window_right if const_expr(self.local) else 0
-            hi = cutlass.min(hi, last + ctx.seqlen_k - ctx.seqlen_q - n * self.tile_n + right + 1)
+        last = (m_block * self.tile_m + ctx.wg * 64 + 63) // self.qpk  # its last query position
+        hi = cutlass.min(hi, last + ctx.seqlen_k - ctx.seqlen_q - n * self.tile_n + 1)
         return hi <= self.tile_n // 2
 
     @cute.jit
@@ -525,14 +541,61 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
         """S = Q K^T into the first tile_n / 2 columns of acc_S (the accumulator's first registers:
         a wgmma's registers run column block by column block), and wait for it."""
         acc = cute.make_tensor(acc_S.iterator, cute.make_layout(ctx.shape_S_half))
+        num_k = cute.size(ctx.tSrQ.shape[2])
+        if const_expr(self.cfg.desc_hoist):
+            # K's descriptors as the full GEMM's: a K-major operand's descriptor holds no N (the
+            # wgmma reads its first tile_n / 2 rows); no second set kept live across the tiles
+            a_k, b_k = ctx.dQ.k_views(0), ctx.dK.k_views(stage)
+        else:
+            a_k = [ctx.tSrQ[None, None, k] for k in range(num_k)]
+            b_k = [ctx.tSrK_half[None, None, k, stage] for k in range(num_k)]
         warpgroup.fence()
         atom = cute.make_mma_atom(ctx.mma_half.op)
         atom.set(warpgroup.Field.ACCUMULATE, False)
-        for k in cutlass.range_constexpr(cute.size(ctx.tSrQ.shape[2])):
-            cute.gemm(atom, acc, ctx.tSrQ[None, None, k], ctx.tSrK_half[None, None, k, stage], acc)
+        for k in cutlass.range_constexpr(num_k):
+            cute.gemm(atom, acc, a_k[k], b_k[k], acc)
             atom.set(warpgroup.Field.ACCUMULATE, True)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
+
+    @cute.jit
+    def gemm_pv_half(self, ctx, stage, wait: cutlass.Constexpr[int]):
+        """O += P V over the first tile_n / 2 keys (P is 0 past them: the mask cleared S there)."""
+        warpgroup.fence()
+        atom = cute.make_mma_atom(ctx.tiled_mma_pv.op)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+        if const_expr(self.cfg.desc_hoist):
+            b_k = ctx.dV.k_views(stage)
+        else:
+            b_k = [ctx.tOrV[None, None, k, stage] for k in range(cute.size(ctx.tOrV.shape[2]))]
+        for k in cutlass.range_constexpr(self.tile_n // 32):
+            cute.gemm(atom, ctx.acc_O, ctx.tOrP[None, None, k], b_k[k], ctx.acc_O)
+        warpgroup.commit_group()
+        if const_expr(wait >= 0):
+            warpgroup.wait_group(wait)
+
+    @cute.jit
+    def walk_peeled(self, ctx, kv_state, m_block, n_min, n_max, n_hi, n_lo, pipe_q, q_state, half):
+        """diag_half > 1: the blocks below the tile's first one, the next one peeled off: it issues
+        the first block's PV, half-width where `half`. It takes the mask path whatever its kind (the
+        mask is exact on any block); the loops after it walk what is left of each kind."""
+        first = n_max - 2
+        if first >= n_min:
+            kv_state = self.block_overlap(ctx, kv_state, m_block, first, True, pipe_q, q_state, n_min,
+                                          pv_half=half)
+        hi = cutlass.min(n_hi, first)
+        lo = cutlass.min(n_lo, first)
+        for i in cutlass.range(cutlass.max(first - n_hi, 0), unroll=1):
+            kv_state = self.block_overlap(ctx, kv_state, m_block, first - 1 - i, True, pipe_q,
+                                          q_state, n_min)
+        for i in cutlass.range(cutlass.max(hi - n_lo, 0), unroll=1):
+            kv_state = self.block_overlap(ctx, kv_state, m_block, hi - 1 - i, False, pipe_q, q_state,
+                                          n_min)
+        if const_expr(self.local):
+            for i in cutlass.range(cutlass.max(lo - n_min, 0), unroll=1):
+                kv_state = self.block_overlap(ctx, kv_state, m_block, lo - 1 - i, True, pipe_q,
+                                              q_state, n_min)
+        return kv_state
 
     @cute.jit
     def softmax_block(self, ctx, acc_S, m_block, n, masked: cutlass.Constexpr[bool]):
@@ -577,7 +640,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
 
     @cute.jit
     def block_overlap(self, ctx, kv_state, m_block, n, masked: cutlass.Constexpr[bool], pipe_q, q_state,
-                      n_min):
+                      n_min, pv_half=None):
         """FA3 Alg. 2 step: issue S_n = Q K_n^T and O += P_{n+1} V_{n+1} back to back; softmax(S_n)
         runs while the PV wgmma is still in flight; then rescale O and convert P_n."""
         v_state = kv_state.clone()
@@ -591,7 +654,13 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             # when O is large, dv > 128, and no other warpgroup's GEMM hides the FMULs)
             sm.rescale_o(ctx.acc_O_mn, ctx.row_scale, self.lazy)
         ctx.pipe_v.consumer_wait(v_state)
-        self.gemm_pv(ctx, v_state.index, -1)
+        if const_expr(pv_half is None):
+            self.gemm_pv(ctx, v_state.index, -1)
+        else:
+            if pv_half:  # (walk_peeled) the previous block's P is zero past its first half
+                self.gemm_pv_half(ctx, v_state.index, -1)
+            else:
+                self.gemm_pv(ctx, v_state.index, -1)
         self.pingpong_arrive(ctx.wg)
         warpgroup.wait_group(1)  # S_n done, PV may still run
         ctx.pipe_k.consumer_release(kv_state)
