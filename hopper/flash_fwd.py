@@ -79,13 +79,13 @@ class FwdConfig:
     # 3 rounds, 512-16k tokens, k = 8 / 4 / 2: hd64 0.94-0.97 / 0.89-0.96 / 0.82-0.94x, hd128
     # 0.97 / 0.93-0.95 / 0.90-0.92x (h100-2026-12-08-s21-exp2-emu.json).
     exp2_emu: int = 0
-    # (overlap, causal) The tile's first KV block (on the diagonal): a consumer warpgroup whose
-    # rows see none of its upper half of keys computes S = Q K^T with
-    # N = tile_n / 2 (1; the mask then clears the other half, whose registers the wgmma left
-    # unwritten), and with 2 also O += P V over the first half of the keys (P is 0 past it):
-    # the next block is peeled off the loops to issue that PV. At tile_m = tile_n = 128 causal,
-    # warpgroup 0 of every tile: 1/4 (1) or 1/2 (2) of its GEMM work on that block, and its
-    # first softmax starts sooner. Not measured yet, so 0 (off).
+    # (overlap, causal, persistent) The tile's first KV block (on the diagonal): a warpgroup whose
+    # rows see none of its upper half of keys computes S = Q K^T with N = tile_n / 2 (1; the mask
+    # then clears the other half, whose registers the wgmma left unwritten), and with 2 also
+    # O += P V over the first half of the keys (P is 0 past it): the next block is peeled off the
+    # loops to issue that PV. At tile_m = tile_n = 128, warpgroup 0 of every tile: 1/4 (1) or 1/2
+    # (2) of its GEMM work on that block, and its first softmax starts sooner. Not measured yet,
+    # so 0 (off).
     diag_half: int = 0
     # Features, each a compile-time switch (off: the plain kernel, unchanged).
     local: bool = False  # sliding window (left, right) given at run time; causal is then False
@@ -202,11 +202,11 @@ def default_config(d: int, dv: int, dtype, causal: bool, seqlen_q: int | None = 
     assert not cfg.o_in_q or d >= dv, cfg
     assert cfg.q_stages in (1, 2) and not (cfg.q_stages > 1 and cfg.o_in_q), cfg
     # (the half GEMM's N and the PV's 16-key steps; Q single-buffered: the half GEMM reads slot 0.
-    # Dense causal, two warpgroups: elsewhere ptxas spills or serializes every wgmma (C7511):
-    # three warpgroups (160 registers) 256 B; window 28-60 B; varlen 8 B; softcap, sink, non-causal
-    # pack_gqa C7511)
+    # Dense causal, two warpgroups, persistent (short KV: where a tile's first block weighs): else
+    # ptxas spills or serializes every wgmma (C7511): three warpgroups (160 registers) 256 B;
+    # window 28-60 B; varlen 8 B; softcap, sink, non-causal pack_gqa, one CTA per tile: C7511)
     assert cfg.diag_half in (0, 1, 2), cfg
-    assert not cfg.diag_half or (cfg.overlap and cfg.causal and cfg.tile_m == 128
+    assert not cfg.diag_half or (cfg.overlap and cfg.causal and cfg.persistent and cfg.tile_m == 128
                                  and cfg.tile_n % 32 == 0 and cfg.q_stages == 1 and not any(
                                      getattr(cfg, f) for f in ("softcap", "sink", "varlen"))), cfg
     assert smem_bytes(cfg.tile_m, cfg.tile_n, d, dv, cfg.stages, q_stages=cfg.q_stages) <= SMEM_LIMIT, \

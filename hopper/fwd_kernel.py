@@ -428,12 +428,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                     pipe_k.consumer_wait(kv_state)
                     acc_S = cute.make_rmem_tensor(shape_S, Float32)
                     half = None  # diag_half: this warpgroup sees only the block's lower half
-                    if const_expr(self.cfg.diag_half == 1):
-                        if self.sees_lower_half(tctx, m_block, n_max - 1):
-                            self.gemm_qk_half(tctx, acc_S, kv_state.index)
-                        else:
-                            self.gemm_qk(tctx, acc_S, kv_state.index, 0)
-                    elif const_expr(self.cfg.diag_half == 2):
+                    if const_expr(self.cfg.diag_half):
                         half = self.sees_lower_half(tctx, m_block, n_max - 1)
                         if half:
                             self.gemm_qk_half(tctx, acc_S, kv_state.index)
@@ -459,7 +454,7 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
                                 kv_state = self.block_overlap(tctx, kv_state, m_block, n_lo - 1 - i,
                                                               True, pipe_q, q_state, n_min)
                     else:
-                        kv_state = self.walk_peeled(tctx, kv_state, m_block, n_min, n_max, n_hi, n_lo,
+                        kv_state = self.walk_peeled(tctx, kv_state, m_block, n_min, n_max, n_hi,
                                                     pipe_q, q_state, half)
                     # last half: PV of the lowest block
                     if const_expr(self.cfg.rescale_early):
@@ -575,26 +570,22 @@ class FlashFwdSm90(PingpongMixin, StagedGemmMixin):
             warpgroup.wait_group(wait)
 
     @cute.jit
-    def walk_peeled(self, ctx, kv_state, m_block, n_min, n_max, n_hi, n_lo, pipe_q, q_state, half):
-        """diag_half > 1: the blocks below the tile's first one, the next one peeled off: it issues
-        the first block's PV, half-width where `half`. It takes the mask path whatever its kind (the
-        mask is exact on any block); the loops after it walk what is left of each kind."""
+    def walk_peeled(self, ctx, kv_state, m_block, n_min, n_max, n_hi, pipe_q, q_state, half):
+        """diag_half > 1 (causal: no left window edge, so [n_min, n_hi) is unmasked): the blocks
+        below the tile's first one, the next one peeled off to issue the first block's PV, half-width
+        where `half`. It takes the mask path whatever its kind (the mask is exact on any block); the
+        loops after it walk what is left of each kind."""
         first = n_max - 2
         if first >= n_min:
             kv_state = self.block_overlap(ctx, kv_state, m_block, first, True, pipe_q, q_state, n_min,
                                           pv_half=half)
         hi = cutlass.min(n_hi, first)
-        lo = cutlass.min(n_lo, first)
         for i in cutlass.range(cutlass.max(first - n_hi, 0), unroll=1):
             kv_state = self.block_overlap(ctx, kv_state, m_block, first - 1 - i, True, pipe_q,
                                           q_state, n_min)
-        for i in cutlass.range(cutlass.max(hi - n_lo, 0), unroll=1):
+        for i in cutlass.range(cutlass.max(hi - n_min, 0), unroll=1):
             kv_state = self.block_overlap(ctx, kv_state, m_block, hi - 1 - i, False, pipe_q, q_state,
                                           n_min)
-        if const_expr(self.local):
-            for i in cutlass.range(cutlass.max(lo - n_min, 0), unroll=1):
-                kv_state = self.block_overlap(ctx, kv_state, m_block, lo - 1 - i, True, pipe_q,
-                                              q_state, n_min)
         return kv_state
 
     @cute.jit
