@@ -259,7 +259,8 @@ def format_targets(rows, base: str = "fa3", peers=TARGET_PEERS, gemm_tflops=None
                      f"{sum(t[3] for t in short)} within the round-to-round spread)")
         lines.append(line)
         for shape, ratio, best, noise in short:
-            lines.append(f"  below: {shape.label():42} {ratio:.3f}x vs {best}" + (" (spread)" if noise else ""))
+            lines.append(f"  below: {shape.label():42} {ratio:.3f}x vs {best}"
+                         + (" (spread)" if noise else ""))
     if gemm_tflops:
         fwd = [r for r in rows if r["impl"] == base and r["mode"] == "fwd" and not r.get("ablation")
                and not r["causal"] and r["d"] in (128, 256)]

@@ -24,7 +24,8 @@ def summarize(doc: dict, table: bool = True) -> str:
     parts = [head]
     if table:
         parts.append(U.format_table(rows, impls))
-    parts.append(U.format_targets(rows, gemm_tflops=doc.get("gemm_tflops")) or "(no fa3 row with a target peer)")
+    targets = U.format_targets(rows, gemm_tflops=doc.get("gemm_tflops"))
+    parts.append(targets or "(no fa3 row with a target peer)")
     return "\n".join(parts)
 
 

@@ -193,7 +193,8 @@ def test_target_rows_take_each_rows_best_peer_and_flag_open_orders():
     assert tr[a][1] == "fa4" and tr[a][0] == pytest.approx(2.2 / 2.0) and tr[a][2] is False
     assert tr[b][1] == "cudnn" and tr[b][0] == pytest.approx(1.0 / 1.05) and tr[b][2] is True
     # one round each: nothing says the order is open
-    single = U.target_rows([U.make_row("fa3", "bwd", "bf16", a, 1.1), U.make_row("fa4", "bwd", "bf16", a, 1.0)])
+    single = U.target_rows([U.make_row("fa3", "bwd", "bf16", a, 1.1),
+                            U.make_row("fa4", "bwd", "bf16", a, 1.0)])
     assert single["bwd"][0][3] is False and single["bwd"][0][1] == pytest.approx(1 / 1.1)
 
 
@@ -225,7 +226,8 @@ def test_summarize_script_reads_a_saved_run(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "GEMM 700.0" in out.stdout and "fa3/fa4" in out.stdout
-    assert "targets bwd: fa3 / best of fa4,cudnn per row: geomean 0.900x over 1 rows; 1 rows below" in out.stdout
+    assert ("targets bwd: fa3 / best of fa4,cudnn per row: geomean 0.900x over 1 rows; 1 rows below"
+            in out.stdout)
 
 
 def test_device_slug():

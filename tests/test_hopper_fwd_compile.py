@@ -48,7 +48,7 @@ def test_compile_fwd_desc_off(cfg, tmp_path):
 def test_compile_fwd_diag_half(diag_half, desc_hoist, tmp_path):
     """diag_half adds an S = Q K^T wgmma of half the key block (n64 at hd128, where every other
     wgmma is n128) beside the full one (and with 2, PV wgmmas over half the keys: n128 still),
-    and ptxas keeps every wgmma unserialized (check_ptx)."""
+    and ptxas keeps every wgmma unserialized (check_ptx's C7512 / C7519, and C7511 here)."""
     cfg = dataclasses.replace(default_config(128, 128, "bfloat16", True), diag_half=diag_half,
                               desc_hoist=desc_hoist)
     assert cfg.persistent  # (the tile loop around it is what pressed the registers)
